@@ -1,0 +1,284 @@
+"""Per-channel reductions over ``(N, C, *spatial)`` tensors, split over many programs.
+
+Every normalization in tritonorm reduces something over all elements of one channel
+(n = N * prod(spatial) of them: 800k for N=256 at 56x56).  One program per channel loses
+to cuDNN on low-channel, high-resolution layers, so a channel's reduction is split:
+
+    stage 1: a (channel-block, split) grid; each program walks a contiguous range of
+             [BLOCK_C, BLOCK_S] tiles and writes one fp32 partial per channel;
+    stage 2: a small per-channel combine (``combine_splits``), fused into whatever
+             consumes the result (the next pass or the finalize kernel).
+
+Keeping the stages apart is what lets a synced (multi-GPU) variant all-reduce the
+partials in between.
+
+Layouts.  The tensor is seen as (N, C, S) with element strides (sn, sc, ss):
+
+* NCS (contiguous): strides (C*S, S, 1);
+* NSC (channels_last, or 2-d (N, C) input): N is folded into S, so the view is
+  (1, C, N*S) with strides (0, 1, C).
+
+In both, the element (n, c, s) has *reduction index* r = n*S + s, so a tie broken by the
+lowest r is broken the same way whatever the memory format.  Anything else is copied to
+the contiguous format first (one extra read and write of the input).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements in one [BLOCK_C, BLOCK_S] tile: 16 per thread at num_warps=4.
+MAX_TILE = 2048
+# Channels per tile in the NSC layout (one 128-byte line of fp32 per tile row at 32).
+MAX_BLOCK_C_NSC = 64
+NUM_WARPS = 4
+# Programs per SM that a reduction (REDUCE) or an elementwise pass (ELEMENTWISE) aims for.
+REDUCE_WAVES = 4
+ELEMENTWISE_WAVES = 8
+# Index that marks "no element" in top-k candidate lists; larger than any reduction index.
+NO_INDEX = 2**62
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_programs_per_wave(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # Interpreter: every program runs in turn on the host, so few large ones are fastest;
+    # two still exercise the split path.
+    return 2
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """A dense tensor seen as (n, c, s) with element strides; see the module docstring."""
+
+    tensor: torch.Tensor
+    n: int
+    c: int
+    s: int
+    stride_n: int
+    stride_c: int
+    stride_s: int
+
+    @property
+    def numel_per_channel(self) -> int:
+        return self.n * self.s
+
+    @property
+    def channels_last(self) -> bool:
+        return self.stride_c == 1
+
+    def args(self):
+        return (self.n, self.c, self.s, self.stride_n, self.stride_c, self.stride_s)
+
+    def like(self, other: torch.Tensor) -> "ChannelView":
+        """The same view of another tensor of the same shape, made to share this layout."""
+        if other.shape != self.tensor.shape:
+            raise ValueError(f"expected a tensor of shape {tuple(self.tensor.shape)}, got {tuple(other.shape)}")
+        if other.stride() != self.tensor.stride():
+            other = torch.empty_like(self.tensor, dtype=other.dtype).copy_(other)
+        return ChannelView(other, self.n, self.c, self.s, self.stride_n, self.stride_c, self.stride_s)
+
+
+def _is_channels_last_dense(x: torch.Tensor) -> bool:
+    perm = (0, *range(2, x.dim()), 1)
+    return x.permute(perm).is_contiguous()
+
+
+def dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it is NCS- or NSC-dense, else a contiguous copy."""
+    if x.is_contiguous() or _is_channels_last_dense(x):
+        return x
+    return x.contiguous()
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor with the layout ``channel_view`` gives ``x`` (used by fake impls too)."""
+    return torch.empty_like(dense_layout(x), memory_format=torch.preserve_format)
+
+
+def channel_view(x: torch.Tensor) -> ChannelView:
+    x = dense_layout(x)
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if x.is_contiguous() and s > 1:
+        return ChannelView(x, n, c, s, c * s, s, 1)
+    return ChannelView(x, 1, c, n * s, 0, 1, c)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tile shape and grid of one pass over a ChannelView."""
+
+    block_c: int
+    block_s: int
+    tiles_per_program: int
+    grid: tuple[int, int]
+
+    @property
+    def splits(self) -> int:
+        return self.grid[1]
+
+    def meta(self):
+        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=NUM_WARPS)
+
+
+def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
+    """Tile so that loads run along the contiguous axis, and split each channel's tiles
+    over enough programs to fill ``waves`` programs per SM."""
+    if view.channels_last:
+        block_c = min(triton.next_power_of_2(view.c), MAX_BLOCK_C_NSC)
+        block_s = min(MAX_TILE // block_c, triton.next_power_of_2(view.s))
+    else:
+        block_s = min(triton.next_power_of_2(view.s), MAX_TILE)
+        block_c = min(MAX_TILE // block_s, triton.next_power_of_2(view.c))
+    c_blocks = triton.cdiv(view.c, block_c)
+    tiles = view.n * triton.cdiv(view.s, block_s)
+    target = waves * _num_programs_per_wave(view.tensor.device)
+    splits = max(1, min(tiles, triton.cdiv(target, c_blocks)))
+    tiles_per_program = triton.cdiv(tiles, splits)
+    return Plan(block_c, block_s, tiles_per_program, (c_blocks, triton.cdiv(tiles, tiles_per_program)))
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def channel_block(BLOCK_C: tl.constexpr, C):
+    """Channel indices and mask of this program's channel block (grid axis 0)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
+def tile_range(N, S, tiles_per_program, BLOCK_S: tl.constexpr):
+    """[first, last) tile of this program's split (grid axis 1)."""
+    tiles = N * tl.cdiv(S, BLOCK_S)
+    first = tl.program_id(1) * tiles_per_program
+    return first, tl.minimum(first + tiles_per_program, tiles)
+
+
+@triton.jit
+def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets [BLOCK_C, BLOCK_S] of tile t, its mask and its reduction indices r = n*S + s.
+
+    The tile's base offset is int64 (tensors may pass 2**31 elements); offsets inside a
+    tile stay int32."""
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    n = t // s_tiles
+    s0 = (t - n * s_tiles) * BLOCK_S
+    s = tl.arange(0, BLOCK_S)
+    c0 = tl.program_id(0) * BLOCK_C
+    base = n.to(tl.int64) * stride_n + c0.to(tl.int64) * stride_c + s0.to(tl.int64) * stride_s
+    offs = base + ((c - c0) * stride_c)[:, None] + (s * stride_s)[None, :]
+    mask = c_mask[:, None] & ((s0 + s) < S)[None, :]
+    r = n.to(tl.int64) * S + s0 + s
+    return offs, mask, r[None, :]
+
+
+@triton.jit
+def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
+    """Stage 2: sum the per-split partials ptr[split, c] of a channel block."""
+    total = tl.zeros(c.shape, ACC)
+    for i in range(splits):
+        total += tl.load(ptr + i * C + c, mask=c_mask, other=0.0).to(ACC)
+    return total
+
+
+# What _partial_sums_kernel reduces (its QUANTITY); the launcher takes the names.
+SUM = tl.constexpr(0)  # out0 = sum(x)
+ABS_DEV = tl.constexpr(1)  # out0 = sum(|x - m|), out1 = sum(sign(x - m))
+GRAD = tl.constexpr(2)  # out0 = sum(y), out1 = sum(y * (x - m))
+_QUANTITIES = {"sum": SUM, "abs_dev": ABS_DEV, "grad": GRAD}
+
+
+@triton.jit
+def _partial_sums_kernel(
+    x_ptr, y_ptr, center_ptr, out0_ptr, out1_ptr,
+    N, C, S, stride_n, stride_c, stride_s,
+    tiles_per_program, center_splits, center_scale,
+    QUANTITY: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Stage 1 of a per-channel reduction: out[split, c] for the QUANTITY above.
+
+    The centre m of a channel is center_scale * sum of center_ptr[i, c] over
+    center_splits rows, so it can be a saved mean (1 row, scale 1) or the mean
+    straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n)."""
+    c, c_mask = channel_block(BLOCK_C, C)
+    first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
+    if QUANTITY != SUM:
+        center = (combine_splits(center_ptr, center_splits, C, c, c_mask, ACC) * center_scale)[:, None]
+    acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    for t in range(first, last):
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if QUANTITY == SUM:
+            acc0 += x
+        elif QUANTITY == ABS_DEV:
+            a = tl.where(mask, x - center, 0.0)
+            acc0 += tl.abs(a)
+            acc1 += (a > 0).to(ACC) - (a < 0).to(ACC)
+        else:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            acc0 += y
+            acc1 += y * (x - center)
+    out = tl.program_id(1) * C + c
+    tl.store(out0_ptr + out, tl.sum(acc0, 1), mask=c_mask)
+    if QUANTITY != SUM:
+        tl.store(out1_ptr + out, tl.sum(acc1, 1), mask=c_mask)
+
+
+def partial_sums(
+    view: ChannelView,
+    quantity: str = "sum",
+    *,
+    other: ChannelView | None = None,
+    center: torch.Tensor | None = None,
+    center_scale: float = 1.0,
+    pl: Plan | None = None,
+):
+    """Launch stage 1 of ``quantity`` ("sum", "abs_dev" or "grad", with ``other`` the
+    y of "grad") and return the partials ``(out0, out1)``, each (splits, C).
+
+    ``center`` is either a (C,) tensor or (splits', C) partial sums (see the kernel)."""
+    pl = pl or plan(view)
+    acc = accumulator_dtype(view.tensor.dtype)
+    out0 = torch.empty((pl.splits, view.c), device=view.tensor.device, dtype=acc)
+    out1 = out0 if quantity == "sum" else torch.empty_like(out0)
+    if center is None:
+        center = out0
+    center_rows = center.shape[0] if center.dim() == 2 else 1
+    _partial_sums_kernel[pl.grid](
+        view.tensor, (other or view).tensor, center, out0, out1,
+        *view.args(), pl.tiles_per_program, center_rows, center_scale,
+        QUANTITY=_QUANTITIES[quantity], ACC=triton_dtype(acc), **pl.meta(),
+    )
+    return out0, out1
+
+
+def channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum of an (N, C, *) tensor over batch and space, accumulated in fp32
+    (fp64 for fp64 input).  Returns a (C,) tensor."""
+    view = channel_view(x)
+    return partial_sums(view, "sum")[0].sum(0)
+
+
+# True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then
+# run on CPU tensors through Triton's interpreter.
+INTERPRETED = type(_partial_sums_kernel).__name__ == "InterpretedFunction"

@@ -1,0 +1,44 @@
+"""Running statistics: running = (1 - m) * running + m * batch, in place, per channel.
+
+m is ``momentum``, or 1 / num_batches_tracked (a cumulative average) when momentum is
+None; num_batches_tracked is read on the device, so the update never syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _lerp(running_ptr, batch_ptr, offs, mask, factor):
+    old = tl.load(running_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    batch = tl.load(batch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(running_ptr + offs, ((1.0 - factor) * old + factor * batch).to(running_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_running_kernel(r0_ptr, b0_ptr, r1_ptr, b1_ptr, nbt_ptr, momentum, numel, BLOCK: tl.constexpr):
+    """Update one or two (running, batch) pairs of the same size."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if nbt_ptr is not None:
+        factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+    else:
+        factor = momentum
+    _lerp(r0_ptr, b0_ptr, offs, mask, factor)
+    if r1_ptr is not None:
+        _lerp(r1_ptr, b1_ptr, offs, mask, factor)
+
+
+def update_running(pairs, num_batches_tracked: torch.Tensor | None, momentum: float | None) -> None:
+    """In place, for each (running, batch) of ``pairs`` (one or two, of equal size)."""
+    (r0, b0), (r1, b1) = pairs[0], (pairs[1] if len(pairs) > 1 else (None, None))
+    cumulative = momentum is None
+    _update_running_kernel[(triton.cdiv(r0.numel(), BLOCK),)](
+        r0, b0, r1, b1, num_batches_tracked if cumulative else None, 0.0 if cumulative else momentum,
+        r0.numel(), BLOCK=BLOCK,
+    )

@@ -1,0 +1,109 @@
+"""``tritonorm::lp_batch_norm`` and its backward as custom ops.
+
+Forward outputs: y, and per channel (accumulator dtype) mean, dev = sigma, wbar = the
+channel mean of d sigma / d a, plus the indices (reduction index r = n*S + s) and the
+signs of a of the elements that define sigma for L-inf / Top-k, (C, k) tensors ((C, 0)
+for L1 or when the running statistics are used).  Only y is differentiable; the others
+are what the backward needs.  ``running_mean`` / ``running_dev`` are read only when
+``batch_stats`` is False; their update is ``ops.running_stats.update_running_stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import lp_batchnorm as kernels
+from ..kernels.channel_reduce import accumulator_dtype, output_like
+from ..reference.lp_batchnorm import selected_count
+
+
+@torch.library.custom_op("tritonorm::lp_batch_norm", mutates_args=())
+def lp_batch_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_dev: Optional[Tensor],
+    batch_stats: bool,
+    eps: float,
+    norm: str,
+    k: int,
+    normalized: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels.lp_batch_norm_forward(
+        x, weight, bias, running_mean, running_dev, batch_stats, eps, norm, k, normalized,
+    )
+
+
+@lp_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_dev, batch_stats, eps, norm, k, normalized):
+    c, acc = x.shape[1], accumulator_dtype(x.dtype)
+    count = selected_count(norm, k) if batch_stats else 0
+    return (
+        output_like(x),
+        *(x.new_empty(c, dtype=acc) for _ in range(3)),
+        x.new_empty((c, count), dtype=torch.int64),
+        x.new_empty((c, count), dtype=acc),
+    )
+
+
+@torch.library.custom_op("tritonorm::lp_batch_norm_backward", mutates_args=())
+def lp_batch_norm_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    dev: Tensor,
+    wbar: Tensor,
+    sel_index: Tensor,
+    sel_sign: Tensor,
+    batch_stats: bool,
+    param_grads: bool,
+    eps: float,
+    norm: str,
+    k: int,
+    normalized: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.lp_batch_norm_backward(
+        grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign,
+        batch_stats, param_grads, eps, norm, k, normalized,
+    )
+
+
+@lp_batch_norm_backward.register_fake
+def _(grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign, batch_stats, param_grads, eps, norm, k, normalized):
+    c = x.shape[1] if param_grads else 0
+    return output_like(x), mean.new_empty(c), mean.new_empty(c)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _running_mean, _running_dev, batch_stats, eps, norm, k, normalized = inputs
+    _y, mean, dev, wbar, sel_index, sel_sign = output
+    ctx.save_for_backward(x, weight, mean, dev, wbar, sel_index, sel_sign)
+    ctx.options = (batch_stats, eps, norm, k, normalized)
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, grad_y, *_unused):
+    x, weight, mean, dev, wbar, sel_index, sel_sign = ctx.saved_tensors
+    batch_stats, eps, norm, k, normalized = ctx.options
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    dx, dw, db = lp_batch_norm_backward(
+        grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign,
+        batch_stats, need_w or need_b, eps, norm, k, normalized,
+    )
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (
+        dx if need_x else None,
+        dw.to(w_dtype) if need_w else None,
+        db.to(b_dtype) if need_b else None,
+        *(None,) * 7,
+    )
+
+
+lp_batch_norm.register_autograd(_backward, setup_context=_setup_context)

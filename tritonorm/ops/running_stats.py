@@ -1,0 +1,29 @@
+"""``tritonorm::update_running_stats``: the in-place running-statistics update as an op."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels.running_stats import update_running
+
+
+@torch.library.custom_op("tritonorm::update_running_stats", mutates_args=("running_mean", "running_dev"))
+def update_running_stats(
+    running_mean: Tensor,
+    running_dev: Tensor,
+    mean: Tensor,
+    dev: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+) -> None:
+    """running = (1 - m) * running + m * batch for both buffers; m = momentum, or
+    1 / num_batches_tracked when momentum is None."""
+    update_running(((running_mean, mean), (running_dev, dev)), num_batches_tracked, momentum)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_dev, mean, dev, num_batches_tracked, momentum):
+    return None

@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations: the CPU path and the oracle of the tests."""
