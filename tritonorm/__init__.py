@@ -1,0 +1,14 @@
+"""tritonorm: Triton kernels for normalization schemes PyTorch does not ship.
+
+Layers (``tritonorm.nn``, re-exported here) behave like their torch.nn counterparts and
+run Triton kernels on CUDA tensors, plain PyTorch elsewhere; every layer and function
+takes ``backend="auto" | "triton" | "torch"`` and the environment variable
+``TRITONORM_BACKEND`` overrides "auto".
+"""
+
+from . import functional
+from .nn import *  # noqa: F401,F403
+from .nn import __all__ as _nn_all
+
+__version__ = "0.1.0"
+__all__ = ["functional", *_nn_all]
