@@ -2,6 +2,7 @@
 
 m is ``momentum``, or 1 / num_batches_tracked (a cumulative average) when momentum is
 None; num_batches_tracked is read on the device, so the update never syncs with the host.
+The arithmetic is fp32, or fp64 when a buffer or a batch statistic is fp64.
 """
 
 from __future__ import annotations
@@ -14,31 +15,34 @@ BLOCK = 1024
 
 
 @triton.jit
-def _lerp(running_ptr, batch_ptr, offs, mask, factor):
-    old = tl.load(running_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    batch = tl.load(batch_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _lerp(running_ptr, batch_ptr, offs, mask, factor, ACC: tl.constexpr):
+    old = tl.load(running_ptr + offs, mask=mask, other=0.0).to(ACC)
+    batch = tl.load(batch_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(running_ptr + offs, ((1.0 - factor) * old + factor * batch).to(running_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _update_running_kernel(r0_ptr, b0_ptr, r1_ptr, b1_ptr, nbt_ptr, momentum, numel, BLOCK: tl.constexpr):
-    """Update one or two (running, batch) pairs of the same size."""
+def _update_running_kernel(
+    r0_ptr, b0_ptr, r1_ptr, b1_ptr, nbt_ptr, momentum, numel, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Update one or two (running, batch) pairs of the same size, computing in ACC."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     if nbt_ptr is not None:
-        factor = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+        factor = 1.0 / tl.load(nbt_ptr).to(ACC)
     else:
         factor = momentum
-    _lerp(r0_ptr, b0_ptr, offs, mask, factor)
+    _lerp(r0_ptr, b0_ptr, offs, mask, factor, ACC)
     if r1_ptr is not None:
-        _lerp(r1_ptr, b1_ptr, offs, mask, factor)
+        _lerp(r1_ptr, b1_ptr, offs, mask, factor, ACC)
 
 
 def update_running(pairs, num_batches_tracked: torch.Tensor | None, momentum: float | None) -> None:
     """In place, for each (running, batch) of ``pairs`` (one or two, of equal size)."""
     (r0, b0), (r1, b1) = pairs[0], (pairs[1] if len(pairs) > 1 else (None, None))
     cumulative = momentum is None
+    wide = any(t is not None and t.dtype == torch.float64 for t in (r0, b0, r1, b1))
     _update_running_kernel[(triton.cdiv(r0.numel(), BLOCK),)](
         r0, b0, r1, b1, num_batches_tracked if cumulative else None, 0.0 if cumulative else momentum,
-        r0.numel(), BLOCK=BLOCK,
+        r0.numel(), ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
     )

@@ -1,0 +1,86 @@
+"""Shared helpers of the Lp batch-norm tests: run one layer configuration on both paths."""
+
+import torch
+
+from tritonorm import functional as F
+
+FUNCTIONS = {"l1": F.l1_batch_norm, "linf": F.linf_batch_norm, "topk": F.topk_batch_norm}
+NORMS = tuple(FUNCTIONS)
+
+# (atol, rtol) of a low-precision Triton result against the float64 reference.
+TOL = {
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 2e-2),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+def call(norm, x, *, backend, k=3, **kwargs):
+    extra = {"k": k} if norm == "topk" else {}
+    return FUNCTIONS[norm](x, backend=backend, **extra, **kwargs)
+
+
+def random_input(shape, dtype, device, channels_last=False, seed=0):
+    """Gaussian data with a per-channel offset and scale (never zeros, never constant)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    view = (1, c) + (1,) * (len(shape) - 2)
+    x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(view) + torch.randn(c, generator=g).view(view)
+    x = x.to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def run(norm, x, backend, *, affine=True, training=True, running=True, momentum=0.1, grad=True, seed=1, k=3,
+        param_dtype=torch.float32):
+    """Forward (+ backward with a random upstream gradient) of one configuration.
+
+    Returns a dict of y, the gradients and the running buffers after the call."""
+    g = torch.Generator().manual_seed(seed)
+    c = x.shape[1]
+    dev = x.device
+    x = x.detach().clone().requires_grad_(grad)
+    weight = (torch.rand(c, generator=g) + 0.5).to(dev, param_dtype).requires_grad_(grad) if affine else None
+    bias = torch.randn(c, generator=g).to(dev, param_dtype).requires_grad_(grad) if affine else None
+    rm = (0.1 * torch.randn(c, generator=g)).to(dev, param_dtype) if running else None
+    rd = (1 + torch.rand(c, generator=g)).to(dev, param_dtype) if running else None
+    nbt = torch.tensor(3, device=dev) if momentum is None else None
+    y = call(norm, x, backend=backend, k=k, running_mean=rm, running_dev=rd, weight=weight, bias=bias,
+             training=training, momentum=momentum, num_batches_tracked=nbt)
+    out = {"y": y.detach(), "running_mean": rm, "running_dev": rd, "y_stride": y.stride()}
+    if grad:
+        dy = torch.randn(y.shape, generator=g).to(dev, y.dtype)
+        y.backward(dy)
+        out["dx"] = x.grad
+        if affine:
+            out["dweight"], out["dbias"] = weight.grad, bias.grad
+    return out
+
+
+def assert_close(actual, expected, dtype, what, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.double().cpu(), expected.double().cpu(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def compare(norm, x, *, device_ref=True, **kwargs):
+    """Triton on x against the float64 reference on the same values."""
+    tri = run(norm, x, "triton", **kwargs)
+    ref_kwargs = dict(kwargs, param_dtype=torch.float64)
+    ref = run(norm, x.double(), "torch", **ref_kwargs)
+    n = x.numel() // x.shape[1]
+    for key in ("y", "dx"):
+        if key in tri:
+            assert_close(tri[key], ref[key], x.dtype, key)
+    # momentum reaches the update kernel as an fp32 scalar, so fp64 buffers agree to fp32
+    running_dtype = torch.float32 if x.dtype == torch.float64 else x.dtype
+    for key in ("running_mean", "running_dev"):
+        if tri[key] is not None:
+            assert_close(tri[key], ref[key], running_dtype, key)
+    for key in ("dweight", "dbias"):  # sums over the n values of a channel
+        if key in tri:
+            assert_close(tri[key], ref[key], x.dtype, key, scale=max(1.0, n**0.5))
+    return tri, ref

@@ -1,0 +1,121 @@
+"""Triton path against the float64 PyTorch reference: values, gradients of input, weight
+and bias, and running statistics, over norms, dtypes, ranks, odd sizes and layouts."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lp_utils import NORMS, assert_close, compare, random_input, run
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# (shape, channels_last): odd sizes, 1-d (N, C) and (N, C, L), 2-d, 3-d, channels_last.
+SHAPES = [
+    ((5, 3, 7, 6), False),
+    ((5, 3, 7, 6), True),
+    ((37, 70), False),
+    ((4, 5, 11), False),
+    ((2, 3, 3, 4, 5), False),
+    ((3, 6, 3, 4, 5), True),
+]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", SHAPES, ids=str)
+def test_training_parity(norm, dtype, shape, channels_last, device):
+    x = random_input(shape, dtype, device, channels_last)
+    tri, _ = compare(norm, x)
+    assert tri["y"].dtype == dtype
+    assert tri["y_stride"] == x.stride(), "output keeps the input's memory format"
+    assert tri["dx"].stride() == x.stride()
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    "shape,programs_per_wave",
+    [((40, 2, 5, 5), 32), ((300, 5), 32), ((16, 3, 40, 40), None)],
+    ids=["many-splits", "many-splits-nsc", "several-tiles-per-program"],
+)
+def test_split_plans(norm, shape, programs_per_wave, device, monkeypatch):
+    """A channel split over many programs (partial sums, and the top-k merge across
+    splits in several chunks), and programs that walk several tiles each."""
+    from tritonorm.kernels import channel_reduce
+
+    if programs_per_wave is not None:
+        monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: programs_per_wave)
+    x = random_input(shape, torch.float32, device)
+    plan = channel_reduce.plan(channel_reduce.channel_view(x))
+    assert plan.splits > 1 and (programs_per_wave or plan.tiles_per_program > 1)
+    compare(norm, x, k=10)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eval_parity(norm, dtype, device):
+    x = random_input((4, 3, 5, 7), dtype, device)
+    tri, ref = compare(norm, x, training=False)
+    # the running statistics are read, not written
+    assert torch.equal(tri["running_mean"].cpu().double(), ref["running_mean"].cpu().double())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(affine=False),
+        dict(running=False),
+        dict(momentum=None),
+        dict(training=False, affine=False),
+        dict(param_dtype=torch.bfloat16),
+    ],
+    ids=["no-affine", "no-running-stats", "cumulative-momentum", "eval-no-affine", "bf16-params"],
+)
+def test_option_parity(norm, options, device):
+    x = random_input((6, 4, 3, 5), torch.float32, device)
+    tri = run(norm, x, "triton", **options)
+    ref = run(norm, x, "torch", **options)
+    for key, value in tri.items():
+        if isinstance(value, torch.Tensor):
+            assert_close(value, ref[key], torch.float32 if value.dtype == torch.float32 else value.dtype, key)
+
+
+@pytest.mark.parametrize("norm", ["linf", "topk"])
+def test_ties_pick_the_lowest_index(norm, device):
+    """Equal |x - mu|: both paths give sigma's gradient to the same, lowest-index elements,
+    whatever the memory format."""
+    x = torch.zeros(4, 2, 3, 3)
+    x[:, :, 0, 0] = 5.0  # four equal maxima per channel at r = 0, 9, 18, 27
+    x[:, :, 1, 1] = -5.0  # and four equal minima at r = 4, 13, 22, 31
+    x += torch.arange(36).view(4, 1, 3, 3) * 1e-3 * (x == 0)  # the rest distinct
+    for channels_last in (False, True):
+        xx = x.to(memory_format=torch.channels_last) if channels_last else x
+        tri = run(norm, xx.to(device), "triton", k=3, seed=2)
+        ref = run(norm, xx.double(), "torch", k=3, seed=2, param_dtype=torch.float64)
+        assert_close(tri["dx"], ref["dx"], torch.float32, "dx")
+        assert_close(tri["y"], ref["y"], torch.float32, "y")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_on_the_triton_path(norm, device):
+    """fp64 input accumulates in fp64 on the Triton path too."""
+    compare(norm, random_input((3, 4, 5), torch.float64, device), param_dtype=torch.float64)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    norm=st.sampled_from(NORMS),
+    n=st.integers(2, 9),
+    c=st.integers(1, 9),
+    spatial=st.lists(st.integers(1, 9), min_size=0, max_size=2),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_property(norm, n, c, spatial, k, seed):
+    """Random ranks and sizes (n = 2 values per channel upwards, k up to n)."""
+    from conftest import DEVICE
+
+    shape = (n, c, *spatial)
+    k = min(k, n * int(torch.tensor(spatial).prod()) if spatial else n)
+    compare(norm, random_input(shape, torch.float32, DEVICE, seed=seed), k=k)
