@@ -113,7 +113,7 @@ def _track_top(top_v, top_i, v, r, K: tl.constexpr, K_PAD: tl.constexpr):
 @triton.jit
 def _store_affine(c, c_mask, mean, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr):
     """y = scale * x + shift with scale = gamma / (sigma + eps), shift = beta - mu * scale."""
-    scale = 1.0 / (dev + eps)
+    scale = 1.0 / (tl.where(c_mask, dev, 1.0) + eps)  # no 1/0 in the masked lanes
     if w_ptr is not None:
         scale *= tl.load(w_ptr + c, mask=c_mask, other=1.0).to(scale.dtype)
     shift = -mean * scale
