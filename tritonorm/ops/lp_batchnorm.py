@@ -82,6 +82,7 @@ def _(grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign, batch_stats, para
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _running_mean, _running_dev, batch_stats, eps, norm, k, normalized = inputs
     _y, mean, dev, wbar, sel_index, sel_sign = output
+    ctx.mark_non_differentiable(mean, dev, wbar, sel_index, sel_sign)
     ctx.save_for_backward(x, weight, mean, dev, wbar, sel_index, sel_sign)
     ctx.options = (batch_stats, eps, norm, k, normalized)
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)

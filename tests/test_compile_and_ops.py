@@ -1,0 +1,117 @@
+"""torch.compile(fullgraph=True) of models using the layers (no graph break, same result
+as eager), torch.library.opcheck of every custom op, and gradcheck in float64."""
+
+import pytest
+import torch
+from torch import nn
+
+import tritonorm
+from lp_utils import NORMS, random_input
+from tritonorm.ops import lp_batchnorm as lp_ops
+from tritonorm.ops import running_stats as running_ops
+
+LAYERS = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}
+
+
+def small_cnn(norm, backend):
+    torch.manual_seed(0)
+    extra = {"k": 4} if norm == "topk" else {}
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), LAYERS[norm](8, backend=backend, **extra), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), LAYERS[norm](8, backend=backend, **extra), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+def train_steps(model, x, steps=2):
+    """A few SGD steps; returns the outputs, final parameters and buffers."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outs = []
+    for _ in range(steps):
+        out = model(x)
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        outs.append(out.detach())
+    return outs, [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(norm, backend, compiler, device):
+    if compiler == "inductor" and backend == "torch" and norm != "topk":
+        pytest.skip("one inductor run of the reference is enough (compile time on 2 cores)")
+    torch._dynamo.reset()
+    x = random_input((4, 3, 8, 8), torch.float32, device)
+    eager = small_cnn(norm, backend).to(device)
+    compiled_model = small_cnn(norm, backend).to(device)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    eager_outs, eager_state = train_steps(eager, x)
+    comp_outs, comp_state = train_steps(compiled, x)
+    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    compiled.eval()
+    torch.testing.assert_close(compiled(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def _lp_op_args(norm, device, batch_stats, dtype=torch.float32, channels_last=False):
+    x = random_input((4, 3, 5, 6), dtype, device, channels_last).requires_grad_()
+    w = torch.rand(3, device=device).add(0.5).requires_grad_()
+    b = torch.randn(3, device=device).requires_grad_()
+    rm, rd = torch.randn(3, device=device), torch.rand(3, device=device) + 1
+    return (x, w, b, rm, rd, batch_stats, 1e-5, norm, 3, True)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_forward(norm, batch_stats, channels_last, device):
+    args = _lp_op_args(norm, device, batch_stats, channels_last=channels_last)
+    torch.library.opcheck(lp_ops.lp_batch_norm, args)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_opcheck_backward(norm, device):
+    x, w, b, rm, rd, *_ = _lp_op_args(norm, device, True)
+    y, mean, dev, wbar, sel_i, sel_sign = lp_ops.lp_batch_norm(x, w, b, None, None, True, 1e-5, norm, 3, True)
+    args = (torch.randn_like(y), x.detach(), w.detach(), mean, dev, wbar, sel_i, sel_sign, True, True, 1e-5, norm, 3, True)
+    torch.library.opcheck(lp_ops.lp_batch_norm_backward, args)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_opcheck_running_update(momentum, device):
+    args = (torch.randn(5, device=device), torch.rand(5, device=device), torch.randn(5, device=device),
+            torch.rand(5, device=device), torch.tensor(4, device=device), momentum)
+    torch.library.opcheck(running_ops.update_running_stats, args)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_reference_float64(norm, training):
+    """The reference is correctly differentiable (first and second order)."""
+    x = random_input((4, 2, 3), torch.float64, "cpu").requires_grad_()
+    w = torch.rand(2, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64).requires_grad_()
+    rm, rd = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+
+    def f(x, w, b):
+        return tritonorm.reference.lp_batchnorm.lp_batch_norm(
+            x, None if training else rm, None if training else rd, w, b, training, 0.1, 1e-5, norm, 3, True
+        )
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_triton_float64(norm, device):
+    """The Triton backward is the derivative of the Triton forward (float64 kernels)."""
+    x = random_input((3, 2, 4), torch.float64, device).requires_grad_()
+    w = torch.rand(2, dtype=torch.float64, device=device).add(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, device=device).requires_grad_()
+
+    def f(x, w, b):
+        return lp_ops.lp_batch_norm(x, w, b, None, None, True, 1e-5, norm, 3, True)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

@@ -1,0 +1,99 @@
+"""Bad input raises an error that names the argument and what was expected."""
+
+import pytest
+import torch
+
+import tritonorm
+from lp_utils import NORMS, call
+
+BACKENDS = ("triton", "torch")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def test_wrong_ndim_for_the_module():
+    with pytest.raises(ValueError, match=r"L1BatchNorm2d expects 4-d input, got 3-d"):
+        tritonorm.L1BatchNorm2d(3)(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"TopkBatchNorm1d expects 2-d or 3-d input, got 4-d"):
+        tritonorm.TopkBatchNorm1d(3)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"LinfBatchNorm3d expects 5-d input"):
+        tritonorm.LinfBatchNorm3d(3)(torch.randn(2, 3, 4, 4))
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"expects 3 channels \(dim 1\), got input of shape \(2, 4, 5, 5\)"):
+        tritonorm.LinfBatchNorm2d(3)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_one_value_per_channel_in_training(norm, backend):
+    with pytest.raises(ValueError, match=r"more than 1 value per channel when training, got input size \(1, 3\)"):
+        call(norm, torch.randn(1, 3), backend=backend, training=True, k=1)
+    # eval with one value per channel is fine, as in torch
+    y = call(norm, torch.randn(1, 3), backend=backend, running_mean=torch.zeros(3), running_dev=torch.ones(3), k=1)
+    assert y.shape == (1, 3)
+
+
+def test_k_larger_than_n(backend):
+    with pytest.raises(ValueError, match=r"k=7 is larger than the 6 values per channel"):
+        tritonorm.functional.topk_batch_norm(torch.randn(2, 3, 3), training=True, k=7, backend=backend)
+    with pytest.raises(ValueError, match=r"k must be a positive integer, got 0"):
+        tritonorm.TopkBatchNorm2d(3, k=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.bool, torch.complex64))
+def test_non_float_input(dtype, backend):
+    with pytest.raises(TypeError, match=rf"input must be float16, bfloat16, float32 or float64, got {dtype}"):
+        tritonorm.functional.l1_batch_norm(torch.ones(4, 3, dtype=dtype), training=True, backend=backend)
+
+
+def test_parameter_shapes_and_types(backend):
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\) for input with 3 channels, got \(4,\)"):
+        tritonorm.functional.l1_batch_norm(x, weight=torch.ones(4), training=True, backend=backend)
+    with pytest.raises(ValueError, match=r"running_dev must have shape \(3,\)"):
+        tritonorm.functional.l1_batch_norm(x, torch.zeros(3), torch.ones(3, 1), training=True, backend=backend)
+    with pytest.raises(TypeError, match=r"bias must be a floating-point tensor, got torch.int64"):
+        tritonorm.functional.l1_batch_norm(x, bias=torch.zeros(3, dtype=torch.long), training=True, backend=backend)
+    with pytest.raises(ValueError, match=r"must be given together"):
+        tritonorm.functional.l1_batch_norm(x, torch.zeros(3), None, training=True, backend=backend)
+
+
+def test_missing_running_stats_in_eval(backend):
+    with pytest.raises(ValueError, match=r"running_mean and running_dev are required when training=False"):
+        tritonorm.functional.linf_batch_norm(torch.randn(4, 3), backend=backend)
+
+
+def test_scalar_arguments(backend):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1"):
+        tritonorm.functional.l1_batch_norm(x, training=True, eps=-1, backend=backend)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None, got 2"):
+        tritonorm.functional.l1_batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=2, backend=backend)
+    with pytest.raises(ValueError, match=r"momentum=None \(cumulative average\) needs num_batches_tracked"):
+        tritonorm.functional.l1_batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None,
+                                           backend=backend)
+    with pytest.raises(ValueError, match=r"num_features must be a positive integer, got 0"):
+        tritonorm.L1BatchNorm1d(0)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor, got list"):
+        tritonorm.functional.l1_batch_norm([[1.0, 2.0]], training=True)
+
+
+def test_topk_k_beyond_the_triton_limit():
+    x = torch.randn(70, 2)
+    with pytest.raises(ValueError, match=r"backend='triton' takes k <= 64, got k=65"):
+        tritonorm.functional.topk_batch_norm(x, training=True, k=65, backend="triton")
+
+
+def test_non_finite_input_gives_non_finite_output_not_garbage(backend):
+    """As in torch's BatchNorm: a NaN in a channel makes that channel NaN, others are fine."""
+    x = torch.randn(6, 2, 3)
+    x[0, 0, 0] = float("nan")
+    y = tritonorm.functional.l1_batch_norm(x, training=True, backend=backend)
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1]).all()
