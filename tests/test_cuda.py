@@ -1,0 +1,37 @@
+"""Checks that only a GPU can make: compiled (not interpreted) kernels, "auto" choosing
+Triton, and channels of about a million elements split over many programs."""
+
+import pytest
+import torch
+
+import tritonorm
+from lp_utils import NORMS, compare, random_input
+from tritonorm import _dispatch
+from tritonorm.kernels import channel_reduce
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_kernels_are_compiled_and_auto_picks_triton(monkeypatch):
+    monkeypatch.delenv("TRITONORM_BACKEND", raising=False)
+    assert not _dispatch.INTERPRETED
+    assert _dispatch.resolve_backend("auto", torch.ones(1, device="cuda")) == "triton"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_large_channels(norm, dtype, channels_last):
+    """N=256 at 56x56: 802816 values per channel, split over many programs."""
+    x = random_input((256, 4, 56, 56), dtype, "cuda", channels_last)
+    assert channel_reduce.plan(channel_reduce.channel_view(x)).splits > 16
+    compare(norm, x, k=10)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_module_on_cuda_matches_cpu_reference(norm):
+    layer = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}[norm]
+    gpu, cpu = layer(64).cuda(), layer(64, backend="torch")
+    x = torch.randn(32, 64, 14, 14)
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.running_dev.cpu(), cpu.running_dev, atol=1e-5, rtol=1e-5)
