@@ -3,7 +3,7 @@ and bias, and running statistics, over norms, dtypes, ranks, odd sizes and layou
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lp_utils import NORMS, assert_close, compare, random_input, run
@@ -113,9 +113,16 @@ def test_float64_on_the_triton_path(norm, device):
     seed=st.integers(0, 2**16),
 )
 def test_parity_property(norm, n, c, spatial, k, seed):
-    """Random ranks and sizes (n = 2 values per channel upwards, k up to n)."""
+    """Random ranks and sizes (n = 2 values per channel upwards, k up to n).
+
+    Channels whose values nearly coincide are left out: with sigma -> 0 the gradient
+    is ill-conditioned (error ~ eps / sigma^2 in any fp32 implementation, the reference's
+    too), which says nothing about the kernels."""
     from conftest import DEVICE
 
     shape = (n, c, *spatial)
     k = min(k, n * int(torch.tensor(spatial).prod()) if spatial else n)
-    compare(norm, random_input(shape, torch.float32, DEVICE, seed=seed), k=k)
+    x = random_input(shape, torch.float32, DEVICE, seed=seed)
+    rows = x.transpose(0, 1).reshape(c, -1)
+    assume(bool((rows.max(1).values - rows.min(1).values > 0.1).all()))
+    compare(norm, x, k=k)

@@ -37,6 +37,8 @@ import triton.language as tl
 MAX_TILE = 2048
 # Channels per tile in the NSC layout (one 128-byte line of fp32 per tile row at 32).
 MAX_BLOCK_C_NSC = 64
+# Narrowest tile row in the NCS layout (256 bytes of fp32).
+MIN_BLOCK_S = 64
 NUM_WARPS = 4
 # Programs per SM that a reduction (REDUCE) or an elementwise pass (ELEMENTWISE) aims for.
 REDUCE_WAVES = 4
@@ -137,6 +139,18 @@ class Plan:
         return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=NUM_WARPS)
 
 
+def _row_block(s: int) -> int:
+    """Tile width along a contiguous row of s elements (NCS layout): the widest power of
+    two, MIN_BLOCK_S to MAX_TILE, that leaves at most 1/16 of the lanes masked (3136 =
+    56*56 -> 256, not 2048, which masks 23%), else the one that masks least."""
+    widths = [w for w in (2**i for i in range(16)) if MIN_BLOCK_S <= w <= MAX_TILE]
+    if s <= MIN_BLOCK_S:
+        return MIN_BLOCK_S if s > MIN_BLOCK_S // 2 else triton.next_power_of_2(s)
+    waste = {w: triton.cdiv(s, w) * w - s for w in widths}
+    good = [w for w in widths if 16 * waste[w] <= s]
+    return max(good) if good else min(reversed(widths), key=waste.get)
+
+
 def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
     """Tile so that loads run along the contiguous axis, and split each channel's tiles
     over enough programs to fill ``waves`` programs per SM."""
@@ -144,7 +158,7 @@ def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
         block_c = min(triton.next_power_of_2(view.c), MAX_BLOCK_C_NSC)
         block_s = min(MAX_TILE // block_c, triton.next_power_of_2(view.s))
     else:
-        block_s = min(triton.next_power_of_2(view.s), MAX_TILE)
+        block_s = _row_block(view.s)
         block_c = min(MAX_TILE // block_s, triton.next_power_of_2(view.c))
     c_blocks = triton.cdiv(view.c, block_c)
     tiles = view.n * triton.cdiv(view.s, block_s)

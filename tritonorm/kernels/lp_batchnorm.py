@@ -194,6 +194,18 @@ def _combine_candidates(v_ptr, i_ptr, splits, C, c, c_mask, K: tl.constexpr, K_P
 
 
 @triton.jit
+def _in_list(sel_i, list_i):
+    """[BLOCK_C, K_PAD]: whether each selected index appears in the list."""
+    return tl.max((sel_i[:, :, None] == list_i[:, None, :]).to(tl.int32), 2) > 0
+
+
+@triton.jit
+def _lookup(sel_i, list_i, list_v):
+    """[BLOCK_C, K_PAD]: the list's value at each selected index (-inf where absent)."""
+    return tl.max(tl.where(sel_i[:, :, None] == list_i[:, None, :], list_v[:, None, :], float("-inf")), 2)
+
+
+@triton.jit
 def _extremes_finalize_kernel(
     sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, inv_n, coef, eps,
     sel_i_ptr, sel_sign_ptr,
@@ -208,12 +220,9 @@ def _extremes_finalize_kernel(
     hi_abs = tl.where(hi_i != NO_INDEX, tl.abs(hi_v - mean[:, None]), float("-inf"))
     lo_abs = tl.where(lo_i != NO_INDEX, tl.abs(lo_v + mean[:, None]), float("-inf"))
     sel_abs, sel_i = _merge_topk(hi_abs, hi_i, lo_abs, lo_i, K, K_PAD)
-    # sign(a) of a selected element: from its x if it is in the "hi" list; an element
-    # selected from the "lo" list alone lies below the mean (else K larger ones exist).
-    match = sel_i[:, :, None] == hi_i[:, None, :]
-    x_hi = tl.max(tl.where(match, hi_v[:, None, :], float("-inf")), 2)
-    in_hi = tl.max(match.to(tl.int32), 2) > 0
-    sign = tl.where(in_hi, _sign(x_hi - mean[:, None], ACC), -1.0)
+    # sign(a) of each selected element, from its x in whichever list holds it
+    x_sel = tl.where(_in_list(sel_i, hi_i), _lookup(sel_i, hi_i, hi_v), -_lookup(sel_i, lo_i, lo_v))
+    sign = _sign(x_sel - mean[:, None], ACC)
     slot = tl.arange(0, K_PAD)[None, :]
     valid = c_mask[:, None] & (slot < K)
     sign = tl.where(valid, sign, 0.0)

@@ -1,0 +1,92 @@
+"""pytest-benchmark suite of the L1 / L-inf / Top-k batch norms (``lp_cases`` says what a
+case runs and which bytes it must move).
+
+Each case times one training-mode pass (forward, or forward+backward) of one norm and
+implementation, whole call with host overhead, next to ``nn.BatchNorm2d`` on the same
+input (pytest-benchmark groups them by pass and dtype).  On CUDA the input is a
+ResNet-like (64, 64, 56, 56) in fp32 and bf16 and the timed function synchronizes; on CPU a
+small (8, 16, 16, 16) fp32 input keeps the suite a quick smoke test, the Triton cases are
+skipped and ``torch.compile`` (about 10 s per compile on CPU) runs forward+backward only.
+
+    pytest benchmarks                      # each case once, unmeasured (pyproject default)
+    pytest benchmarks --benchmark-enable   # timed; --benchmark-json=FILE keeps extra_info
+
+With timing on, ``extra_info`` holds the compulsory bytes and GB/s against them, and for
+the Triton cases the bytes and GB/s of the passes the kernels make.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lp_cases import (
+    COMPILED,
+    PASSES,
+    TRITON,
+    algorithm_bytes,
+    build_layer,
+    check_outputs,
+    compulsory_bytes,
+    dtype_name,
+    make_inputs,
+    shape_name,
+    step,
+    variants,
+)
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+SHAPE = (64, 64, 56, 56) if ON_CUDA else (8, 16, 16, 16)
+DTYPES = (torch.float32, torch.bfloat16) if ON_CUDA else (torch.float32,)
+
+
+def _cases():
+    for pass_ in PASSES:
+        for dtype in DTYPES:
+            for norm, impl in variants():
+                marks = []
+                if impl == TRITON and not ON_CUDA:
+                    marks.append(pytest.mark.skip(reason="the Triton path is timed on CUDA only "
+                                                         "(TRITON_INTERPRET=1 on CPU is far too slow)"))
+                if impl == COMPILED:
+                    if not ON_CUDA and pass_ == "forward":
+                        continue  # one compile per norm on CPU; it covers forward and backward
+                    marks.append(pytest.mark.slow)
+                yield pytest.param(
+                    pass_, dtype, norm, impl, marks=marks, id=f"{pass_}-{dtype_name(dtype)}-{norm}-{impl}",
+                )
+
+
+def _synchronized(fn):
+    """``fn`` followed by a CUDA synchronize, so the wall-clock timer sees the GPU work."""
+    if not ON_CUDA:
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("pass_, dtype, norm, impl", list(_cases()))
+def test_lp_batch_norm(benchmark, pass_, dtype, norm, impl):
+    x, dy = make_inputs(SHAPE, dtype, DEVICE)
+    fn = _synchronized(step(build_layer(norm, impl, SHAPE[1], DEVICE), x, dy, pass_))
+    fn()  # compile / JIT and allocator warm-up, outside the timed calls
+    benchmark.group = f"{pass_} {shape_name(SHAPE)} {dtype_name(dtype)} {DEVICE}"
+    moved = {"compulsory": compulsory_bytes(pass_, x)}
+    if impl == TRITON:
+        moved["algorithm"] = algorithm_bytes(norm, pass_, x)
+    for what, nbytes in moved.items():
+        benchmark.extra_info[f"bytes_{what}"] = nbytes
+
+    outputs = benchmark(fn)
+
+    check_outputs(outputs, x)
+    if benchmark.stats:  # None when timing is disabled
+        median = benchmark.stats.stats.median
+        for what, nbytes in moved.items():
+            benchmark.extra_info[f"gbps_{what}"] = nbytes / median / 1e9

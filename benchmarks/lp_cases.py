@@ -1,0 +1,132 @@
+"""What the L1 / L-inf / Top-k batch-norm benchmarks run, shared by ``bench_lp_batchnorm.py``
+(pytest-benchmark) and ``roofline.py`` (GPU bandwidth table).
+
+A case is one layer in training mode on an (N, C, H, W) input, timed as the whole call a
+training step makes, host overhead included:
+
+* "forward": ``y = layer(x)`` with x and the affine parameters requiring grad, so autograd
+  records the graph and keeps what the backward needs, as in training;
+* "forward+backward": the same, then ``torch.autograd.grad`` of y with a fixed upstream
+  gradient dy with respect to x, weight and bias (``autograd.grad`` rather than
+  ``backward`` so that no .grad accumulation adds a read and a write of x per call).
+
+Implementations of each norm: the Triton kernels, the plain-PyTorch reference eager, and
+``torch.compile`` of the reference; the baseline is ``nn.BatchNorm2d`` (cuDNN on CUDA).
+Parameters stay fp32 whatever the input dtype, as under autocast.
+
+Bytes.  Compulsory: what any batch norm must move, a read of x and a write of y forward,
+a read of x and dy and a write of dx backward (2 and 3 tensor passes).  Algorithmic: the
+passes the Triton kernels make (see ``tritonorm.kernels.lp_batchnorm``): L1 reads x three
+times and writes y forward, reads x and dy twice and writes dx backward; L-inf and Top-k
+read x twice and write y forward, read x and dy, then dy, and write dx backward.  The
+per-channel traffic (partials, statistics, the C*k scatter) is left out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+import tritonorm
+
+NORMS = ("l1", "linf", "topk")
+TOPK_K = 10
+PASSES = ("forward", "forward+backward")
+TRITON, EAGER, COMPILED = "tritonorm-triton", "reference-eager", "reference-compile"
+IMPLEMENTATIONS = (TRITON, EAGER, COMPILED)
+# The baseline, as a (norm, implementation) pair like the others.
+BASELINE = ("bn", "nn.BatchNorm2d")
+
+_LAYERS = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Tensor passes over an (N, C, H, W) tensor per direction: compulsory, and per norm what
+# the Triton kernels make.
+_COMPULSORY = {"forward": 2, "backward": 3}
+_ALGORITHM = {
+    "l1": {"forward": 4, "backward": 5},
+    "linf": {"forward": 3, "backward": 4},
+    "topk": {"forward": 3, "backward": 4},
+}
+
+
+def variants(implementations=IMPLEMENTATIONS):
+    """The (norm, implementation) pairs to run: every norm with each of ``implementations``,
+    then the baseline once."""
+    return [(norm, impl) for norm in NORMS for impl in implementations] + [BASELINE]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def shape_name(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
+    """A fresh layer in training mode; for COMPILED a ``torch.compile`` of the reference
+    layer, compiled on its first call.
+
+    Every COMPILED layer starts from ``torch._dynamo.reset()``: all three norm classes
+    share one ``forward``, and Dynamo's per-code-object recompile limit would otherwise
+    be reached after a few (norm, shape, dtype) and the rest would run eager, silently."""
+    if (norm, impl) == BASELINE:
+        return nn.BatchNorm2d(channels, device=device).train()
+    extra = {"k": TOPK_K} if norm == "topk" else {}
+    backend = "triton" if impl == TRITON else "torch"
+    layer = _LAYERS[norm](channels, backend=backend, device=device, **extra).train()
+    if impl == COMPILED:
+        torch._dynamo.reset()
+        layer = torch.compile(layer)
+    return layer
+
+
+def make_inputs(shape, dtype: torch.dtype, device, seed: int = 0):
+    """(x, dy): Gaussian x with a per-channel offset and scale (x requires grad), and a
+    Gaussian upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    per_channel = (1, c, 1, 1)
+    x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(per_channel)
+    x += torch.randn(c, generator=g).view(per_channel)
+    dy = torch.randn(shape, generator=g)
+    return x.to(device, dtype).requires_grad_(), dy.to(device, dtype)
+
+
+def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, pass_: str) -> Callable[[], tuple]:
+    """A zero-argument callable running one pass; it returns (y,) or (y, dx, dweight, dbias)."""
+    if pass_ == "forward":
+        return lambda: (layer(x),)
+    inputs = (x, *layer.parameters())
+
+    def forward_backward():
+        y = layer(x)
+        return (y, *torch.autograd.grad(y, inputs, dy))
+
+    return forward_backward
+
+
+def check_outputs(outputs: tuple, x: torch.Tensor) -> None:
+    """Cheap sanity of a step's outputs: y (and dx) shaped like x, everything finite."""
+    assert outputs[0].shape == x.shape, (outputs[0].shape, x.shape)
+    if len(outputs) > 1:
+        assert outputs[1].shape == x.shape, (outputs[1].shape, x.shape)
+    for t in outputs:
+        assert torch.isfinite(t).all(), "non-finite output"
+
+
+def _directions(pass_: str):
+    return ("forward",) if pass_ == "forward" else ("forward", "backward")
+
+
+def compulsory_bytes(pass_: str, x: torch.Tensor) -> int:
+    """Bytes any batch norm must move for ``pass_`` on x (see the module docstring)."""
+    return sum(_COMPULSORY[d] for d in _directions(pass_)) * x.numel() * x.element_size()
+
+
+def algorithm_bytes(norm: str, pass_: str, x: torch.Tensor) -> int:
+    """Bytes the Triton kernels of ``norm`` move for ``pass_`` on x."""
+    return sum(_ALGORITHM[norm][d] for d in _directions(pass_)) * x.numel() * x.element_size()
