@@ -66,7 +66,7 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
     )
 
 
-def compare(norm, x, *, device_ref=True, **kwargs):
+def compare(norm, x, **kwargs):
     """Triton on x against the float64 reference on the same values."""
     tri = run(norm, x, "triton", **kwargs)
     ref_kwargs = dict(kwargs, param_dtype=torch.float64)

@@ -286,13 +286,6 @@ def partial_sums(
     return out0, out1
 
 
-def channel_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel sum of an (N, C, *) tensor over batch and space, accumulated in fp32
-    (fp64 for fp64 input).  Returns a (C,) tensor."""
-    view = channel_view(x)
-    return partial_sums(view, "sum")[0].sum(0)
-
-
 # True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then
 # run on CPU tensors through Triton's interpreter.
 INTERPRETED = type(_partial_sums_kernel).__name__ == "InterpretedFunction"

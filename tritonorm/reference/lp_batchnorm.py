@@ -34,7 +34,6 @@ import math
 import torch
 
 C_L1 = math.sqrt(math.pi / 2)
-NORMS = ("l1", "linf", "topk")
 
 
 def c_linf(n: int) -> float:
