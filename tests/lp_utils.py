@@ -34,8 +34,9 @@ def random_input(shape, dtype, device, channels_last=False, seed=0):
 
 
 def run(norm, x, backend, *, affine=True, training=True, running=True, momentum=0.1, grad=True, seed=1, k=3,
-        param_dtype=torch.float32):
-    """Forward (+ backward with a random upstream gradient) of one configuration.
+        param_dtype=torch.float32, grad_dtype=None):
+    """Forward (+ backward with a random upstream gradient, whose values are those of
+    ``grad_dtype``, y's dtype by default) of one configuration.
 
     Returns a dict of y, the gradients and the running buffers after the call."""
     g = torch.Generator().manual_seed(seed)
@@ -51,7 +52,7 @@ def run(norm, x, backend, *, affine=True, training=True, running=True, momentum=
              training=training, momentum=momentum, num_batches_tracked=nbt)
     out = {"y": y.detach(), "running_mean": rm, "running_dev": rd, "y_stride": y.stride()}
     if grad:
-        dy = torch.randn(y.shape, generator=g).to(dev, y.dtype)
+        dy = torch.randn(y.shape, generator=g).to(dev, grad_dtype or y.dtype).to(y.dtype)
         y.backward(dy)
         out["dx"] = x.grad
         if affine:
@@ -69,7 +70,7 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
 def compare(norm, x, **kwargs):
     """Triton on x against the float64 reference on the same values."""
     tri = run(norm, x, "triton", **kwargs)
-    ref_kwargs = dict(kwargs, param_dtype=torch.float64)
+    ref_kwargs = dict(kwargs, param_dtype=torch.float64, grad_dtype=x.dtype)  # the same dy values
     ref = run(norm, x.double(), "torch", **ref_kwargs)
     n = x.numel() // x.shape[1]
     for key in ("y", "dx"):
@@ -80,7 +81,9 @@ def compare(norm, x, **kwargs):
     for key in ("running_mean", "running_dev"):
         if tri[key] is not None:
             assert_close(tri[key], ref[key], running_dtype, key)
-    for key in ("dweight", "dbias"):  # sums over the n values of a channel
+    # sums over the n values of a channel, accumulated in fp32 (fp64) whatever x's dtype
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for key in ("dweight", "dbias"):
         if key in tri:
-            assert_close(tri[key], ref[key], x.dtype, key, scale=max(1.0, n**0.5))
+            assert_close(tri[key], ref[key], param_dtype, key, scale=max(1.0, n**0.5))
     return tri, ref
