@@ -441,10 +441,10 @@ def lp_batch_norm_backward(
     sign_term = (view.tensor, mean, gain) if batch_stats and norm == "l1" else None
     _affine(dy_view, dx, scale, shift, sign_term)
     if batch_stats and norm != "l1":
-        count = sel_i.shape[1]
-        block_c = max(1, FINALIZE_BLOCK_C // _k_pad(count))
+        count, k_pad = sel_i.shape[1], _k_pad(sel_i.shape[1])
+        block_c = max(1, FINALIZE_BLOCK_C // k_pad)
         _selected_grad_kernel[_channel_grid(c, block_c)](
             dx, sel_i, sel_sign, gain, c, view.s, view.stride_n, view.stride_c, view.stride_s,
-            K=count, K_PAD=_k_pad(count), ACC=triton_dtype(acc), BLOCK_C=block_c,
+            K=count, K_PAD=k_pad, ACC=triton_dtype(acc), BLOCK_C=block_c,
         )
     return dx, dw, db
