@@ -1,4 +1,8 @@
 """nn.Module wrappers, one file per method, named like torch.nn."""
 
+from . import equinorm as _equinorm
+from . import lp_batchnorm as _lp_batchnorm
+from .equinorm import *  # noqa: F401,F403
 from .lp_batchnorm import *  # noqa: F401,F403
-from .lp_batchnorm import __all__
+
+__all__ = [*_lp_batchnorm.__all__, *_equinorm.__all__]

@@ -1,4 +1,5 @@
-"""``tritonorm::update_running_stats``: the in-place running-statistics update as an op."""
+"""``tritonorm::update_running_stats`` and ``tritonorm::update_running_mean``: the in-place
+running-statistics updates as ops."""
 
 from __future__ import annotations
 
@@ -26,4 +27,17 @@ def update_running_stats(
 
 @update_running_stats.register_fake
 def _(running_mean, running_dev, mean, dev, num_batches_tracked, momentum):
+    return None
+
+
+@torch.library.custom_op("tritonorm::update_running_mean", mutates_args=("running_mean",))
+def update_running_mean(
+    running_mean: Tensor, mean: Tensor, num_batches_tracked: Optional[Tensor], momentum: Optional[float]
+) -> None:
+    """running = (1 - m) * running + m * batch for one buffer (EquiNorm's input mean)."""
+    update_running(((running_mean, mean),), num_batches_tracked, momentum)
+
+
+@update_running_mean.register_fake
+def _(running_mean, mean, num_batches_tracked, momentum):
     return None

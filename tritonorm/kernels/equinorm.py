@@ -1,0 +1,224 @@
+"""Triton kernels of EquiNorm (math, input mass and guard: ``tritonorm.reference.equinorm``).
+
+Input sums v_c (a reduction of the whole activation, like the batch-norm statistics):
+
+    _partial_sums_kernel("sum")   read x       (channel-block, split) partial sums
+    _combine_kernel                            v_c = sum of the partials
+
+Weight transform, one program per output channel d, walking its row of C_in/groups x K
+weights in [BLOCK_CI, BLOCK_K] tiles (kernel positions along the contiguous axis):
+
+    _weight_forward_kernel    pass 1: A = sum m w, M = sum m, and for the single-pass form
+                                      sum m w [w>0], sum m [w>0]
+                              (exact: pass 2: sum m (w+b)^+ once b = -A/M is known)
+                              last pass: w_out = gain_d s_d (w + b_d); store s_d, b_d
+
+Backward, with G = dL/dw_out, u = w + b, p the positive mask ([w>0] single-pass,
+[u>0] exact) and M = sum_j m_j (so b = -A/M and s = 1/D, D = sum m u p):
+
+    dL/dgain_d = s t,  t = sum G u
+    dL/dD      = -s^2 gain t                         (gD)
+    dL/db      = s gain sum G + gD sum m p           (gb)
+    dL/dw_j    = s gain G_j + m_j (gD p_j - gb / M)
+    dL/dm_c    = sum over d of d's group of sum_{j in (d, c)} u_j (gD p_j - gb / M)
+
+    _weight_backward_kernel   pass 1: t, sum G, sum m p, M;  pass 2: dL/dw and the
+                              per-(d, c) terms of dL/dm, summed over d by the launcher
+
+The rows are short (C_in/groups x K: 4608 for a 3x3 conv with 512 inputs), so the later
+passes re-read them from L2; one program per output channel gives C_out programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .channel_reduce import (
+    accumulator_dtype,
+    channel_block,
+    channel_view,
+    combine_splits,
+    partial_sums,
+    triton_dtype,
+)
+
+# Elements of one [BLOCK_CI, BLOCK_K] weight tile (8 per thread at NUM_WARPS).
+WEIGHT_TILE = 1024
+NUM_WARPS = 4
+# Channels per program of the combine kernel.
+COMBINE_BLOCK_C = 128
+
+
+@triton.jit
+def _combine_kernel(partial_ptr, out_ptr, splits, C, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stage 2 of the input sums: out[c] = sum over splits of partial[split, c]."""
+    c, c_mask = channel_block(BLOCK_C, C)
+    tl.store(out_ptr + c, combine_splits(partial_ptr, splits, C, c, c_mask, ACC), mask=c_mask)
+
+
+def input_sums(x: torch.Tensor) -> torch.Tensor:
+    """v (C,) in the accumulator dtype: the sum of an (N, C, *) tensor over all but dim 1."""
+    view = channel_view(x)
+    partial, _ = partial_sums(view, "sum")
+    acc = accumulator_dtype(x.dtype)
+    out = torch.empty(view.c, device=x.device, dtype=acc)
+    _combine_kernel[(triton.cdiv(view.c, COMBINE_BLOCK_C),)](
+        partial, out, partial.shape[0], view.c, ACC=triton_dtype(acc), BLOCK_C=COMBINE_BLOCK_C,
+    )
+    return out
+
+
+@triton.jit
+def _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC: tl.constexpr,
+                 BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets, mask, weights and (broadcast, masked) input masses of the tile at input
+    channel c0, kernel position k0 of row d.  Masked lanes hold w = 0 and m = 0."""
+    c = c0 + tl.arange(0, BLOCK_CI)
+    k = k0 + tl.arange(0, BLOCK_K)
+    c_mask = c < CPG
+    mask = c_mask[:, None] & (k < K)[None, :]
+    offs = d.to(tl.int64) * CPG * K + (c * K)[:, None] + k[None, :]
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
+    m = tl.load(m_ptr + (d // OUT_PER_GROUP) * CPG + c, mask=c_mask, other=0.0).to(ACC)
+    return offs, mask, w, tl.where(mask, m[:, None], 0.0)
+
+
+@triton.jit
+def _positive(w, u, EXACT: tl.constexpr):
+    """The mask p of the weights whose (w + b) counts as positive."""
+    if EXACT:
+        return u > 0
+    return w > 0
+
+
+@triton.jit
+def _weight_forward_kernel(
+    w_ptr, m_ptr, gain_ptr, out_ptr, s_ptr, b_ptr,
+    CPG, K, OUT_PER_GROUP,
+    EXACT: tl.constexpr, ACC: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    d = tl.program_id(0)
+    mw = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    mass = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    pos_mw = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    pos_m = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    for c0 in range(0, CPG, BLOCK_CI):
+        for k0 in range(0, K, BLOCK_K):
+            _, _, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
+            mw += m * w
+            mass += m
+            if not EXACT:
+                pos_mw += tl.where(w > 0, m * w, 0.0)
+                pos_m += tl.where(w > 0, m, 0.0)
+    total = tl.sum(mass)
+    b = -tl.sum(mw) / total
+    if EXACT:
+        for c0 in range(0, CPG, BLOCK_CI):
+            for k0 in range(0, K, BLOCK_K):
+                _, _, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
+                pos_mw += tl.where(w + b > 0, m * (w + b), 0.0)
+    denom = tl.sum(pos_mw) + b * tl.sum(pos_m)
+    valid = (total > 0) & (denom > 0)
+    s = tl.where(valid, 1.0 / denom, 0.0)
+    b = tl.where(valid, b, 0.0)
+    scale = s
+    if gain_ptr is not None:
+        scale = s * tl.load(gain_ptr + d).to(ACC)
+    for c0 in range(0, CPG, BLOCK_CI):
+        for k0 in range(0, K, BLOCK_K):
+            offs, mask, w, _ = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
+            tl.store(out_ptr + offs, ((w + b) * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + d, s)
+    tl.store(b_ptr + d, b)
+
+
+@triton.jit
+def _weight_backward_kernel(
+    g_ptr, w_ptr, m_ptr, gain_ptr, s_ptr, b_ptr, dw_ptr, dm_ptr, dgain_ptr,
+    CPG, K, OUT_PER_GROUP,
+    EXACT: tl.constexpr, ACC: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    d = tl.program_id(0)
+    s = tl.load(s_ptr + d).to(ACC)
+    b = tl.load(b_ptr + d).to(ACC)
+    gain = 1.0
+    if gain_ptr is not None:
+        gain = tl.load(gain_ptr + d).to(ACC)
+    gu = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    g_sum = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    mass = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    pos_m = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    for c0 in range(0, CPG, BLOCK_CI):
+        for k0 in range(0, K, BLOCK_K):
+            offs, mask, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+            u = tl.where(mask, w + b, 0.0)
+            gu += g * u
+            g_sum += g
+            mass += m
+            pos_m += tl.where(_positive(w, u, EXACT), m, 0.0)
+    t = tl.sum(gu)
+    if dgain_ptr is not None:
+        tl.store(dgain_ptr + d, s * t)
+    grad_denom = -s * s * gain * t
+    grad_b = s * gain * tl.sum(g_sum) + grad_denom * tl.sum(pos_m)
+    # s == 0 marks a guarded row (see the reference): no gradient, and M may be 0.
+    grad_b_per_mass = tl.where(s != 0, grad_b / tl.sum(mass), 0.0)
+    for c0 in range(0, CPG, BLOCK_CI):
+        dm = tl.zeros([BLOCK_CI], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs, mask, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+            u = tl.where(mask, w + b, 0.0)
+            coeff = tl.where(_positive(w, u, EXACT), grad_denom, 0.0) - grad_b_per_mass
+            tl.store(dw_ptr + offs, (s * gain * g + m * coeff).to(dw_ptr.dtype.element_ty), mask=mask)
+            dm += tl.sum(u * coeff, 1)
+        c = c0 + tl.arange(0, BLOCK_CI)
+        tl.store(dm_ptr + d.to(tl.int64) * CPG + c, dm, mask=c < CPG)
+
+
+def _tiles(weight: torch.Tensor) -> dict:
+    """Tile shape for rows of C_in/groups channels x K kernel positions."""
+    cpg, k = weight.shape[1], weight[0, 0].numel()
+    block_k = min(triton.next_power_of_2(k), WEIGHT_TILE)
+    block_ci = min(max(1, WEIGHT_TILE // block_k), triton.next_power_of_2(cpg))
+    return dict(BLOCK_CI=block_ci, BLOCK_K=block_k, num_warps=NUM_WARPS)
+
+
+def _geometry(weight: torch.Tensor, groups: int):
+    return weight.shape[1], weight[0, 0].numel(), weight.shape[0] // groups
+
+
+def weight_forward(weight: torch.Tensor, mass: torch.Tensor, gain: torch.Tensor | None, groups: int, single_pass: bool):
+    """(gain * w'', s, b): w'' in the weight's dtype, s and b (C_out,) in the accumulator dtype."""
+    weight = weight.contiguous()
+    acc = accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+    c_out = weight.shape[0]
+    out = torch.empty_like(weight)
+    s = torch.empty(c_out, device=weight.device, dtype=acc)
+    b = torch.empty_like(s)
+    _weight_forward_kernel[(c_out,)](
+        weight, mass, gain, out, s, b, *_geometry(weight, groups),
+        EXACT=not single_pass, ACC=triton_dtype(acc), **_tiles(weight),
+    )
+    return out, s, b
+
+
+def weight_backward(
+    grad: torch.Tensor, weight: torch.Tensor, mass: torch.Tensor, gain: torch.Tensor | None,
+    s: torch.Tensor, b: torch.Tensor, groups: int, single_pass: bool,
+):
+    """(dL/dweight, dL/dmass, dL/dgain or an empty tensor) from dL/dw_out."""
+    weight, grad = weight.contiguous(), grad.contiguous()
+    c_out, cpg = weight.shape[0], weight.shape[1]
+    dw = torch.empty_like(weight)
+    dm_terms = torch.empty((c_out, cpg), device=weight.device, dtype=s.dtype)
+    dgain = torch.empty(c_out if gain is not None else 0, device=weight.device, dtype=s.dtype)
+    _weight_backward_kernel[(c_out,)](
+        grad, weight, mass, gain, s, b, dw, dm_terms, dgain if gain is not None else None,
+        *_geometry(weight, groups), EXACT=not single_pass, ACC=triton_dtype(s.dtype), **_tiles(weight),
+    )
+    dmass = dm_terms.view(groups, c_out // groups, cpg).sum(1).reshape(groups * cpg)
+    return dw, dmass.to(mass.dtype), dgain

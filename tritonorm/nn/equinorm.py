@@ -1,0 +1,265 @@
+"""EquiNorm layers (seed 000): convolution and linear layers whose weight is normalized by
+the statistics of their input, then a per-output-channel affine (gain, bias).
+
+In training the input mass comes from the batch (the first ``stats_fraction`` of it) and
+``running_mean``, the per-channel mean of the input, is updated with torch's momentum
+convention; eval uses ``running_mean``, scaled to the input's size.  ``fold()`` returns the
+plain nn.Conv*d / nn.Linear that computes the eval-mode output.  The math is in
+``tritonorm.functional.equinorm_weight`` and ``tritonorm.reference.equinorm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .._conv import ConvGeometry, _tuple
+from .._dispatch import resolve_backend
+
+__all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_"]
+
+# Resampling rounds before balance_signs_ gives up (each round leaves a unit of n >= 2
+# weights unbalanced with probability 2^(1-n) <= 1/2).
+_MAX_RESAMPLES = 200
+
+
+@torch.no_grad()
+def balance_signs_(weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Resample, in place, the signs of every unit of ``weight`` whose weights all have the
+    same sign, until each unit has a positive and a negative weight (the paper's
+    initialisation).  A unit is a kernel w[d, c] when the kernel has more than one
+    position, else a whole row w[d] (linear and 1x1 layers).  Magnitudes are kept."""
+    units = weight.view(weight.shape[0] * weight.shape[1], -1) if weight[0, 0].numel() > 1 else weight.view(weight.shape[0], -1)
+    if units.shape[1] < 2:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has units of one weight: their signs cannot be balanced")
+    for _ in range(_MAX_RESAMPLES):
+        bad = (~((units > 0).any(1) & (units < 0).any(1))).nonzero().squeeze(1)
+        if bad.numel() == 0:
+            return weight
+        signs = torch.randint(0, 2, units[bad].shape, generator=generator, device=weight.device) * 2 - 1
+        units[bad] = units[bad].abs() * signs.to(weight.dtype)
+    raise RuntimeError(f"balance_signs_ did not balance {bad.numel()} units in {_MAX_RESAMPLES} rounds")
+
+
+class _EquiNorm(nn.Module):
+    """Parameters, buffers and the shared forward; subclasses give the geometry."""
+
+    _geometry: ConvGeometry | None = None
+
+    def __init__(self, in_channels, out_channels, kernel_size, groups, affine, momentum, single_pass,
+                 stats_fraction, backend, device, dtype):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        if in_channels // groups * math.prod(kernel_size) < 2:
+            raise ValueError(
+                "EquiNorm needs at least 2 weights per output channel (in_channels / groups x kernel volume), "
+                f"got in_channels={in_channels}, groups={groups}, kernel_size={tuple(kernel_size)}"
+            )
+        F._stats_rows(1, stats_fraction)
+        F._check_momentum(momentum, False, None)
+        resolve_backend(backend, torch.empty(0))  # validates the name
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = tuple(kernel_size)
+        self.affine, self.momentum, self.single_pass = affine, momentum, single_pass
+        self.stats_fraction, self.backend = stats_fraction, backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel_size, **factory))
+        if affine:
+            self.gain = nn.Parameter(torch.empty(out_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("gain", None)
+            self.register_parameter("bias", None)
+        # Ones, not zeros: only the ratios of the channel means matter, and a zero mean
+        # would make an untrained layer's eval output its bias alone (the guard).
+        self.register_buffer("running_mean", torch.ones(in_channels, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv's default initialisation with balanced signs; gain 1, bias 0."""
+        self.reset_running_stats()
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        balance_signs_(self.weight)
+        if self.affine:
+            nn.init.ones_(self.gain)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F._equinorm(
+            input, self.weight, self.gain, self.bias, self.running_mean, self.training, self.momentum,
+            self.groups, self.single_pass, self.stats_fraction, self.num_batches_tracked, self.backend,
+            self._geometry,
+        )
+
+    def normalized_weight(self, input: Tensor) -> Tensor:
+        """w'' (without the gain) that ``forward(input)`` uses in the current mode; the
+        running statistics are left alone."""
+        F._check_input(input)
+        mass = F._input_mass(
+            input, self.weight, self.running_mean, self.training, self.momentum, self.stats_fraction, None,
+            resolve_backend(self.backend, input) == "triton", self._geometry, False,
+        )
+        return F.equinorm_weight(
+            self.weight, mass, groups=self.groups, single_pass=self.single_pass, backend=self.backend
+        )
+
+    def _mass_ratio(self, input_size) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def fold(self, input_size=None) -> nn.Module:
+        """A plain nn.Conv*d / nn.Linear equal to this layer in eval mode: weight
+        gain * w'' from ``running_mean``, bias the bias.  See the subclasses for
+        ``input_size``."""
+        mass = self.running_mean.to(torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+        weight = F.equinorm_weight(
+            self.weight, mass * self._mass_ratio(input_size), self.gain, groups=self.groups,
+            single_pass=self.single_pass, backend=self.backend,
+        )
+        layer = self._plain_layer()
+        layer.weight.copy_(weight)
+        if self.affine:
+            layer.bias.copy_(self.bias)
+        return layer
+
+    def _options_repr(self) -> str:
+        s = f", affine={self.affine}, momentum={self.momentum}"
+        if not self.single_pass:
+            s += ", single_pass=False"
+        if self.stats_fraction != 1.0:
+            s += f", stats_fraction={self.stats_fraction}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class _EquiNormConvNd(_EquiNorm):
+    _nd: int
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        *,
+        padding_mode: str = "zeros",
+        affine: bool = True,
+        momentum: float | None = 0.1,
+        single_pass: bool = True,
+        stats_fraction: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        kernel_size = _tuple("kernel_size", kernel_size, self._nd, 1)
+        geometry = ConvGeometry.of(self._nd, stride, padding, dilation, padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, groups, affine, momentum, single_pass,
+                         stats_fraction, backend, device, dtype)
+        self._geometry = geometry
+        self.stride, self.padding, self.dilation = geometry.stride, geometry.padding, geometry.dilation
+        self.padding_mode = geometry.padding_mode
+
+    def _mass_ratio(self, input_size) -> float:
+        """``input_size`` (the spatial size of the input the folded layer will see) is needed
+        unless the padding is "same"-like (output = input / stride), where the layer is the
+        same for every input size divisible by the stride."""
+        if input_size is not None:
+            size = (input_size,) * self._nd if isinstance(input_size, int) else tuple(input_size)
+            if len(size) != self._nd:
+                raise ValueError(f"input_size must give {self._nd} spatial sizes, got {input_size!r}")
+            return self._geometry.mass_ratio(size, self.kernel_size)
+        if not self._geometry.size_free(self.kernel_size):
+            raise ValueError(
+                f"fold() needs input_size for padding={self.padding!r} with kernel_size={self.kernel_size}: the "
+                "eval-mode weight depends on the ratio of input to output size"
+            )
+        return 1.0
+
+    def _plain_layer(self) -> nn.Module:
+        return self._geometry.module(
+            self.in_channels, self.out_channels, self.kernel_size, self.groups, self.affine,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._nd:
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * self._nd:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + self._options_repr()
+
+
+class EquiNormConv1d(_EquiNormConvNd):
+    """EquiNorm 1-d convolution over (N, C_in, L); arguments as nn.Conv1d (no ``bias``:
+    the affine's bias takes its place) plus the EquiNorm options."""
+    _nd = 1
+
+
+class EquiNormConv2d(_EquiNormConvNd):
+    """EquiNorm 2-d convolution over (N, C_in, H, W); arguments as nn.Conv2d (no ``bias``:
+    the affine's bias takes its place) plus the EquiNorm options:
+
+    single_pass     True (the paper's default): s from the signs of w; False: exact two-pass
+    stats_fraction  the statistics come from the first fraction of the batch (0.25 cured
+                    the paper's overfitting)
+    momentum        of the running input mean used in eval (None: cumulative average)
+    affine          per-output-channel gain and bias after the convolution
+    """
+    _nd = 2
+
+
+class EquiNormConv3d(_EquiNormConvNd):
+    """EquiNorm 3-d convolution over (N, C_in, D, H, W); see EquiNormConv2d."""
+    _nd = 3
+
+
+class EquiNormLinear(_EquiNorm):
+    """EquiNorm linear layer over (*, in_features): a convolution with a kernel of one
+    position; the statistics run over every leading dim.  Options as EquiNormConv2d."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        affine: bool = True,
+        momentum: float | None = 0.1,
+        single_pass: bool = True,
+        stats_fraction: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, (), 1, affine, momentum, single_pass, stats_fraction,
+                         backend, device, dtype)
+        self.in_features, self.out_features = in_features, out_features
+
+    def _plain_layer(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, self.affine, device=self.weight.device,
+                         dtype=self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}" + self._options_repr()

@@ -1,0 +1,99 @@
+"""EquiNorm custom ops: ``tritonorm::input_sums`` and ``tritonorm::equinorm_weight`` (with its
+backward op), each with a fake implementation and autograd.
+
+``input_sums(x)`` is v (C,), the sum of x over all but dim 1, in the accumulator dtype; its
+gradient broadcasts dL/dv back over x.  ``equinorm_weight(weight, mass, gain, groups,
+single_pass)`` returns gain * w'' in the weight's dtype, and s and b (not differentiable)
+for the backward; it is differentiable in weight, mass and gain.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import equinorm as kernels
+from ..kernels.channel_reduce import accumulator_dtype
+
+
+@torch.library.custom_op("tritonorm::input_sums", mutates_args=())
+def input_sums(x: Tensor) -> Tensor:
+    return kernels.input_sums(x)
+
+
+@input_sums.register_fake
+def _(x):
+    return x.new_empty(x.shape[1], dtype=accumulator_dtype(x.dtype))
+
+
+def _input_sums_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.x_meta = (x.shape, x.dtype)
+
+
+def _input_sums_backward(ctx, grad):
+    shape, dtype = ctx.x_meta
+    return grad.to(dtype).view(1, -1, *(1,) * (len(shape) - 2)).expand(shape)
+
+
+input_sums.register_autograd(_input_sums_backward, setup_context=_input_sums_setup)
+
+
+@torch.library.custom_op("tritonorm::equinorm_weight", mutates_args=())
+def equinorm_weight(
+    weight: Tensor, mass: Tensor, gain: Optional[Tensor], groups: int, single_pass: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.weight_forward(weight, mass, gain, groups, single_pass)
+
+
+def _transform_dtype(weight: Tensor, mass: Tensor) -> torch.dtype:
+    return accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+
+
+@equinorm_weight.register_fake
+def _(weight, mass, gain, groups, single_pass):
+    c_out, acc = weight.shape[0], _transform_dtype(weight, mass)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(c_out, dtype=acc), weight.new_empty(c_out, dtype=acc)
+
+
+@torch.library.custom_op("tritonorm::equinorm_weight_backward", mutates_args=())
+def equinorm_weight_backward(
+    grad: Tensor, weight: Tensor, mass: Tensor, gain: Optional[Tensor], s: Tensor, b: Tensor,
+    groups: int, single_pass: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernels.weight_backward(grad, weight, mass, gain, s, b, groups, single_pass)
+
+
+@equinorm_weight_backward.register_fake
+def _(grad, weight, mass, gain, s, b, groups, single_pass):
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(mass),
+        s.new_empty(weight.shape[0] if gain is not None else 0),
+    )
+
+
+def _weight_setup(ctx, inputs, output):
+    weight, mass, gain, groups, single_pass = inputs
+    _, s, b = output
+    ctx.mark_non_differentiable(s, b)
+    ctx.save_for_backward(weight, mass, gain, s, b)
+    ctx.options = (groups, single_pass)
+
+
+def _weight_backward(ctx, grad, _grad_s, _grad_b):
+    weight, mass, gain, s, b = ctx.saved_tensors
+    dw, dmass, dgain = equinorm_weight_backward(grad, weight, mass, gain, s, b, *ctx.options)
+    need_w, need_m, need_g = ctx.needs_input_grad[:3]
+    return (
+        dw if need_w else None,
+        dmass if need_m else None,
+        dgain.to(gain.dtype) if need_g else None,
+        None,
+        None,
+    )
+
+
+equinorm_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
