@@ -113,7 +113,7 @@ def _weight_forward_kernel(
                 pos_mw += tl.where(w > 0, m * w, 0.0)
                 pos_m += tl.where(w > 0, m, 0.0)
     total = tl.sum(mass)
-    b = -tl.sum(mw) / total
+    b = -tl.sum(mw) / tl.where(total > 0, total, 1.0)
     if EXACT:
         for c0 in range(0, CPG, BLOCK_CI):
             for k0 in range(0, K, BLOCK_K):
@@ -121,7 +121,7 @@ def _weight_forward_kernel(
                 pos_mw += tl.where(w + b > 0, m * (w + b), 0.0)
     denom = tl.sum(pos_mw) + b * tl.sum(pos_m)
     valid = (total > 0) & (denom > 0)
-    s = tl.where(valid, 1.0 / denom, 0.0)
+    s = tl.where(valid, 1.0 / tl.where(valid, denom, 1.0), 0.0)
     b = tl.where(valid, b, 0.0)
     scale = s
     if gain_ptr is not None:
@@ -165,7 +165,7 @@ def _weight_backward_kernel(
     grad_denom = -s * s * gain * t
     grad_b = s * gain * tl.sum(g_sum) + grad_denom * tl.sum(pos_m)
     # s == 0 marks a guarded row (see the reference): no gradient, and M may be 0.
-    grad_b_per_mass = tl.where(s != 0, grad_b / tl.sum(mass), 0.0)
+    grad_b_per_mass = tl.where(s != 0, grad_b / tl.where(s != 0, tl.sum(mass), 1.0), 0.0)
     for c0 in range(0, CPG, BLOCK_CI):
         dm = tl.zeros([BLOCK_CI], ACC)
         for k0 in range(0, K, BLOCK_K):
