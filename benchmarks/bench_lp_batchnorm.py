@@ -32,6 +32,7 @@ from lp_cases import (
     make_inputs,
     shape_name,
     step,
+    synchronized,
     variants,
 )
 
@@ -58,23 +59,10 @@ def _cases():
                 )
 
 
-def _synchronized(fn):
-    """``fn`` followed by a CUDA synchronize, so the wall-clock timer sees the GPU work."""
-    if not ON_CUDA:
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.parametrize("pass_, dtype, norm, impl", list(_cases()))
 def test_lp_batch_norm(benchmark, pass_, dtype, norm, impl):
     x, dy = make_inputs(SHAPE, dtype, DEVICE)
-    fn = _synchronized(step(build_layer(norm, impl, SHAPE[1], DEVICE), x, dy, pass_))
+    fn = synchronized(step(build_layer(norm, impl, SHAPE[1], DEVICE), x, dy, pass_), DEVICE)
     fn()  # compile / JIT and allocator warm-up, outside the timed calls
     benchmark.group = f"{pass_} {shape_name(SHAPE)} {dtype_name(dtype)} {DEVICE}"
     moved = {"compulsory": compulsory_bytes(pass_, x)}

@@ -109,13 +109,28 @@ def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, pass_: str) -> Cal
     return forward_backward
 
 
-def check_outputs(outputs: tuple, x: torch.Tensor) -> None:
-    """Cheap sanity of a step's outputs: y (and dx) shaped like x, everything finite."""
-    assert outputs[0].shape == x.shape, (outputs[0].shape, x.shape)
+def check_outputs(outputs: tuple, x: torch.Tensor, y_shape=None) -> None:
+    """Cheap sanity of a step's outputs: y shaped like x (or ``y_shape``), dx shaped like x,
+    everything finite."""
+    y_shape = x.shape if y_shape is None else torch.Size(y_shape)
+    assert outputs[0].shape == y_shape, (outputs[0].shape, y_shape)
     if len(outputs) > 1:
         assert outputs[1].shape == x.shape, (outputs[1].shape, x.shape)
     for t in outputs:
         assert torch.isfinite(t).all(), "non-finite output"
+
+
+def synchronized(fn: Callable, device) -> Callable:
+    """``fn`` followed, on CUDA, by a synchronize, so a wall-clock timer sees the GPU work."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def _directions(pass_: str):

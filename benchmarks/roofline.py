@@ -1,8 +1,8 @@
-"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms on a GPU.
+"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms and of EquiNorm on a GPU.
 
     python benchmarks/roofline.py [--quick] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 
-At ResNet-like shapes, fp32 and bf16, training mode, it times forward and
+Batch norms.  At ResNet-like shapes, fp32 and bf16, training mode, it times forward and
 forward+backward (``lp_cases`` defines both, and the bytes) of each norm's Triton path,
 its PyTorch reference eager and ``torch.compile``-d, and ``nn.BatchNorm2d`` (cuDNN), all in
 the same run: the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed before
@@ -17,14 +17,28 @@ set against bandwidth:
 * time / nn.BatchNorm2d time and time / compiled-reference time at the same shape, dtype
   and pass; and, in a table of its own, Top-k time / L1 time per implementation.
 
-The table is printed and written as markdown and JSON to
+EquiNorm (``equinorm_cases`` defines the layers, the compared callables and the bytes).  At
+ResNet-like EquiNormConv2d layers, fp32 and bf16 (autocast), training mode, the same timer:
+
+* forward and forward+backward of EquiNormConv2d (Triton, reference eager and compiled),
+  of its normalization alone (input sums + weight transform and their backward), of
+  nn.Conv2d and of nn.Conv2d + nn.BatchNorm2d; as time / conv time (for the normalization
+  alone: the fraction of the convolution it costs), time / conv+BN time, and the overhead
+  ratio (EquiNorm - conv) / (conv+BN - conv): what EquiNorm adds to the convolution over
+  what BatchNorm adds, to be at most ``OVERHEAD_TARGET`` for the Triton forward+backward;
+* the kernels alone, Triton op and reference: the input sums (forward: read x) and the
+  weight transform (forward: read w, write w''; backward: read dL/dw'' and w, write dL/dw),
+  GB/s over those bytes and that as a fraction of peak, and time / reference time.
+
+The tables are printed and written as markdown and JSON to
 benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to --out DIR), with the
 device name, the peak bandwidth used, the torch and triton versions and the date.  A case
 that fails is reported and left out; the script then exits with status 1.
 
 Without CUDA it prints a message and exits 0 writing nothing.  ``--cpu-smoke`` instead
-runs one tiny shape on the CPU, PyTorch implementations only (timed with perf_counter),
-to check that the script works; it writes files only when --out is given.
+runs one tiny shape (and one tiny EquiNorm layer) on the CPU, PyTorch implementations
+only (timed with perf_counter), to check that the script works; it writes files only when
+--out is given.
 """
 
 from __future__ import annotations
@@ -37,12 +51,27 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import triton
 import triton.testing
 
 import tritonorm
+from equinorm_cases import (
+    CONV,
+    CONV_BN,
+    EQUINORM,
+    INPUT_SUMS,
+    KERNELS,
+    ConvCase,
+    build,
+    check_finite,
+    kernel_step,
+    layer_step,
+    output_shape,
+)
+from equinorm_cases import make_inputs as equinorm_inputs, variants as equinorm_variants
 from lp_cases import (
     BASELINE,
     COMPILED,
@@ -66,6 +95,17 @@ QUICK_SHAPES = ((64, 64, 56, 56), (128, 256, 14, 14))
 DTYPES = (torch.float32, torch.bfloat16)
 SMOKE_SHAPE = (4, 8, 8, 8)
 SMOKE_REPEATS = 5
+# EquiNormConv2d layers of a ResNet: the 3x3 convolutions of the four stages, the 1x1
+# reduction of a bottleneck and the stride-2 entry of stage 2.
+EQUINORM_LAYERS = (
+    ConvCase(256, 64, 64, 56), ConvCase(128, 128, 128, 28), ConvCase(128, 256, 256, 14), ConvCase(128, 512, 512, 7),
+    ConvCase(64, 256, 64, 56, kernel=1), ConvCase(128, 64, 128, 56, stride=2),
+)
+# --quick: two layers, torch.compile at the first only (compiles dominate the time).
+QUICK_EQUINORM_LAYERS = (ConvCase(64, 64, 64, 56), ConvCase(64, 256, 64, 56, kernel=1))
+SMOKE_EQUINORM_LAYER = ConvCase(4, 8, 8, 8)
+# The issue's bound on (EquiNorm - conv) / (conv+BN - conv), Triton forward+backward.
+OVERHEAD_TARGET = 0.5
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Peak DRAM bandwidth in GB/s by device-name substring (first match); --peak-gbps overrides.
 KNOWN_PEAKS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0))
@@ -84,6 +124,46 @@ def median_seconds(fn, device: str) -> float:
     return statistics.median(times)
 
 
+def guarded(where: str, errors: list[str], log, device: str, run: Callable[[], list]) -> list:
+    """``run()``'s rows, or none if it fails: the error goes to ``errors`` and the log, so
+    one failing case does not lose the rest of the table."""
+    log(where)
+    try:
+        return run()
+    except Exception as e:
+        errors.append(f"{where}: {type(e).__name__}: {e}")
+        log(f"FAILED {errors[-1]}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return []
+
+
+def by_pass(rows: list[dict]) -> list[dict]:
+    """Forward rows first; stable, so the cases stay in order."""
+    return sorted(rows, key=lambda r: PASSES.index(r["pass"]))
+
+
+def time_passes(step_of: Callable[[str], Callable], check: Callable[[tuple], None], device: str) -> dict:
+    """{pass: median microseconds} of ``step_of(pass)`` for each pass; its first call, checked
+    by ``check``, is the warm-up (compiles happen there)."""
+    times = {}
+    for pass_ in PASSES:
+        fn = step_of(pass_)
+        check(fn())
+        times[pass_] = median_seconds(fn, device) * 1e6
+    return times
+
+
+def _time_norm(norm: str, impl: str, shape, x, dy, device: str) -> list[dict]:
+    layer = build_layer(norm, impl, shape[1], device)
+    times = time_passes(lambda pass_: step(layer, x, dy, pass_), lambda out: check_outputs(out, x), device)
+    return [{
+        "norm": norm, "impl": impl, "shape": shape_name(shape), "dtype": dtype_name(x.dtype),
+        "pass": pass_, "time_us": time_us, "compulsory_bytes": compulsory_bytes(pass_, x),
+        "algorithm_bytes": algorithm_bytes(norm, pass_, x) if impl == TRITON else None,
+    } for pass_, time_us in times.items()]
+
+
 def measure(shapes, dtypes, device: str, cases, log) -> tuple[list[dict], list[str]]:
     """Time every pass of every (norm, implementation) in ``cases`` at every shape and
     dtype; returns the rows and the errors of the cases that failed."""
@@ -94,25 +174,58 @@ def measure(shapes, dtypes, device: str, cases, log) -> tuple[list[dict], list[s
             block = []
             for norm, impl in cases:
                 where = f"{shape_name(shape)} {dtype_name(dtype)} {norm} {impl}"
-                log(where)
-                try:
-                    layer = build_layer(norm, impl, shape[1], device)
-                    for pass_ in PASSES:
-                        fn = step(layer, x, dy, pass_)
-                        check_outputs(fn(), x)  # and the warm-up: compiles happen here
-                        block.append({
-                            "norm": norm, "impl": impl, "shape": shape_name(shape), "dtype": dtype_name(dtype),
-                            "pass": pass_, "time_us": median_seconds(fn, device) * 1e6,
-                            "compulsory_bytes": compulsory_bytes(pass_, x),
-                            "algorithm_bytes": algorithm_bytes(norm, pass_, x) if impl == TRITON else None,
-                        })
-                except Exception as e:  # one failing case must not lose the rest of the table
-                    errors.append(f"{where}: {type(e).__name__}: {e}")
-                    log(f"FAILED {errors[-1]}")
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            rows += sorted(block, key=lambda r: PASSES.index(r["pass"]))  # stable: cases stay in order
+                block += guarded(where, errors, log, device, lambda: _time_norm(norm, impl, shape, x, dy, device))
+            rows += by_pass(block)
     return rows, errors
+
+
+def _time_equinorm_layer(what: str, impl: str, case: ConvCase, inputs, device: str) -> list[dict]:
+    module = build(what, impl, case, inputs.x.dtype, device)
+    times = time_passes(lambda pass_: layer_step(what, module, inputs, pass_),
+                        lambda out: check_outputs(out, inputs.x, output_shape(what, case)), device)
+    return [{"layer": case.name, "what": what, "impl": impl, "dtype": dtype_name(inputs.x.dtype), "pass": pass_,
+             "time_us": time_us} for pass_, time_us in times.items()]
+
+
+def _time_equinorm_kernel(kernel: str, direction: str, impl: str, case: ConvCase, x, device: str) -> list[dict]:
+    fn, nbytes = kernel_step(kernel, direction, impl, case, x)
+    check_finite(fn())  # and the warm-up
+    shape = case.input_shape if kernel == INPUT_SUMS else case.weight_shape
+    return [{
+        "kernel": kernel, "impl": impl, "shape": shape_name(shape), "dtype": dtype_name(x.dtype),
+        "direction": direction, "time_us": median_seconds(fn, device) * 1e6, "bytes": nbytes,
+    }]
+
+
+def equinorm_variants_of(impls: tuple, compiled_cases: tuple) -> Callable:
+    """``variants_of`` for ``measure_equinorm``: the layer with each of ``impls``, compiled too
+    at ``compiled_cases``; the normalization alone with each of ``impls``."""
+    def variants_of(case: ConvCase) -> list:
+        return equinorm_variants(impls + ((COMPILED,) if case in compiled_cases else ()), norm_only=impls)
+
+    return variants_of
+
+
+def measure_equinorm(cases, dtypes, device: str, variants_of, kernel_impls, log):
+    """Time both passes of every (what, implementation) in ``variants_of(case)`` and every
+    kernel direction of each of ``kernel_impls`` for every layer case and dtype; returns
+    the layer rows, the kernel rows and the errors of the cases that failed."""
+    layers, kernels, errors = [], [], []
+    for case in cases:
+        for dtype in dtypes:
+            inputs = equinorm_inputs(case, dtype, device)
+            block = []
+            for what, impl in variants_of(case):
+                where = f"EquiNorm {case.name} {dtype_name(dtype)} {what} {impl}"
+                block += guarded(where, errors, log, device,
+                                 lambda: _time_equinorm_layer(what, impl, case, inputs, device))
+            layers += by_pass(block)
+            for kernel, direction in KERNELS:
+                for impl in kernel_impls:
+                    where = f"EquiNorm {case.name} {dtype_name(dtype)} {kernel} {direction} {impl}"
+                    kernels += guarded(where, errors, log, device,
+                                       lambda: _time_equinorm_kernel(kernel, direction, impl, case, inputs.x, device))
+    return layers, kernels, errors
 
 
 def _ratio(num: dict, den: dict | None) -> float | None:
@@ -141,6 +254,44 @@ def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
     return topk_over_l1
 
 
+def _overhead(r: dict, conv: dict | None, conv_bn: dict | None) -> float | None:
+    """(time - conv time) / (conv+BN time - conv time) of an EquiNorm layer row; None for the
+    other rows, or when BatchNorm's own time is not positive (noise at tiny sizes)."""
+    if r["what"] != EQUINORM or not conv or not conv_bn or conv_bn["time_us"] <= conv["time_us"]:
+        return None
+    return (r["time_us"] - conv["time_us"]) / (conv_bn["time_us"] - conv["time_us"])
+
+
+def derive_equinorm(layers: list[dict], kernels: list[dict], peak_gbps: float) -> None:
+    """Add time / conv, time / conv+BN, the overhead ratio and (EquiNorm layers) time /
+    compiled-reference time to the layer rows; GB/s, its fraction of peak and time /
+    reference time to the kernel rows."""
+    index = {(r["layer"], r["dtype"], r["pass"], r["what"], r["impl"]): r for r in layers}
+    for r in layers:
+        config = (r["layer"], r["dtype"], r["pass"])
+        conv, conv_bn = index.get((*config, *CONV)), index.get((*config, *CONV_BN))
+        r["vs_conv"], r["vs_conv_bn"] = _ratio(r, conv), _ratio(r, conv_bn)
+        r["overhead_vs_bn"] = _overhead(r, conv, conv_bn)
+        r["vs_compiled"] = _ratio(r, index.get((*config, EQUINORM, COMPILED))) if r["what"] == EQUINORM else None
+    kernel_index = {(r["kernel"], r["shape"], r["dtype"], r["direction"], r["impl"]): r for r in kernels}
+    for r in kernels:
+        r["gbps"] = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
+        r["peak_fraction"] = r["gbps"] / peak_gbps
+        r["vs_reference"] = _ratio(r, kernel_index.get((r["kernel"], r["shape"], r["dtype"], r["direction"], EAGER)))
+
+
+def overhead_summary(layers: list[dict]) -> dict | None:
+    """The worst overhead ratio of the Triton forward+backward rows, against the target;
+    None without such rows (as on CPU)."""
+    rows = [r for r in layers if r["impl"] == TRITON and r["pass"] == "forward+backward"
+            and r["overhead_vs_bn"] is not None]
+    if not rows:
+        return None
+    worst = max(rows, key=lambda r: r["overhead_vs_bn"])
+    return {"target": OVERHEAD_TARGET, "worst": worst["overhead_vs_bn"], "layer": worst["layer"],
+            "dtype": worst["dtype"], "met": worst["overhead_vs_bn"] <= OVERHEAD_TARGET}
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -151,8 +302,7 @@ def markdown_table(headers, lines) -> str:
     return "\n".join(out)
 
 
-def report(meta: dict, rows: list[dict], topk_over_l1: list[dict], errors: list[str]) -> str:
-    """The markdown page: set-up, the main table, Top-k / L1, failures."""
+def lp_section(rows: list[dict], topk_over_l1: list[dict]) -> list[str]:
     main = markdown_table(
         ["norm", "impl", "shape", "dtype", "pass", "time (us)", "GB/s", "floor / time",
          "alg. GB/s", "alg. / peak", "/ BN", "/ compiled ref"],
@@ -164,13 +314,10 @@ def report(meta: dict, rows: list[dict], topk_over_l1: list[dict], errors: list[
         ["shape", "dtype", "pass", "impl", "Top-k / L1 time"],
         [[t["shape"], t["dtype"], t["pass"], t["impl"], f"{t['ratio']:.2f}"] for t in topk_over_l1],
     )
-    lines = [
-        f"# L1 / L-inf / Top-k batch norm roofline: {meta['device']}",
+    return [
+        "## L1 / L-inf / Top-k batch norm",
         "",
-        f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, tritonorm {meta['tritonorm']}; "
-        f"peak bandwidth {meta['peak_gbps']:.0f} GB/s ({meta['peak_source']}); Top-k k={TOPK_K}; training mode, "
-        "median of the whole call.",
-        "",
+        f"Top-k k={TOPK_K}. "
         "GB/s: compulsory bytes (forward: read x, write y; backward: read x, dy, write dx) / time. "
         "floor / time: the time the compulsory bytes take at peak bandwidth, over the time. "
         "alg.: the same for the bytes of the passes the Triton kernels make. "
@@ -181,6 +328,68 @@ def report(meta: dict, rows: list[dict], topk_over_l1: list[dict], errors: list[
         "## Top-k time / L1 time",
         "",
         ratios,
+    ]
+
+
+def _overhead_line(summary: dict | None) -> str:
+    if summary is None:
+        return "Overhead target: no Triton forward+backward rows measured."
+    verdict = "met" if summary["met"] else "NOT met"
+    return (f"Overhead target (Triton forward+backward, (EquiNorm - conv) / (conv+BN - conv) <= {summary['target']}): "
+            f"{verdict}; worst {summary['worst']:.2f} at {summary['layer']} {summary['dtype']}.")
+
+
+def equinorm_section(layers: list[dict], kernels: list[dict], summary: dict | None) -> list[str]:
+    layer_table = markdown_table(
+        ["layer", "dtype", "pass", "what", "impl", "time (us)", "/ conv", "/ conv+BN", "overhead / BN's",
+         "/ compiled ref"],
+        [[r["layer"], r["dtype"], r["pass"], r["what"], r["impl"], f"{r['time_us']:.1f}", _fmt(r["vs_conv"], ".2f"),
+          _fmt(r["vs_conv_bn"], ".2f"), _fmt(r["overhead_vs_bn"], ".2f"), _fmt(r["vs_compiled"], ".2f")]
+         for r in layers],
+    )
+    kernel_table = markdown_table(
+        ["kernel", "impl", "tensor", "dtype", "direction", "time (us)", "MB", "GB/s", "/ peak", "/ reference"],
+        [[r["kernel"], r["impl"], r["shape"], r["dtype"], r["direction"], f"{r['time_us']:.1f}",
+          f"{r['bytes'] / 1e6:.2f}", f"{r['gbps']:.0f}", f"{r['peak_fraction']:.1%}", _fmt(r["vs_reference"], ".2f")]
+         for r in kernels],
+    )
+    return [
+        "## EquiNorm: EquiNormConv2d against nn.Conv2d and nn.Conv2d + nn.BatchNorm2d",
+        "",
+        "layer: input shape, kernel, stride, output channels; bf16 runs under autocast (fp32 parameters). "
+        "what: equinorm, the whole EquiNormConv2d; norm-only, its input sums and weight transform (and their "
+        "backward) without the convolution; conv and conv+bn, the baselines (no conv bias). "
+        "/ conv, / conv+BN: time over nn.Conv2d's and over nn.Conv2d + nn.BatchNorm2d's (for norm-only, / conv is "
+        "the fraction of the convolution's time the normalization costs). overhead / BN's: "
+        "(time - conv time) / (conv+BN time - conv time). / compiled ref: time over torch.compile of the "
+        "reference layer's.",
+        "",
+        _overhead_line(summary),
+        "",
+        layer_table,
+        "",
+        "## EquiNorm kernels",
+        "",
+        "MB the kernel must move: input sums, read x; weight transform forward, read w and write w''; backward, "
+        "read dL/dw'' and w and write dL/dw. GB/s: those bytes / time; / peak: GB/s over the peak bandwidth. "
+        "Backward: torch.autograd.grad of a recorded forward. / reference: time over the PyTorch reference's.",
+        "",
+        kernel_table,
+    ]
+
+
+def report(meta: dict, lp: list[str], equinorm: list[str], errors: list[str]) -> str:
+    """The markdown page: set-up, the batch-norm and the EquiNorm sections, failures."""
+    lines = [
+        f"# tritonorm roofline: {meta['device']}",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, tritonorm {meta['tritonorm']}; "
+        f"peak bandwidth {meta['peak_gbps']:.0f} GB/s ({meta['peak_source']}); training mode, median of the "
+        "whole call.",
+        "",
+        *lp,
+        "",
+        *equinorm,
     ]
     if errors:
         lines += ["", "## Failed cases", "", *(f"- {e}" for e in errors)]
@@ -199,7 +408,8 @@ def peak_bandwidth(device_name: str, override: float | None) -> tuple[float, str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"only the shapes {QUICK_SHAPES}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only the shapes {QUICK_SHAPES} and two EquiNorm layers, one compiled")
     parser.add_argument("--out", type=Path, help=f"directory of the .md and .json (default {RESULTS_DIR})")
     parser.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth, GB/s (default: from the device name)")
     parser.add_argument("--cpu-smoke", action="store_true", help="one tiny shape on CPU, PyTorch paths only")
@@ -214,10 +424,15 @@ def main(argv=None) -> int:
         device, device_name = "cpu", "cpu-smoke"
         shapes, dtypes = (SMOKE_SHAPE,), (torch.float32,)
         cases = variants((EAGER, COMPILED))
+        layers = compiled = (SMOKE_EQUINORM_LAYER,)
+        impls = (EAGER,)
     elif torch.cuda.is_available():
         device, device_name = "cuda", torch.cuda.get_device_name()
         shapes, dtypes = QUICK_SHAPES if args.quick else SHAPES, DTYPES
         cases = variants()
+        layers = QUICK_EQUINORM_LAYERS if args.quick else EQUINORM_LAYERS
+        compiled = layers[:1] if args.quick else layers
+        impls = (TRITON, EAGER)
     else:
         print("roofline.py: no CUDA device, nothing measured or written (it times GPU bandwidth; "
               "--cpu-smoke checks the script on CPU)")
@@ -231,7 +446,13 @@ def main(argv=None) -> int:
     }
     rows, errors = measure(shapes, dtypes, device, cases, log)
     topk_over_l1 = derive(rows, peak_gbps)
-    page = report(meta, rows, topk_over_l1, errors)
+    equi_layers, equi_kernels, equi_errors = measure_equinorm(
+        layers, dtypes, device, equinorm_variants_of(impls, compiled), impls, log,
+    )
+    errors += equi_errors
+    derive_equinorm(equi_layers, equi_kernels, peak_gbps)
+    summary = overhead_summary(equi_layers)
+    page = report(meta, lp_section(rows, topk_over_l1), equinorm_section(equi_layers, equi_kernels, summary), errors)
     print(page)
 
     out_dir = args.out or (None if args.cpu_smoke else RESULTS_DIR)
@@ -239,7 +460,10 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{re.sub(r'[^a-z0-9]+', '-', device_name.lower()).strip('-')}-{meta['date']}"
         stem.with_suffix(".md").write_text(page)
-        record = {"meta": meta, "rows": rows, "topk_over_l1": topk_over_l1, "errors": errors}
+        record = {
+            "meta": meta, "rows": rows, "topk_over_l1": topk_over_l1, "equinorm_layers": equi_layers,
+            "equinorm_kernels": equi_kernels, "equinorm_overhead": summary, "errors": errors,
+        }
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {stem}.md and {stem}.json")
     return 1 if errors else 0
