@@ -35,3 +35,31 @@ def test_module_on_cuda_matches_cpu_reference(norm):
     x = torch.randn(32, 64, 14, 14)
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.running_dev.cpu(), cpu.running_dev, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_equinorm_input_sums_large(dtype, channels_last):
+    """The input sums of a 64x256x56x56 activation (200k values per channel)."""
+    from equinorm_utils import assert_close, positive_input
+    from tritonorm.ops.equinorm import input_sums
+
+    x = positive_input((64, 256, 56, 56), dtype, "cuda", channels_last=channels_last)
+    n = x.numel() // x.shape[1]
+    assert_close(input_sums(x), x.double().sum((0, 2, 3)), torch.float32, "v", scale=n**0.5)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("single_pass", (True, False))
+def test_equinorm_resnet_layer(dtype, single_pass, monkeypatch):
+    """A ResNet layer (256 -> 256, 3x3, 14x14) on both paths, values and gradients
+    (TF32 off: the comparison is of the normalization, not of cuDNN's precision)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    from equinorm_utils import assert_close, positive_input, run_layer
+
+    x = positive_input((32, 256, 14, 14), dtype, "cuda")
+    kwargs = dict(conv=dict(nd=2, padding=1), single_pass=single_pass)
+    tri = run_layer(x, (256, 256, 3, 3), "triton", **kwargs)
+    exp = run_layer(x.double(), (256, 256, 3, 3), "torch", grad_dtype=dtype, **kwargs)
+    for key in ("y", "dx", "dweight", "dgain", "dbias"):
+        assert_close(tri[key], exp[key], dtype, key, scale=max(1.0, exp[key].abs().max().item()) * 4)

@@ -318,6 +318,35 @@ def test_guard_non_positive_input_sums(backend, device):
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guard_is_relative_to_rounding(backend, device):
+    """A degenerate row's denominator is rounding noise of either sign, not 0: the guard
+    must catch every such row (random all-positive rows single-pass, random equal-weight
+    rows exact), not only those whose noise came out <= 0."""
+    g = torch.Generator().manual_seed(0)
+    mass = (torch.rand(16, generator=g) + 0.1).to(device)
+    all_positive = (torch.rand(64, 16, 3, 3, generator=g) + 0.01).to(device)
+    equal = (torch.randn(64, 1, 1, 1, generator=g) * torch.ones(64, 16, 3, 3)).to(device)
+    assert (F.equinorm_weight(all_positive, mass, single_pass=True, backend=backend) == 0).all()
+    assert (F.equinorm_weight(equal, mass, single_pass=False, backend=backend) == 0).all()
+    healthy = F.equinorm_weight(torch.randn(64, 16, 3, 3, generator=g).to(device), mass, backend=backend)
+    assert (healthy.abs().amax((1, 2, 3)) > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend, device):
+    """NaN is not a degenerate row: it propagates as in any torch op, and only where it
+    belongs (a NaN weight spoils its own output channel)."""
+    w = torch.randn(3, 4, 3, 3, device=device)
+    w[1, 2, 0, 0] = float("nan")
+    out = F.equinorm_weight(w, torch.rand(4, device=device) + 0.5, backend=backend)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
+    x = positive_input((2, 4, 5, 5), device=device)
+    x[0, 1, 2, 2] = float("nan")
+    y = F.equinorm_conv2d(x, torch.randn(3, 4, 3, 3, device=device), training=True, padding=1, backend=backend)
+    assert y.isnan().all()  # the NaN reaches every input sum, so every s
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -332,7 +361,8 @@ def _conv_call(**overrides):
     (dict(input=torch.rand(2, 3, 5, 5)), ValueError, r"expects input of shape \(N, 4, \*\)"),
     (dict(input=torch.rand(2, 4, 5)), ValueError, r"input must have shape \(N, C_in, \*2 spatial dims\)"),
     (dict(weight=torch.randn(6, 4, 3)), ValueError, r"expects input of shape"),
-    (dict(weight=torch.randn(6, 2, 3, 3), groups=4), ValueError, r"C_out divisible by groups=4"),
+    (dict(weight=torch.randn(6, 2, 3, 3), groups=4), ValueError, r"C_out > 0 divisible by groups=4"),
+    (dict(weight=torch.randn(0, 4, 3, 3)), ValueError, r"C_out > 0 divisible by groups=1"),
     (dict(weight=torch.randn(6, 1, 1, 1), input=torch.rand(2, 1, 5, 5), running_mean=None),
      ValueError, r"at least 2 weights per output channel"),
     (dict(gain=torch.ones(5)), ValueError, r"gain must have shape \(6,\)"),
@@ -381,3 +411,23 @@ def test_bad_layer_arguments(make, match):
 def test_layer_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, \*\)"):
         tritonorm.EquiNormConv2d(3, 4, 3)(torch.rand(2, 5, 6, 6))
+
+
+def test_linear_takes_1d_input_like_nn_linear():
+    layer = tritonorm.EquiNormLinear(6, 4).eval()
+    x = positive_input((1, 6))
+    torch.testing.assert_close(layer(x[0]), layer(x)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16(backend, device):
+    """fp32 parameters, bf16 compute under autocast, as for nn.Conv2d."""
+    torch.manual_seed(0)
+    layer = tritonorm.EquiNormConv2d(3, 4, 3, padding=1, backend=backend).to(device)
+    x = positive_input((2, 3, 6, 6), device=device)
+    with torch.autocast(device, torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), layer(x).detach(), atol=0.1, rtol=0.05)

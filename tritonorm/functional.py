@@ -203,9 +203,9 @@ def _check_weight(weight, groups) -> None:
         raise TypeError(f"weight must be a float16, bfloat16, float32 or float64 tensor, got {weight!r:.80}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups!r}")
-    if weight.dim() < 2 or weight.shape[0] % groups:
+    if weight.dim() < 2 or weight.shape[0] == 0 or weight.shape[0] % groups:
         raise ValueError(
-            f"weight must have shape (C_out, C_in / groups, *kernel) with C_out divisible by groups={groups}, "
+            f"weight must have shape (C_out, C_in / groups, *kernel) with C_out > 0 divisible by groups={groups}, "
             f"got {tuple(weight.shape)}"
         )
     if weight[0].numel() < 2:
@@ -282,6 +282,11 @@ def _equinorm(
     num_batches_tracked, backend, geometry: ConvGeometry | None,
 ) -> Tensor:
     """Shared body of the conv (``geometry`` given) and linear forms."""
+    if geometry is None and isinstance(input, Tensor) and input.dim() == 1:
+        return _equinorm(
+            input[None], weight, gain, bias, running_mean, training, momentum, groups, single_pass,
+            stats_fraction, num_batches_tracked, backend, geometry,
+        )[0]
     _check_input(input)
     _check_weight(weight, groups)
     linear = geometry is None
@@ -298,7 +303,7 @@ def _equinorm(
             f"weight {tuple(weight.shape)} with groups={groups} expects input of shape (N, {c_in}, *), "
             f"got {tuple(input.shape)}"
         )
-    if weight.dtype != input.dtype and not torch.is_autocast_enabled():
+    if weight.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         raise TypeError(f"input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     _check_vector("gain", gain, weight.shape[0], weight, "output channel")
     _check_vector("bias", bias, weight.shape[0], weight, "output channel")

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.equinorm import degenerate_rtol
 from .channel_reduce import (
     accumulator_dtype,
     channel_block,
@@ -96,12 +97,14 @@ def _positive(w, u, EXACT: tl.constexpr):
 @triton.jit
 def _weight_forward_kernel(
     w_ptr, m_ptr, gain_ptr, out_ptr, s_ptr, b_ptr,
-    CPG, K, OUT_PER_GROUP,
+    CPG, K, OUT_PER_GROUP, degenerate,
     EXACT: tl.constexpr, ACC: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     d = tl.program_id(0)
     mw = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
     mass = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    abs_mw = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
+    abs_m = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
     pos_mw = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
     pos_m = tl.zeros([BLOCK_CI, BLOCK_K], ACC)
     for c0 in range(0, CPG, BLOCK_CI):
@@ -109,18 +112,21 @@ def _weight_forward_kernel(
             _, _, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
             mw += m * w
             mass += m
+            abs_mw += tl.abs(m * w)
+            abs_m += tl.abs(m)
             if not EXACT:
                 pos_mw += tl.where(w > 0, m * w, 0.0)
                 pos_m += tl.where(w > 0, m, 0.0)
     total = tl.sum(mass)
-    b = -tl.sum(mw) / tl.where(total > 0, total, 1.0)
+    b = -tl.sum(mw) / tl.where(total != 0, total, 1.0)
     if EXACT:
         for c0 in range(0, CPG, BLOCK_CI):
             for k0 in range(0, K, BLOCK_K):
                 _, _, w, m = _weight_tile(w_ptr, m_ptr, d, c0, k0, CPG, K, OUT_PER_GROUP, ACC, BLOCK_CI, BLOCK_K)
                 pos_mw += tl.where(w + b > 0, m * (w + b), 0.0)
     denom = tl.sum(pos_mw) + b * tl.sum(pos_m)
-    valid = (total > 0) & (denom > 0)
+    # Written as "not degenerate" so that a NaN passes through, as in any torch op.
+    valid = ~((total <= degenerate * tl.sum(abs_m)) | (denom <= degenerate * tl.sum(abs_mw)))
     s = tl.where(valid, 1.0 / tl.where(valid, denom, 1.0), 0.0)
     b = tl.where(valid, b, 0.0)
     scale = s
@@ -200,7 +206,7 @@ def weight_forward(weight: torch.Tensor, mass: torch.Tensor, gain: torch.Tensor 
     s = torch.empty(c_out, device=weight.device, dtype=acc)
     b = torch.empty_like(s)
     _weight_forward_kernel[(c_out,)](
-        weight, mass, gain, out, s, b, *_geometry(weight, groups),
+        weight, mass, gain, out, s, b, *_geometry(weight, groups), degenerate_rtol(acc),
         EXACT=not single_pass, ACC=triton_dtype(acc), **_tiles(weight),
     )
     return out, s, b

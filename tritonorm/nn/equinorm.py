@@ -77,8 +77,8 @@ class _EquiNorm(nn.Module):
         else:
             self.register_parameter("gain", None)
             self.register_parameter("bias", None)
-        # Ones, not zeros: only the ratios of the channel means matter, and a zero mean
-        # would make an untrained layer's eval output its bias alone (the guard).
+        # Ones, not zeros: a zero mean would make an untrained layer's eval output its
+        # bias alone (the guard).  Ones weigh every input channel alike.
         self.register_buffer("running_mean", torch.ones(in_channels, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()

@@ -20,10 +20,15 @@ mass has a meaning of its own (the input's sum per output element), and with it 
 the output size.  With m, s_d = 1 / sum_c m_c P_dc.
 
 Guard.  The math divides by sum_c m_c (zero or negative only if the inputs are not
-positive, the paper's first assumption) and by sum_c m_c P_dc (zero when every weight of a
-row is equal, or, single-pass, when every weight of a row is positive).  A row where either
-is not positive gets s_d = 0 and b_d = 0: its normalized weight is zero, the channel outputs
-its bias alone and its weights get no gradient, instead of spreading NaN or inf.
+positive, the paper's first assumption) and by D_d = sum_c m_c P_dc (zero when every weight
+of a row is equal, or, single-pass, when no weight of a row is negative).  Computed, those
+zeros come out as rounding noise of either sign, so the test is relative: a row is
+*degenerate* when sum_c m_c <= rtol * sum_c |m_c| or D_d <= rtol * sum |m w| (sums over
+the row), with rtol = 1024 eps of the accumulator dtype (1.2e-4 in fp32; a healthy row has
+D_d near half of sum |m (w + b)|).  A degenerate row gets s_d = 0 and b_d = 0: its
+normalized weight is zero, the channel outputs its bias alone and its weights get no
+gradient, instead of a NaN or a weight blown up by 1 / rounding noise.  A NaN in the
+weight or the input is not degenerate: it propagates, as in any torch op.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ def input_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dims, dtype=accumulator_dtype(x.dtype))
 
 
+def degenerate_rtol(dtype: torch.dtype) -> float:
+    """The relative threshold of the guard (see the module docstring)."""
+    return 1024 * torch.finfo(dtype).eps
+
+
 def _row_mass(mass: torch.Tensor, c_out: int, groups: int) -> torch.Tensor:
     """m as a (C_out, C_in/groups, 1) tensor: row d holds the masses of d's group."""
     cpg = mass.shape[0] // groups
@@ -54,17 +64,18 @@ def equinorm_transform(
 
     w'' has the weight's shape and is in the accumulator dtype; s and b are (C_out,).
     Differentiable in weight and mass."""
-    acc = accumulator_dtype(weight.dtype)
+    acc = accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+    rtol = degenerate_rtol(acc)
     c_out = weight.shape[0]
     w = weight.reshape(c_out, weight.shape[1], -1).to(acc)
     m = _row_mass(mass.to(acc), c_out, groups)
     mass_total = m.sum((1, 2)) * w.shape[2]  # K sum_c m_c
-    mass_ok = mass_total > 0
-    b = -(m * w).sum((1, 2)) / torch.where(mass_ok, mass_total, 1.0)
+    mass_ok = ~(mass_total <= rtol * m.abs().sum((1, 2)) * w.shape[2])
+    b = -(m * w).sum((1, 2)) / torch.where(mass_total != 0, mass_total, 1.0)
     u = w + b[:, None, None]
     positive = (w > 0) if single_pass else (u > 0)
     denom = (m * u * positive).sum((1, 2))
-    valid = mass_ok & (denom > 0)
+    valid = mass_ok & ~(denom <= rtol * (m * w).abs().sum((1, 2)))
     s = torch.where(valid, 1.0 / torch.where(valid, denom, 1.0), 0.0)
     b = torch.where(valid, b, 0.0)
     w2 = s[:, None, None] * (w + b[:, None, None])

@@ -1,0 +1,134 @@
+"""EquiNorm under torch.compile(fullgraph=True), torch.library.opcheck of its custom ops,
+and gradcheck in float64 of both paths."""
+
+import pytest
+import torch
+from torch import nn
+
+import tritonorm
+from equinorm_utils import positive_input, random_weight
+from tritonorm import functional as F
+from tritonorm.ops import equinorm as equi_ops
+from tritonorm.ops import running_stats as running_ops
+
+
+def small_cnn(backend):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        tritonorm.EquiNormConv2d(3, 8, 3, padding=1, backend=backend), nn.ReLU(),
+        tritonorm.EquiNormConv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular", groups=2,
+                                 single_pass=False, stats_fraction=0.5, backend=backend), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), tritonorm.EquiNormLinear(8, 4, momentum=None, backend=backend),
+    )
+
+
+def train_steps(model, x, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outs = []
+    for _ in range(steps):
+        out = model(x)
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        outs.append(out.detach())
+    return outs, [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend, compiler, device):
+    if compiler == "inductor" and backend == "torch" and device == "cpu":
+        pytest.skip("one inductor run on CPU is enough (compile time on 2 cores)")
+    torch._dynamo.reset()
+    x = positive_input((4, 3, 8, 8), device=device)
+    eager = small_cnn(backend).to(device)
+    compiled = torch.compile(small_cnn(backend).to(device), fullgraph=True, backend=compiler)
+    eager_outs, eager_state = train_steps(eager, x)
+    comp_outs, comp_state = train_steps(compiled, x)
+    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    compiled.eval()
+    torch.testing.assert_close(compiled(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
+def test_opcheck_input_sums(layout, device):
+    shape = (37, 6) if layout == "rows" else (3, 4, 5, 6)
+    x = positive_input(shape, device=device, channels_last=layout == "channels_last").requires_grad_()
+    torch.library.opcheck(equi_ops.input_sums, (x,))
+
+
+def _weight_args(device, gain, groups=1, single_pass=True, dtype=torch.float32):
+    w = random_weight((6, 4 // groups, 3, 3), dtype, device).requires_grad_()
+    mass = (torch.rand(4, device=device) + 0.5).requires_grad_()
+    g = (torch.rand(6, device=device, dtype=dtype) + 0.5).requires_grad_() if gain else None
+    return (w, mass, g, groups, single_pass)
+
+
+@pytest.mark.parametrize("gain", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_opcheck_equinorm_weight(gain, groups, single_pass, device):
+    torch.library.opcheck(equi_ops.equinorm_weight, _weight_args(device, gain, groups, single_pass))
+
+
+def test_opcheck_equinorm_weight_bf16(device):
+    torch.library.opcheck(equi_ops.equinorm_weight, _weight_args(device, True, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("gain", [True, False])
+def test_opcheck_equinorm_weight_backward(gain, device):
+    w, mass, g, groups, single_pass = _weight_args(device, gain)
+    out, s, b = equi_ops.equinorm_weight(w, mass, g, groups, single_pass)
+    args = (torch.randn_like(out), w.detach(), mass.detach(), None if g is None else g.detach(), s, b, groups, single_pass)
+    torch.library.opcheck(equi_ops.equinorm_weight_backward, args)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_opcheck_update_running_mean(momentum, device):
+    args = (torch.rand(5, device=device), torch.rand(5, device=device), torch.tensor(4, device=device), momentum)
+    torch.library.opcheck(running_ops.update_running_mean, args)
+
+
+def _layer_function(backend, training, single_pass, **conv):
+    rm = torch.rand(2, dtype=torch.float64) + 0.5
+
+    def f(x, w, gain, bias):
+        return F.equinorm_conv2d(x, w, gain, bias, None if training else rm, training, single_pass=single_pass,
+                                 backend=backend, **conv)
+
+    return f
+
+
+def _layer_inputs(device):
+    x = positive_input((3, 2, 3, 4), torch.float64, device).requires_grad_()
+    w = random_weight((3, 2, 2, 2), torch.float64, device).requires_grad_()
+    gain = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, device=device).requires_grad_()
+    return x, w, gain, bias
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gradcheck_reference_float64(training, single_pass):
+    """The reference is correctly differentiable, through v to x included (first and
+    second order)."""
+    f = _layer_function("torch", training, single_pass, padding=1, stats_fraction=0.7)
+    inputs = _layer_inputs("cpu")
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_gradcheck_triton_float64(single_pass, device):
+    """The Triton backward is the derivative of the Triton forward (float64 kernels), for
+    the layer (x through the input sums) and for the weight op alone with groups.  Fast
+    mode (random projections of the Jacobian): the interpreter runs each call on the host."""
+    f = _layer_function("triton", True, single_pass, padding=1, stride=2, padding_mode="circular")
+    assert torch.autograd.gradcheck(f, _layer_inputs(device), fast_mode=True)
+    w = random_weight((4, 2, 2, 2), torch.float64, device).requires_grad_()
+    mass = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    gain = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, m, g: F.equinorm_weight(w, m, g, groups=2, single_pass=single_pass, backend="triton"), (w, mass, gain), fast_mode=True
+    )
