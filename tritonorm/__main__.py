@@ -3,7 +3,8 @@
 The data are synthetic (no download): 8x8 single-channel images of one of four oriented
 bars plus noise.  Each model is the same two-conv network with a different normalization
 layer after each convolution: nn.BatchNorm2d and tritonorm's L1, L-inf and Top-k batch
-norms.  It prints, per model, the final training loss, the test accuracy, the time per
+norms; or, for EquiNorm, with each convolution and its norm replaced by EquiNormConv2d
+(the weight is normalized instead of the output).  It prints, per model, the final training loss, the test accuracy, the time per
 step and the backend that ran the layers.
 """
 
@@ -24,6 +25,7 @@ NORMS = {
     "LinfBatchNorm2d": lambda c, backend: tritonorm.LinfBatchNorm2d(c, backend=backend),
     "TopkBatchNorm2d": lambda c, backend: tritonorm.TopkBatchNorm2d(c, k=10, backend=backend),
 }
+EQUINORM = "EquiNormConv2d"
 
 
 def bars(n: int, generator: torch.Generator):
@@ -41,11 +43,17 @@ def bars(n: int, generator: torch.Generator):
 
 
 def model(norm, backend: str) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), NORMS[norm](16, backend), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), NORMS[norm](32, backend), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
-    )
+    if norm == EQUINORM:
+        features = [
+            tritonorm.EquiNormConv2d(1, 16, 3, padding=1, backend=backend), nn.ReLU(),
+            tritonorm.EquiNormConv2d(16, 32, 3, padding=1, stride=2, backend=backend), nn.ReLU(),
+        ]
+    else:
+        features = [
+            nn.Conv2d(1, 16, 3, padding=1), NORMS[norm](16, backend), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), NORMS[norm](32, backend), nn.ReLU(),
+        ]
+    return nn.Sequential(*features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
 
 
 def train(norm: str, args, data) -> dict:
@@ -86,7 +94,7 @@ def main(argv=None) -> None:
     print(f"backend {args.backend!r} runs the tritonorm layers on {used} ({describe()})")
     print(f"task: 4-way classification of noisy 8x8 bars, {args.steps} SGD steps of batch {args.batch}\n")
     print(f"{'normalization':<17}{'train loss':>11}{'test acc':>10}{'ms/step':>9}")
-    for norm in NORMS:
+    for norm in [*NORMS, EQUINORM]:
         r = train(norm, args, data)
         print(f"{r['norm']:<17}{r['loss']:>11.4f}{r['accuracy']:>10.3f}{r['ms_per_step']:>9.2f}", flush=True)
 
