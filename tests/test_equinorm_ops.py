@@ -132,3 +132,24 @@ def test_gradcheck_triton_float64(single_pass, device):
     assert torch.autograd.gradcheck(
         lambda w, m, g: F.equinorm_weight(w, m, g, groups=2, single_pass=single_pass, backend="triton"), (w, mass, gain), fast_mode=True
     )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compile_dynamic_shapes(backend, device):
+    """One graph for several batch sizes and resolutions: the output size and the mass
+    ratio are symbolic."""
+    torch._dynamo.reset()
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            tritonorm.EquiNormConv2d(3, 4, 3, padding=1, backend=backend), nn.ReLU(),
+            tritonorm.EquiNormConv2d(4, 4, 3, stride=2, stats_fraction=0.5, backend=backend),
+        ).to(device)
+
+    eager, compiled_model = make(), make()
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(2, 3, 8, 8), (3, 3, 10, 9), (4, 3, 7, 12)]:
+        x = positive_input(shape, device=device, seed=shape[0])
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_model[0].running_mean, eager[0].running_mean)
