@@ -431,3 +431,29 @@ def test_autocast_bf16(backend, device):
     y.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), layer(x).detach(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fold_equinorm_model(backend, device):
+    """The model-level helper: a plain-torch copy with the eval outputs of the original,
+    which it leaves untouched; a layer that needs an input size says so by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        tritonorm.EquiNormConv2d(3, 8, 3, padding=1, backend=backend), nn.ReLU(),
+        nn.Sequential(tritonorm.EquiNormConv2d(8, 8, 3, stride=2, backend=backend), nn.ReLU()),
+        nn.Flatten(), tritonorm.EquiNormLinear(8 * 3 * 3, 4, backend=backend),
+    ).to(device)
+    x = positive_input((4, 3, 8, 8), device=device)
+    _trained(model, x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot fold '2.0': fold\\(\\) needs input_size"):
+        tritonorm.fold_equinorm(model)
+    plain = tritonorm.fold_equinorm(model, {"2.0": (8, 8)})
+    assert not any(isinstance(m, tritonorm.nn.equinorm._EquiNorm) for m in plain.modules())
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="names no EquiNorm layer"):
+        tritonorm.fold_equinorm(model, {"2.0": (8, 8), "1": (8, 8)})
+    single = tritonorm.EquiNormLinear(5, 3)
+    assert type(tritonorm.fold_equinorm(single)) is nn.Linear

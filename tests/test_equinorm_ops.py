@@ -153,3 +153,18 @@ def test_compile_dynamic_shapes(backend, device):
         x = positive_input(shape, device=device, seed=shape[0])
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_model[0].running_mean, eager[0].running_mean)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_export_eval(backend, device):
+    """torch.export sees the weight transform as one custom op (Triton path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        tritonorm.EquiNormConv2d(3, 4, 3, padding=1, backend=backend), nn.ReLU(), nn.Flatten(),
+        tritonorm.EquiNormLinear(4 * 36, 2, backend=backend),
+    ).to(device).eval()
+    x = positive_input((2, 3, 6, 6), device=device)
+    program = torch.export.export(model, (x,))
+    ops = [n.target for n in program.graph.nodes if "tritonorm" in str(n.target)]
+    assert len(ops) == (2 if backend == "triton" else 0)
+    torch.testing.assert_close(program.module()(x), model(x))

@@ -10,6 +10,7 @@ plain nn.Conv*d / nn.Linear that computes the eval-mode output.  The math is in
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -19,7 +20,7 @@ from .. import functional as F
 from .._conv import ConvGeometry, _tuple
 from .._dispatch import resolve_backend
 
-__all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_"]
+__all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_", "fold_equinorm"]
 
 # Resampling rounds before balance_signs_ gives up (each round leaves a unit of n >= 2
 # weights unbalanced with probability 2^(1-n) <= 1/2).
@@ -263,3 +264,28 @@ class EquiNormLinear(_EquiNorm):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}" + self._options_repr()
+
+
+def fold_equinorm(model: nn.Module, input_sizes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """A copy of ``model`` in eval mode with every EquiNorm layer replaced by its
+    ``fold()``: plain nn.Conv*d / nn.Linear layers that give the same eval-mode output.
+
+    ``input_sizes`` maps the qualified name of a layer (as in ``named_modules()``) to the
+    spatial size of its input, for the layers whose ``fold()`` needs one; a layer that
+    needs one and is not given one raises a ValueError naming it.  ``model`` is left as it is."""
+    folded = copy.deepcopy(model).eval()
+    input_sizes = dict(input_sizes or {})
+    for name, module in list(folded.named_modules()):
+        if not isinstance(module, _EquiNorm):
+            continue
+        try:
+            plain = module.fold(input_sizes.pop(name, None))
+        except ValueError as e:
+            raise ValueError(f"cannot fold {name!r}: {e}") from None
+        if not name:
+            return plain
+        parent, _, child = name.rpartition(".")
+        setattr(folded.get_submodule(parent), child, plain)
+    if input_sizes:
+        raise ValueError(f"input_sizes names no EquiNorm layer: {sorted(input_sizes)}")
+    return folded
