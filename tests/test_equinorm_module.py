@@ -367,7 +367,7 @@ def _conv_call(**overrides):
      ValueError, r"at least 2 weights per output channel"),
     (dict(gain=torch.ones(5)), ValueError, r"gain must have shape \(6,\)"),
     (dict(bias=torch.ones(6, 1)), ValueError, r"bias must have shape \(6,\)"),
-    (dict(running_mean=torch.ones(3)), ValueError, r"running_mean must have shape \(4,\), one value per input channel"),
+    (dict(running_mean=torch.ones(3)), ValueError, r"running_mean must have shape \(4,\) \(one per input channel\)"),
     (dict(running_mean=None, training=False), ValueError, r"running_mean is required when training=False"),
     (dict(stats_fraction=0.0), ValueError, r"stats_fraction must be a number in \(0, 1\], got 0.0"),
     (dict(stats_fraction=1.5), ValueError, r"stats_fraction must be a number in \(0, 1\]"),

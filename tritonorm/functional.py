@@ -14,6 +14,7 @@ from torch.nn import functional as _F
 
 from ._conv import ConvGeometry
 from ._dispatch import TRITON_AVAILABLE, resolve_backend
+from .reference import accumulator_dtype
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
 
@@ -40,18 +41,26 @@ def _check_input(input) -> None:
         raise ValueError(f"input must have shape (N, C, *), got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
 
 
-def _check_channel_tensor(name: str, t, input: Tensor) -> None:
+def _check_vector(name: str, t, size: int, ref: Tensor, ref_name: str, what: str) -> None:
+    """``t`` is None or a floating-point (size,) tensor on ``ref``'s device."""
     if t is None:
         return
-    c = input.shape[1]
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != (c,):
-        raise ValueError(f"{name} must have shape ({c},) for input with {c} channels, got {tuple(t.shape)}")
+    if t.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},) {what}, got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_momentum(momentum, update: bool, num_batches_tracked) -> None:
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+    if update and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
 
 
 def _lp_batch_norm(
@@ -60,7 +69,7 @@ def _lp_batch_norm(
 ) -> Tensor:
     _check_input(input)
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_dev", running_dev)):
-        _check_channel_tensor(name, t, input)
+        _check_vector(name, t, input.shape[1], input, "input", f"for input with {input.shape[1]} channels")
     if (running_mean is None) != (running_dev is None):
         raise ValueError("running_mean and running_dev must be given together")
     if not training and running_mean is None:
@@ -177,27 +186,6 @@ def topk_batch_norm(
 # ----------------------------------------------------------------------------- EquiNorm
 
 
-def _check_momentum(momentum, update: bool, num_batches_tracked) -> None:
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-    if update and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-
-
-def _check_vector(name: str, t, size: int, ref: Tensor, what: str) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != (size,):
-        raise ValueError(f"{name} must have shape ({size},), one value per {what}, got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but weight is on {ref.device}")
-
-
 def _check_weight(weight, groups) -> None:
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be a float16, bfloat16, float32 or float64 tensor, got {weight!r:.80}")
@@ -235,11 +223,12 @@ def equinorm_weight(
                                      or  sum_k (w[d,c,k] + b_d)^+                 (exact)
         w''_d = s_d (w_d + b_d)
 
-    Differentiable in weight, mass and gain.  A row whose sum_c m_c or whose denominator
-    is not positive gets w'' = 0 (see ``tritonorm.reference.equinorm``), never NaN."""
+    Differentiable in weight, mass and gain.  A degenerate row (sum_c m_c or the
+    denominator zero up to rounding, or below) gets w'' = 0, never NaN or inf; see
+    ``tritonorm.reference.equinorm``."""
     _check_weight(weight, groups)
-    _check_vector("mass", mass, weight.shape[1] * groups, weight, "input channel")
-    _check_vector("gain", gain, weight.shape[0], weight, "output channel")
+    _check_vector("mass", mass, weight.shape[1] * groups, weight, "weight", "(one per input channel)")
+    _check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
     if resolve_backend(backend, weight) == "torch":
         return _equi_ref.equinorm_weight(weight, mass, gain, groups, single_pass)
     return _equi_ops.equinorm_weight(weight, mass, gain, groups, single_pass)[0]
@@ -260,7 +249,7 @@ def _input_mass(
     c_in = input.shape[-1 if geometry is None else 1]
     ratio = 1.0 if geometry is None else geometry.mass_ratio(input.shape[2:], weight.shape[2:])
     if not training:
-        return running_mean.to(_equi_ref.accumulator_dtype(input.dtype)) * ratio
+        return running_mean.to(accumulator_dtype(input.dtype)) * ratio
     rows = _stats_rows(input.shape[0], stats_fraction)
     stats = input if rows == input.shape[0] else input[:rows]
     if geometry is None:
@@ -305,9 +294,9 @@ def _equinorm(
         )
     if weight.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         raise TypeError(f"input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    _check_vector("gain", gain, weight.shape[0], weight, "output channel")
-    _check_vector("bias", bias, weight.shape[0], weight, "output channel")
-    _check_vector("running_mean", running_mean, c_in, weight, "input channel")
+    _check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
+    _check_vector("bias", bias, weight.shape[0], weight, "weight", "(one per output channel)")
+    _check_vector("running_mean", running_mean, c_in, weight, "weight", "(one per input channel)")
     if not training and running_mean is None:
         raise ValueError("running_mean is required when training=False")
     update = training and running_mean is not None

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulator_dtype  # noqa: F401 (re-exported to the kernels)
+
 # Elements in one [BLOCK_C, BLOCK_S] tile: 16 per thread at num_warps=4.
 MAX_TILE = 2048
 # Channels per tile in the NSC layout (one 128-byte line of fp32 per tile row at 32).
@@ -45,11 +47,6 @@ REDUCE_WAVES = 4
 ELEMENTWISE_WAVES = 8
 # Index that marks "no element" in top-k candidate lists; larger than any reduction index.
 NO_INDEX = 2**62
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_dtype(dtype: torch.dtype):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._conv import ConvGeometry, _tuple
 from .._dispatch import resolve_backend
+from ..reference import accumulator_dtype
 
 __all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_", "fold_equinorm"]
 
@@ -126,7 +127,7 @@ class _EquiNorm(nn.Module):
         """A plain nn.Conv*d / nn.Linear equal to this layer in eval mode: weight
         gain * w'' from ``running_mean``, bias the bias.  See the subclasses for
         ``input_size``."""
-        mass = self.running_mean.to(torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+        mass = self.running_mean.to(accumulator_dtype(self.weight.dtype))
         weight = F.equinorm_weight(
             self.weight, mass * self._mass_ratio(input_size), self.gain, groups=self.groups,
             single_pass=self.single_pass, backend=self.backend,

@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import torch
 
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from . import accumulator_dtype
 
 
 def input_sums(x: torch.Tensor) -> torch.Tensor:

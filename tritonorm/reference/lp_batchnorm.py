@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from . import accumulator_dtype
+
 C_L1 = math.sqrt(math.pi / 2)
 
 
@@ -65,7 +67,7 @@ def top_abs_mask(abs_a: torch.Tensor, k: int) -> torch.Tensor:
 
 def batch_statistics(x: torch.Tensor, norm: str, k: int, normalized: bool):
     """(mean, sigma) per channel of an (N, C, *) tensor, in the accumulator dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(x.dtype)
     c = x.shape[1]
     rows = x.transpose(0, 1).reshape(c, -1).to(acc)  # row c, column r = n * S + s
     n = rows.shape[1]
@@ -106,7 +108,7 @@ def lp_batch_norm(
                 _update(running_mean, mean, factor)
                 _update(running_dev, dev, factor)
     else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = accumulator_dtype(x.dtype)
         mean, dev = running_mean.to(acc), running_dev.to(acc)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     scale = 1.0 / (dev + eps)
