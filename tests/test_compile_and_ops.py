@@ -7,6 +7,7 @@ from torch import nn
 
 import tritonorm
 from lp_utils import NORMS, random_input
+from training import train_steps
 from tritonorm.ops import lp_batchnorm as lp_ops
 from tritonorm.ops import running_stats as running_ops
 
@@ -21,19 +22,6 @@ def small_cnn(norm, backend):
         nn.Conv2d(8, 8, 3, padding=1), LAYERS[norm](8, backend=backend, **extra), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     )
-
-
-def train_steps(model, x, steps=2):
-    """A few SGD steps; returns the outputs, final parameters and buffers."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    outs = []
-    for _ in range(steps):
-        out = model(x)
-        out.square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        outs.append(out.detach())
-    return outs, [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
 
 
 @pytest.mark.parametrize("norm", NORMS)

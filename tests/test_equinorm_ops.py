@@ -7,6 +7,7 @@ from torch import nn
 
 import tritonorm
 from equinorm_utils import positive_input, random_weight
+from training import train_steps
 from tritonorm import functional as F
 from tritonorm.ops import equinorm as equi_ops
 from tritonorm.ops import running_stats as running_ops
@@ -20,18 +21,6 @@ def small_cnn(backend):
                                  single_pass=False, stats_fraction=0.5, backend=backend), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), tritonorm.EquiNormLinear(8, 4, momentum=None, backend=backend),
     )
-
-
-def train_steps(model, x, steps=2):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    outs = []
-    for _ in range(steps):
-        out = model(x)
-        out.square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        outs.append(out.detach())
-    return outs, [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
