@@ -7,7 +7,7 @@ from torch import nn
 
 import tritonorm
 from lp_utils import NORMS, random_input
-from training import train_steps
+from training import assert_compiled_matches_eager
 from tritonorm.ops import lp_batchnorm as lp_ops
 from tritonorm.ops import running_stats as running_ops
 
@@ -30,17 +30,8 @@ def small_cnn(norm, backend):
 def test_compile_fullgraph_matches_eager(norm, backend, compiler, device):
     if compiler == "inductor" and backend == "torch" and norm != "topk":
         pytest.skip("one inductor run of the reference is enough (compile time on 2 cores)")
-    torch._dynamo.reset()
     x = random_input((4, 3, 8, 8), torch.float32, device)
-    eager = small_cnn(norm, backend).to(device)
-    compiled_model = small_cnn(norm, backend).to(device)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
-    eager_outs, eager_state = train_steps(eager, x)
-    comp_outs, comp_state = train_steps(compiled, x)
-    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    compiled.eval()
-    torch.testing.assert_close(compiled(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+    assert_compiled_matches_eager(lambda: small_cnn(norm, backend).to(device), x, compiler)
 
 
 def _lp_op_args(norm, device, batch_stats, dtype=torch.float32, channels_last=False):

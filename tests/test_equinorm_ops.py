@@ -7,7 +7,7 @@ from torch import nn
 
 import tritonorm
 from equinorm_utils import positive_input, random_weight
-from training import train_steps
+from training import assert_compiled_matches_eager
 from tritonorm import functional as F
 from tritonorm.ops import equinorm as equi_ops
 from tritonorm.ops import running_stats as running_ops
@@ -28,16 +28,8 @@ def small_cnn(backend):
 def test_compile_fullgraph_matches_eager(backend, compiler, device):
     if compiler == "inductor" and backend == "torch" and device == "cpu":
         pytest.skip("one inductor run on CPU is enough (compile time on 2 cores)")
-    torch._dynamo.reset()
     x = positive_input((4, 3, 8, 8), device=device)
-    eager = small_cnn(backend).to(device)
-    compiled = torch.compile(small_cnn(backend).to(device), fullgraph=True, backend=compiler)
-    eager_outs, eager_state = train_steps(eager, x)
-    comp_outs, comp_state = train_steps(compiled, x)
-    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    compiled.eval()
-    torch.testing.assert_close(compiled(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
+    assert_compiled_matches_eager(lambda: small_cnn(backend).to(device), x, compiler)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.equinorm import degenerate_rtol
+from ..reference.equinorm import degenerate_rtol, transform_dtype
 from .channel_reduce import (
     accumulator_dtype,
     channel_block,
@@ -200,7 +200,7 @@ def _geometry(weight: torch.Tensor, groups: int):
 def weight_forward(weight: torch.Tensor, mass: torch.Tensor, gain: torch.Tensor | None, groups: int, single_pass: bool):
     """(gain * w'', s, b): w'' in the weight's dtype, s and b (C_out,) in the accumulator dtype."""
     weight = weight.contiguous()
-    acc = accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+    acc = transform_dtype(weight, mass)
     c_out = weight.shape[0]
     out = torch.empty_like(weight)
     s = torch.empty(c_out, device=weight.device, dtype=acc)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..kernels import equinorm as kernels
 from ..kernels.channel_reduce import accumulator_dtype
+from ..reference.equinorm import transform_dtype
 
 
 @torch.library.custom_op("tritonorm::input_sums", mutates_args=())
@@ -48,13 +49,9 @@ def equinorm_weight(
     return kernels.weight_forward(weight, mass, gain, groups, single_pass)
 
 
-def _transform_dtype(weight: Tensor, mass: Tensor) -> torch.dtype:
-    return accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
-
-
 @equinorm_weight.register_fake
 def _(weight, mass, gain, groups, single_pass):
-    c_out, acc = weight.shape[0], _transform_dtype(weight, mass)
+    c_out, acc = weight.shape[0], transform_dtype(weight, mass)
     return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(c_out, dtype=acc), weight.new_empty(c_out, dtype=acc)
 
 

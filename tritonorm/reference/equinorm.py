@@ -49,6 +49,11 @@ def degenerate_rtol(dtype: torch.dtype) -> float:
     return 1024 * torch.finfo(dtype).eps
 
 
+def transform_dtype(weight: torch.Tensor, mass: torch.Tensor) -> torch.dtype:
+    """The dtype the transform computes in, and of s and b."""
+    return accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+
+
 def _row_mass(mass: torch.Tensor, c_out: int, groups: int) -> torch.Tensor:
     """m as a (C_out, C_in/groups, 1) tensor: row d holds the masses of d's group."""
     cpg = mass.shape[0] // groups
@@ -62,7 +67,7 @@ def equinorm_transform(
 
     w'' has the weight's shape and is in the accumulator dtype; s and b are (C_out,).
     Differentiable in weight and mass."""
-    acc = accumulator_dtype(torch.promote_types(weight.dtype, mass.dtype))
+    acc = transform_dtype(weight, mass)
     rtol = degenerate_rtol(acc)
     c_out = weight.shape[0]
     w = weight.reshape(c_out, weight.shape[1], -1).to(acc)
