@@ -1,0 +1,276 @@
+"""ENorm: the equi-normalization cycle (Stock et al. 2019), an optimizer companion.
+
+    optimizer.step()
+    enorm.step()        # rescale the chain's weights, biases and optimizer state in place
+
+The math is in ``tritonorm.reference.enorm``; the Triton cycle in ``tritonorm.kernels.enorm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._dispatch import BACKENDS, resolve_backend
+from .reference import enorm as _ref
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MODES = ("parallel", "sequential")
+
+# How each optimizer's per-parameter state moves when a parameter entry is multiplied by
+# d: the power of d (reference.enorm).  Tensors that accumulate the gradient scale like it
+# (1/d), those that accumulate its square or magnitude like that, and RMSprop's momentum,
+# which accumulates grad / sqrt(square average), does not move.
+OPTIMIZER_STATE = {
+    torch.optim.SGD: {"momentum_buffer": -1},
+    torch.optim.Adam: {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2},
+    torch.optim.AdamW: {"exp_avg": -1, "exp_avg_sq": -2, "max_exp_avg_sq": -2},
+    torch.optim.NAdam: {"exp_avg": -1, "exp_avg_sq": -2},
+    torch.optim.RAdam: {"exp_avg": -1, "exp_avg_sq": -2},
+    torch.optim.Adamax: {"exp_avg": -1, "exp_inf": -1},
+    torch.optim.Adagrad: {"sum": -2},
+    torch.optim.RMSprop: {"square_avg": -2, "grad_avg": -1, "momentum_buffer": 0},
+}
+
+_SETTINGS = ("c", "p", "mode", "balance_last", "scale_biases", "balance_biases", "eps", "backend")
+
+
+def _state_powers(optimizer) -> dict[str, int] | None:
+    if optimizer is None:
+        return None
+    for cls in type(optimizer).__mro__:
+        if cls in OPTIMIZER_STATE:
+            return OPTIMIZER_STATE[cls]
+    names = ", ".join(cls.__name__ for cls in OPTIMIZER_STATE)
+    raise TypeError(
+        f"optimizer: ENorm does not know how the state of {type(optimizer).__name__} moves when weights are "
+        f"rescaled; supported: {names} (or pass optimizer=None for an optimizer without per-parameter state)"
+    )
+
+
+def _column_block(prev: nn.Module, layer: nn.Module, index: int) -> int:
+    """K of the layer's (O, I, K) view: inputs per hidden unit of the previous layer."""
+    hidden = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
+    if isinstance(layer, nn.Linear):
+        if layer.in_features % hidden:
+            raise ValueError(
+                f"layers[{index}]: Linear with in_features={layer.in_features} cannot follow a layer with "
+                f"{hidden} outputs (in_features must be a multiple: one block of features per channel after a "
+                "flatten)"
+            )
+        return layer.in_features // hidden
+    if isinstance(prev, nn.Linear):
+        raise ValueError(f"layers[{index}]: a convolution after a Linear layer is not a chain ENorm balances")
+    if layer.in_channels != hidden:
+        raise ValueError(
+            f"layers[{index}]: {type(layer).__name__} with in_channels={layer.in_channels} cannot follow a layer "
+            f"with {hidden} output channels"
+        )
+    return math.prod(layer.kernel_size)
+
+
+def _check_layers(layers) -> tuple[list[nn.Module], list[tuple[int, int, int]]]:
+    layers = list(layers)
+    shapes = []
+    for k, layer in enumerate(layers):
+        if not isinstance(layer, LAYER_TYPES):
+            raise TypeError(
+                f"layers[{k}]: expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}"
+            )
+        if not isinstance(layer, nn.Linear) and layer.groups != 1:
+            raise ValueError(f"layers[{k}]: grouped convolutions (groups={layer.groups}) are not supported")
+        if any(layer is other for other in layers[:k]):
+            raise ValueError(f"layers[{k}]: the same module appears twice in the chain")
+        w = layer.weight
+        if not w.is_floating_point():
+            raise TypeError(f"layers[{k}].weight: expected a floating-point tensor, got {w.dtype}")
+        if w.device != layers[0].weight.device:
+            raise ValueError(f"layers[{k}].weight is on {w.device}, layers[0].weight on {layers[0].weight.device}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layers[{k}].weight has non-finite entries")
+        block = _column_block(layers[k - 1], layer, k) if k else math.prod(w.shape[2:])
+        shapes.append((w.shape[0], w[0].numel() // block, block))
+    return layers, shapes
+
+
+class ENorm:
+    r"""The ENorm cycle over a chain of Linear / Conv layers joined by ReLU-like maps.
+
+    For hidden unit j between consecutive weights W_q and W_{q+1}, one cycle computes
+
+    .. math:: d_j = \sqrt{\max(\|W_{q+1}[:, j]\|_p, \epsilon) / (c \max(\|W_q[j, :]\|_p, \epsilon))}
+
+    and multiplies row j of W_q (and its bias) by d_j and column j of W_{q+1} by 1/d_j: a
+    ReLU network then computes the same function with a smaller sum_k c^(-p k) ||W_k||_p^p.
+
+    Args:
+        layers: the chain's nn.Linear / nn.Conv1d/2d/3d modules, input to output, joined by
+            positively homogeneous maps (ReLU, LeakyReLU, max/avg pooling, flatten).  A Linear
+            after a convolution of C channels reads a flatten: in_features = C * S, channel c
+            feeding features c*S .. c*S+S-1.  ``ENorm.from_model`` finds and checks the chain.
+        optimizer: the optimizer of these parameters, whose per-parameter state is rescaled
+            with them (``OPTIMIZER_STATE`` lists the supported ones), or None.
+        c: the depth penalty (> 0); c > 1 moves norm towards later layers (the paper: 1.2
+            for deep MLPs).
+        p: the norm (> 0, ``math.inf`` allowed).
+        mode: "parallel" (every coefficient from the weights at the start of the cycle, as
+            the authors' code; two Triton launches) or "sequential" (the paper's algorithm:
+            each pair sees the previous pair's result; one launch per pair).
+        balance_last: also balance the last pair (the authors leave the last weight alone).
+        scale_biases: scale each bias with its row, which keeps the function (the authors'
+            code does not).
+        balance_biases: count each bias in its row's norm (needs scale_biases).
+        eps: norms below eps count as eps, so zero rows and columns stay finite.
+        backend: "auto" (Triton for CUDA weights), "triton" or "torch".
+    """
+
+    def __init__(self, layers, optimizer=None, *, c: float = 1.0, p: float = 2.0, mode: str = "parallel",
+                 balance_last: bool = False, scale_biases: bool = True, balance_biases: bool = False,
+                 eps: float = 1e-8, backend: str = "auto"):
+        self.layers, self._shapes = _check_layers(layers)
+        self.optimizer = optimizer
+        self._powers = _state_powers(optimizer)
+        self._configure(dict(c=c, p=p, mode=mode, balance_last=balance_last, scale_biases=scale_biases,
+                             balance_biases=balance_biases, eps=eps, backend=backend))
+        self._plan = self._plan_key = None
+
+    def _configure(self, settings: dict) -> None:
+        c, p, eps = settings["c"], settings["p"], settings["eps"]
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ValueError(f"c must be a finite number > 0, got {c!r}")
+        if not (isinstance(p, (int, float)) and p > 0 and not math.isnan(p)):
+            raise ValueError(f"p must be a number > 0 (math.inf allowed), got {p!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if settings["mode"] not in MODES:
+            raise ValueError(f"mode must be 'parallel' or 'sequential', got {settings['mode']!r}")
+        if settings["backend"] not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {settings['backend']!r}")
+        if settings["balance_biases"] and not settings["scale_biases"]:
+            raise ValueError("balance_biases=True needs scale_biases=True (a bias in the norm must be scaled)")
+        needed = 2 if settings["balance_last"] else 3
+        if len(self.layers) < needed:
+            raise ValueError(
+                f"layers: ENorm needs at least {needed} layers with balance_last={settings['balance_last']} "
+                f"(got {len(self.layers)}): there is no pair to balance"
+            )
+        for name in _SETTINGS:
+            setattr(self, name, settings[name])
+
+    @classmethod
+    def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, **kwargs) -> "ENorm":
+        """ENorm over the chain of ``model``, found by tracing it with torch.fx.
+
+        Refuses, naming the node, what it cannot prove keeps the function: a branch or
+        residual add, a map between two weights that is not positively homogeneous, and a
+        BatchNorm between two weights unless ``allow_batchnorm=True`` (the paper's ENorm + BN:
+        the cycle then changes what the network computes).  Keyword arguments go to ENorm."""
+        from ._chain import find_chain
+
+        return cls(find_chain(model, allow_batchnorm=allow_batchnorm), optimizer, **kwargs)
+
+    @property
+    def pairs(self) -> int:
+        """The number of balanced pairs (hidden layers) of one cycle."""
+        return len(self.layers) - (1 if self.balance_last else 2)
+
+    def _tensors(self) -> list[list[tuple[torch.Tensor, int]]]:
+        """Per layer up to the last one the cycle touches, its (tensor view, power) list:
+        the weight first, then the bias if it is scaled, then their optimizer state."""
+        out = []
+        for k, layer in enumerate(self.layers[: self.pairs + 1]):
+            params = [(layer.weight, self._shapes[k])]
+            if layer.bias is not None and self.scale_biases:
+                params.append((layer.bias, (layer.bias.shape[0],)))
+            items = [(_view(t, shape, f"layers[{k}]"), 1) for t, shape in params]
+            if self._powers is not None:
+                for t, shape in params:
+                    items += self._state(t, shape, k)
+            out.append(items)
+        return out
+
+    def _state(self, param: torch.Tensor, shape, k: int) -> list[tuple[torch.Tensor, int]]:
+        items = []
+        for key, value in self.optimizer.state.get(param, {}).items():
+            if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                continue  # step counters and other scalars
+            if key not in self._powers:
+                raise TypeError(
+                    f"optimizer: unknown state {key!r} of layers[{k}] in {type(self.optimizer).__name__}; "
+                    f"ENorm knows {sorted(self._powers)}"
+                )
+            if self._powers[key]:
+                items.append((_view(value, shape, f"optimizer state {key!r} of layers[{k}]"), self._powers[key]))
+        return items
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One cycle: rescale the chain's weights, biases and optimizer state in place."""
+        layers = self._tensors()
+        backend = resolve_backend(self.backend, layers[0][0][0])
+        dtypes = {t.dtype for items in layers for t, _ in items}
+        if backend == "triton" and len(dtypes) > 1:
+            if self.backend == "triton":
+                raise TypeError(
+                    f"backend='triton' needs one dtype across the chain's weights, biases and optimizer state, "
+                    f"got {sorted(map(str, dtypes))}"
+                )
+            backend = "torch"
+        if backend == "triton":
+            self._triton_cycle(layers)
+        else:
+            self._torch_cycle(layers)
+
+    def _bias_norms(self, layers) -> list[torch.Tensor | None]:
+        """b_q for pair q's norm, or None."""
+        has_bias = [layer.bias is not None for layer in self.layers]
+        return [layers[q][1][0] if self.balance_biases and has_bias[q] else None for q in range(self.pairs)]
+
+    def _torch_cycle(self, layers) -> None:
+        weights = [items[0][0] for items in layers]
+        ds = _ref.coefficients(weights, self._bias_norms(layers), pairs=self.pairs, c=self.c, p=self.p,
+                               eps=self.eps, sequential=self.mode == "sequential")
+        flat = [(k, t, a) for k, items in enumerate(layers) for t, a in items]
+        _ref.rescale_(
+            [t for _, t, _ in flat],
+            [ds[k] if k < self.pairs else None for k, _, _ in flat],
+            [ds[k - 1] if k and t.dim() == 3 else None for k, t, _ in flat],
+            [a for _, _, a in flat],
+        )
+
+    def _triton_cycle(self, layers) -> None:
+        from .kernels import enorm as _kernels
+
+        key = tuple((t.data_ptr(), t.dtype) for items in layers for t, _ in items)
+        if key != self._plan_key:
+            self._plan = _kernels.Plan(layers, [b is not None for b in self._bias_norms(layers)])
+            self._plan_key = key
+        _kernels.cycle(self._plan, c=self.c, p=self.p, eps=self.eps, sequential=self.mode == "sequential")
+
+    def state_dict(self) -> dict:
+        """The settings (the layers and the optimizer are references, not state)."""
+        return {"num_layers": len(self.layers), **{name: getattr(self, name) for name in _SETTINGS}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        missing = {"num_layers", *_SETTINGS} - set(state_dict)
+        if missing:
+            raise KeyError(f"state_dict: missing {sorted(missing)}")
+        if state_dict["num_layers"] != len(self.layers):
+            raise ValueError(
+                f"state_dict: saved for a chain of {state_dict['num_layers']} layers, this one has {len(self.layers)}"
+            )
+        self._configure({name: state_dict[name] for name in _SETTINGS})
+        self._plan = self._plan_key = None
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
+        return f"ENorm({len(self.layers)} layers, {self.pairs} pairs, {settings})"
+
+
+def _view(t: torch.Tensor, shape, what: str) -> torch.Tensor:
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        raise ValueError(f"{what}: strides {t.stride()} cannot be viewed as {tuple(shape)}; make it contiguous") from None

@@ -1,0 +1,267 @@
+"""Triton kernels of the ENorm cycle (math, modes and names: ``tritonorm.reference.enorm``).
+
+Every tensor the cycle touches (weights, biases, optimizer buffers) is one row of an int64
+*entry table*: its address, the sizes and strides of its (O, I, K) view (a bias is (O, 1, 1)
+with zero inner strides), the offsets of its row and column coefficients in the flat
+coefficient vector d (-1: none) and its power a, so that
+
+    t[o, i, k] *= d[ROW + o]^a * d[COL + i]^-a
+
+Kernels cast the addresses back to pointers (as Triton's grouped GEMM does), so one launch
+walks any number of tensors of any shapes, and the cycle's launch count does not grow with
+the depth.  A *pair table* row (W_q's entry, b_q's entry or -1, W_{q+1}'s entry) names the
+tensors of pair q's norms.
+
+Parallel cycle, 2 launches:
+    _coefficients_kernel  program = (pair, BLOCK_J hidden units): r from [BLOCK_J, BLOCK_R]
+                          row tiles of W_q, s from [BLOCK_R, BLOCK_J] column tiles of W_{q+1}
+                          (hidden units along the contiguous axis of a linear weight), d
+    _rescale_kernel       program = (tensor, BLOCK_J rows): every tensor by its d's
+
+Sequential cycle, one launch per pair and one for the last columns:
+    _pair_kernel          pair q: r of W_q with its columns divided by d_{q-1} on the fly,
+                          s, d_q; then every tensor of layer q by d_q (rows) and d_{q-1}
+                          (columns), in the same program (its rows are its own)
+    _rescale_kernel       the tensors of the layer after the last pair (columns only)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .channel_reduce import accumulator_dtype, triton_dtype
+
+# Columns of the entry table (read by _entry) and of the pair table (read by _pair).
+ENTRY_FIELDS = ("ptr", "O", "I", "K", "SO", "SI", "SK", "ROW", "COL", "POWER")
+PAIR_FIELDS = ("row_entry", "bias_entry", "col_entry")
+# Hidden units (rows) per program and elements per tile along a row or column.
+BLOCK_J = 16
+BLOCK_R = 128
+NUM_WARPS = 4
+# How the p-norm accumulates: sum |x|, sum x^2, max |x|, sum |x|^p.
+L1, L2, LINF, LP = range(4)
+
+
+def norm_kind(p: float) -> int:
+    return {1.0: L1, 2.0: L2, float("inf"): LINF}.get(float(p), LP)
+
+
+@triton.jit
+def _entry(entries, e, DTYPE: tl.constexpr):
+    """The ENTRY_FIELDS of entry e, its address as a pointer to DTYPE."""
+    row = entries + e * 10
+    ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    return (ptr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9))
+
+
+@triton.jit
+def _pair(pairs, q):
+    """The PAIR_FIELDS of pair q."""
+    return tl.load(pairs + q * 3), tl.load(pairs + q * 3 + 1), tl.load(pairs + q * 3 + 2)
+
+
+@triton.jit
+def _accumulate(acc, x, p, NORM: tl.constexpr):
+    a = tl.abs(x)
+    if NORM == 0:
+        return acc + a
+    elif NORM == 1:
+        return acc + a * a
+    elif NORM == 2:
+        return tl.maximum(acc, a)
+    else:
+        return acc + tl.exp2(p * tl.log2(a))
+
+
+@triton.jit
+def _finish(total, p, NORM: tl.constexpr):
+    """The p-norm from what _accumulate summed."""
+    if NORM == 1:
+        return tl.sqrt(total)
+    elif NORM == 3:
+        return tl.exp2(tl.log2(total) / p)
+    return total
+
+
+@triton.jit
+def _power(d, a):
+    """d^a for a in {1, 2, -1, -2}."""
+    base = tl.where(a > 0, d, 1.0 / d)
+    return tl.where((a == 2) | (a == -2), base * base, base)
+
+
+@triton.jit
+def _row_sums(entries, e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS: tl.constexpr, NORM: tl.constexpr,
+              DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Accumulated |W[j, :, :] / d_col|^p (BLOCK_J,) of rows j, plus the bias entry's."""
+    ptr, n_o, n_i, n_k, so, si, sk, _, col, _ = _entry(entries, e, DTYPE)
+    j_mask = j < n_o
+    acc = tl.zeros([BLOCK_J, BLOCK_R], ACC)
+    for r0 in range(0, n_i * n_k, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        i = r // n_k
+        mask = j_mask[:, None] & (r < n_i * n_k)[None, :]
+        x = tl.load(ptr + j[:, None] * so + (i * si + (r % n_k) * sk)[None, :], mask=mask, other=0.0).to(ACC)
+        if DIVIDE_COLUMNS:
+            if col >= 0:
+                x = x / tl.load(d_ptr + col + i, mask=r < n_i * n_k, other=1.0)[None, :]
+        acc = _accumulate(acc, x, p, NORM)
+    if NORM == 2:
+        total = tl.max(acc, 1)
+    else:
+        total = tl.sum(acc, 1)
+    if bias_e >= 0:
+        b_ptr, _, _, _, b_so, _, _, _, _, _ = _entry(entries, bias_e, DTYPE)
+        b = tl.load(b_ptr + j * b_so, mask=j_mask, other=0.0).to(ACC)
+        total = _accumulate(total, b, p, NORM)
+    return total
+
+
+@triton.jit
+def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Accumulated |W[:, j, :]|^p (BLOCK_J,) of input channels j."""
+    ptr, n_o, n_i, n_k, so, si, sk, _, _, _ = _entry(entries, e, DTYPE)
+    acc = tl.zeros([BLOCK_R, BLOCK_J], ACC)
+    for r0 in range(0, n_o * n_k, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < n_o * n_k)[:, None] & (j < n_i)[None, :]
+        offs = ((r // n_k) * so + (r % n_k) * sk)[:, None] + j[None, :] * si
+        acc = _accumulate(acc, tl.load(ptr + offs, mask=mask, other=0.0).to(ACC), p, NORM)
+    if NORM == 2:
+        return tl.max(acc, 0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, DIVIDE_COLUMNS: tl.constexpr,
+                       NORM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """d (BLOCK_J,) of hidden units j of pair ``pair``, stored at W_q's row offset in d;
+    returned with ones past the last unit."""
+    row_e, bias_e, col_e = _pair(pairs, pair)
+    r = _row_sums(entries, row_e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    s = _col_sums(entries, col_e, j, p, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    r = tl.maximum(_finish(r, p, NORM), eps)
+    s = tl.maximum(_finish(s, p, NORM), eps)
+    d = tl.sqrt(s / (c * r))
+    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, row_e, DTYPE)
+    tl.store(d_ptr + row + j, d, mask=j < n_o)
+    return tl.where(j < n_o, d, 1.0)
+
+
+@triton.jit
+def _scale_rows(entries, e, j, row_d, d_ptr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """t[j, i, k] *= row_d[j]^a * d[COL + i]^-a for the rows j of entry e.
+
+    ``row_d`` (BLOCK_J,) holds the rows' coefficients (ones where the entry has none)."""
+    ptr, n_o, n_i, n_k, so, si, sk, _, col, a = _entry(entries, e, DTYPE)
+    j_mask = j < n_o
+    row_factor = _power(row_d, a)
+    for r0 in range(0, n_i * n_k, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        i = r // n_k
+        r_mask = r < n_i * n_k
+        mask = j_mask[:, None] & r_mask[None, :]
+        offs = j[:, None] * so + (i * si + (r % n_k) * sk)[None, :]
+        x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+        factor = row_factor[:, None]
+        if col >= 0:
+            factor = factor * _power(tl.load(d_ptr + col + i, mask=r_mask, other=1.0), -a)[None, :]
+        tl.store(ptr + offs, (x * factor).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _coefficients_kernel(entries, pairs, tiles, d_ptr, p, c, eps, NORM: tl.constexpr, DTYPE: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0)
+    j = tl.load(tiles + 2 * t + 1) + tl.arange(0, BLOCK_J)
+    _pair_coefficients(entries, pairs, tl.load(tiles + 2 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, ACC,
+                       BLOCK_J, BLOCK_R)
+
+
+@triton.jit
+def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.load(tiles + 2 * t)
+    j = tl.load(tiles + 2 * t + 1) + tl.arange(0, BLOCK_J)
+    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, e, DTYPE)
+    row_d = tl.full([BLOCK_J], 1.0, ACC)
+    if row >= 0:
+        row_d = tl.load(d_ptr + row + j, mask=j < n_o, other=1.0)
+    _scale_rows(entries, e, j, row_d, d_ptr, DTYPE, ACC, BLOCK_J, BLOCK_R)
+
+
+@triton.jit
+def _pair_kernel(entries, pairs, pair, first_entry, last_entry, d_ptr, p, c, eps, NORM: tl.constexpr,
+                 DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    for e in range(first_entry, last_entry):
+        _scale_rows(entries, e, j, d, d_ptr, DTYPE, ACC, BLOCK_J, BLOCK_R)
+
+
+class Plan:
+    """The tables of one cycle over a fixed set of tensors, on their device.
+
+    ``layers[k]`` lists layer k's tensors as (O,) or (O, I, K) views with their powers, its
+    weight first; ``bias_in_norm[q]`` says that the second one, b_q, enters r of pair q.
+    Layers after the last pair's are left out (untouched)."""
+
+    def __init__(self, layers: list[list[tuple[torch.Tensor, int]]], bias_in_norm: list[bool]):
+        pairs = len(bias_in_norm)
+        device = layers[0][0][0].device
+        sizes = [layers[q][0][0].shape[0] for q in range(pairs)]
+        offsets = [sum(sizes[:q]) for q in range(pairs)]
+        rows, self.layer_entries = [], []
+        for k, tensors in enumerate(layers[: pairs + 1]):
+            start = len(rows)
+            for t, a in tensors:
+                o, i, kk = (t.shape + (1, 1))[:3]
+                so, si, sk = (t.stride() + (0, 0))[:3]
+                row = offsets[k] if k < pairs else -1
+                col = offsets[k - 1] if k > 0 and t.dim() == 3 else -1
+                if row >= 0 or col >= 0:
+                    rows.append([t.data_ptr(), o, i, kk, so, si, sk, row, col, a])
+            self.layer_entries.append((start, len(rows)))
+        self.entries = torch.tensor(rows, dtype=torch.int64, device=device)
+        weight = [start for start, _ in self.layer_entries]
+        self.pairs = torch.tensor(
+            [[weight[q], weight[q] + 1 if bias_in_norm[q] else -1, weight[q + 1]] for q in range(pairs)],
+            dtype=torch.int64, device=device).view(-1, len(PAIR_FIELDS))
+        self.sizes = sizes
+        self.coefficient_tiles = _tiles([(q, n) for q, n in enumerate(sizes)], device)
+        self.all_tiles = _tiles([(e, r[1]) for e, r in enumerate(rows)], device)
+        last = self.layer_entries[pairs]
+        self.last_tiles = _tiles([(e, rows[e][1]) for e in range(*last)], device)
+        self.d = torch.empty(sum(sizes), dtype=accumulator_dtype(layers[0][0][0].dtype), device=device)
+        self.dtype = layers[0][0][0].dtype
+
+
+def _tiles(items: list[tuple[int, int]], device) -> torch.Tensor:
+    """(index, first row) of every BLOCK_J rows of every (index, rows) item."""
+    tiles = [(index, j0) for index, n in items for j0 in range(0, n, BLOCK_J)]
+    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)
+
+
+def cycle(plan: Plan, *, c: float, p: float, eps: float, sequential: bool) -> torch.Tensor:
+    """One cycle over the plan's tensors, in place; returns the coefficients d (flat)."""
+    common = dict(DTYPE=triton_dtype(plan.dtype), ACC=triton_dtype(plan.d.dtype), BLOCK_J=BLOCK_J,
+                  BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+    norm = dict(p=float(p), c=float(c), eps=float(eps), NORM=norm_kind(p))
+    if sequential:
+        for q, n in enumerate(plan.sizes):
+            first, last = plan.layer_entries[q]
+            _pair_kernel[(triton.cdiv(n, BLOCK_J),)](
+                plan.entries, plan.pairs, q, first, last, plan.d, **norm, **common)
+        _rescale_kernel[(plan.last_tiles.shape[0],)](plan.entries, plan.last_tiles, plan.d, **common)
+    else:
+        _coefficients_kernel[(plan.coefficient_tiles.shape[0],)](
+            plan.entries, plan.pairs, plan.coefficient_tiles, plan.d, **norm, **common)
+        _rescale_kernel[(plan.all_tiles.shape[0],)](plan.entries, plan.all_tiles, plan.d, **common)
+    return plan.d

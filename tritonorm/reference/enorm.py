@@ -1,0 +1,106 @@
+"""The ENorm cycle (Equi-normalization, Stock et al. 2019), in plain PyTorch.
+
+A chain of L weights W_0 .. W_{L-1} joined by positively homogeneous maps (ReLU, pooling,
+flatten) is seen as (O_k, I_k, K_k) tensors with I_{k+1} = O_k: a linear weight is
+(out, in, 1), a convolution's (C_out, C_in, kernel volume), and a linear layer after a
+flatten of C channels of S positions each is (out, C, S).  Hidden unit j between W_q and
+W_{q+1} (pair q) gets the coefficient
+
+    r_j = || [W_q[j, :, :], b_q[j]] ||_p        (the bias only with balance_biases)
+    s_j = || W_{q+1}[:, j, :] ||_p
+    d_j = sqrt(max(s_j, eps) / (c max(r_j, eps)))
+
+and the cycle multiplies row j of W_q (and b_q[j]) by d_j and divides column j of W_{q+1}
+by d_j.  Each pair's d minimises sum_k c^(-p k) ||W_k||_p^p over that pair's scaling with
+the rest fixed, and the network computes the same function (rows and bias of a ReLU unit
+scaled by d > 0, its outgoing weights by 1 / d).  The eps floor keeps a zero row or column
+finite: it is the scale below which a norm counts as zero.
+
+Modes.  *Parallel* takes every r and s from the weights at the start of the cycle (the
+authors' code: one reduction over all layers, then one rescale).  *Sequential* is the
+paper's algorithm: pair q sees W_q after its columns were divided by d_{q-1}.
+
+Every tensor the cycle touches scales as t[o, i, :] *= d_row[o]^a d_col[i]^-a, with d_row the
+coefficients of its layer's outputs and d_col of its inputs (either absent at the ends of
+the balanced pairs): a = 1 for weights and biases, -1 for tensors that move like their
+gradient (momentum, Adam's first moment), -2 for those that move like its square (Adam's
+second moment).  The rescale commutes, so both modes first compute every d, then scale
+each tensor once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import accumulator_dtype
+
+
+def row_norms(weight: torch.Tensor, p: float, bias: torch.Tensor | None = None,
+              col_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """r (O,): the p-norm of each row of an (O, I, K) weight, its columns divided by
+    ``col_scale`` (I,) first, its bias entry appended."""
+    w = weight.to(accumulator_dtype(weight.dtype))
+    if col_scale is not None:
+        w = w / col_scale[None, :, None]
+    rows = w.flatten(1)
+    if bias is not None:
+        rows = torch.cat([rows, bias.to(rows.dtype)[:, None]], 1)
+    return torch.linalg.vector_norm(rows, ord=p, dim=1)
+
+
+def col_norms(weight: torch.Tensor, p: float) -> torch.Tensor:
+    """s (I,): the p-norm of each input channel's (O, K) slice of an (O, I, K) weight."""
+    return torch.linalg.vector_norm(weight.to(accumulator_dtype(weight.dtype)), ord=p, dim=(0, 2))
+
+
+def pair_coefficients(r: torch.Tensor, s: torch.Tensor, c: float, eps: float) -> torch.Tensor:
+    """d = sqrt(max(s, eps) / (c max(r, eps)))."""
+    return torch.sqrt(s.clamp_min(eps) / (c * r.clamp_min(eps)))
+
+
+def coefficients(weights: list[torch.Tensor], biases: list[torch.Tensor | None], *, pairs: int,
+                 c: float, p: float, eps: float, sequential: bool) -> list[torch.Tensor]:
+    """[d_0 .. d_{pairs-1}] of one cycle over (O, I, K) weights.
+
+    ``biases[q]`` (O_q,) or None enters r of pair q (pass Nones to leave biases out of the
+    norms).  Parallel: one batched coefficient op over the concatenated norms."""
+    if sequential:
+        ds: list[torch.Tensor] = []
+        for q in range(pairs):
+            r = row_norms(weights[q], p, biases[q], ds[-1] if ds else None)
+            ds.append(pair_coefficients(r, col_norms(weights[q + 1], p), c, eps))
+        return ds
+    r = torch.cat([row_norms(weights[q], p, biases[q]) for q in range(pairs)])
+    s = torch.cat([col_norms(weights[q + 1], p) for q in range(pairs)])
+    return list(pair_coefficients(r, s, c, eps).split([w.shape[0] for w in weights[:pairs]]))
+
+
+def scale_factor(rows: torch.Tensor | None, cols: torch.Tensor | None, power: int, ndim: int):
+    """d_row[o]^a d_col[i]^-a shaped to broadcast against an (O,) or (O, I, K) tensor."""
+    factor = None
+    if rows is not None:
+        factor = rows.pow(power).view(-1, *(1,) * (ndim - 1))
+    if cols is not None:
+        inv = cols.pow(-power)[None, :, None]
+        factor = inv if factor is None else factor * inv
+    return factor
+
+
+def rescale_(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], cols: list[torch.Tensor | None],
+             powers: list[int]) -> None:
+    """In place, tensor t *= d_row^a d_col^-a for every (t, d_row, d_col, a): one foreach op.
+    Each t is an (O,) bias-like or (O, I, K) weight-like view; a factor is computed in the
+    accumulator dtype and the product rounded once to t's dtype."""
+    pairs = [(t, scale_factor(r, col, a, t.dim())) for t, r, col, a in zip(tensors, rows, cols, powers)]
+    pairs = [(t, f) for t, f in pairs if f is not None]
+    if pairs:
+        torch._foreach_mul_([t for t, _ in pairs], [f for _, f in pairs])
+
+
+def objective(weights: list[torch.Tensor], biases: list[torch.Tensor | None], c: float, p: float) -> torch.Tensor:
+    """sum_k c^(-p k) ||[W_k, b_k]||_p^p: what each pair's coefficient minimises (biases that
+    are not balanced passed as None)."""
+    total = 0.0
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        total = total + c ** (-p * k) * row_norms(w, p, b).pow(p).sum()
+    return total
