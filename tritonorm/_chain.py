@@ -1,0 +1,140 @@
+"""Find the chain of weights ENorm can balance in a model, with torch.fx.
+
+The model must be one path from its input to its output.  Between the first and the last
+weight layer every node must commute with a positive per-channel scale (f(d x) = d f(x)
+for d > 0), so that scaling a hidden unit's row by d and its column by 1/d keeps the
+function; before the first and after the last weight anything goes (ENorm never scales
+the first layer's columns nor the last layer's rows).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .enorm import LAYER_TYPES
+
+# Maps with f(d x) = d f(x) for every d > 0, per channel.
+HOMOGENEOUS_MODULES = (
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+HOMOGENEOUS_FUNCTIONS = {
+    F.relu, torch.relu, F.leaky_relu, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.flatten,
+}
+HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous"}
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Nodes that read only a tensor's metadata (x.size(0) in x.view(x.size(0), -1)).
+METADATA_METHODS = {"size", "dim"}
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in METADATA_METHODS) or (
+        node.op == "call_function" and node.target is getattr
+    ) or (node.op == "call_function" and node.target is operator.getitem and _is_metadata(node.args[0]))
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"`{node.target}` ({type(modules[node.target]).__name__})"
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"`{node.name}` ({name})"
+    return f"`{node.name}`"
+
+
+def _flatten_keeps_batch(node: fx.Node) -> bool:
+    """A reshape that keeps dim 0 and merges the rest, channel-major (x.flatten(1),
+    x.view(x.size(0), -1))."""
+    if node.op == "call_module":
+        return True  # nn.Flatten, checked by the caller
+    args = list(node.args[1:])
+    if node.target in (torch.flatten, "flatten"):
+        start = node.kwargs.get("start_dim", args[0] if args else 0)
+        end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        return start == 1 and end == -1
+    if node.target == "contiguous":
+        return True
+    shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    return len(shape) == 2 and shape[1] == -1
+
+
+def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Module]:
+    """The Linear / Conv modules of ``model``'s single path, checked (module docstring)."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as err:  # fx raises many types; the message says what to do instead
+        raise ValueError(
+            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
+            "pass the chain's layers to ENorm(layers) instead"
+        ) from err
+    modules = dict(model.named_modules())
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError(f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}")
+
+    path, node = [], inputs[0]
+    while node.op != "output":
+        users = [u for u in node.users if not _is_metadata(u)]
+        if len(users) != 1:
+            names = ", ".join(_describe(u, modules) for u in users) or "nothing"
+            raise ValueError(
+                f"model: {_describe(node, modules)} feeds {names}: ENorm.from_model needs a single path, without "
+                "branches or residual connections (a skip path bypasses the rescaled weights)"
+            )
+        prev, node = node, users[0]
+        others = [a for a in node.all_input_nodes if a is not prev and not _is_metadata(a) and a.op != "get_attr"]
+        if others:
+            raise ValueError(
+                f"model: {_describe(node, modules)} also reads {', '.join(_describe(a, modules) for a in others)}: "
+                "ENorm.from_model needs a single path, without residual adds or merges"
+            )
+        if node.op != "output":
+            path.append(node)
+
+    weights = [i for i, n in enumerate(path) if n.op == "call_module" and isinstance(modules[n.target], LAYER_TYPES)]
+    if len(weights) < 2:
+        raise ValueError(f"model: found {len(weights)} Linear/Conv layer(s) on the path; ENorm needs a chain of at least 2")
+    for i in range(weights[0], weights[-1]):
+        node = path[i]
+        if i in weights:
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        before = _describe(path[max(w for w in weights if w < i)], modules)
+        after = _describe(path[min(w for w in weights if w > i)], modules)
+        if isinstance(module, BATCHNORMS):
+            if allow_batchnorm:
+                continue
+            raise ValueError(
+                f"model: BatchNorm {_describe(node, modules)} sits between {before} and {after}: ENorm then changes "
+                "what the network computes; pass allow_batchnorm=True to balance this chain anyway (the paper's "
+                "ENorm + BN)"
+            )
+        flat = node.target in ("view", "reshape", "flatten", torch.flatten) or isinstance(module, nn.Flatten)
+        homogeneous = (
+            isinstance(module, HOMOGENEOUS_MODULES)
+            or (node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS)
+            or (node.op == "call_method" and node.target in HOMOGENEOUS_METHODS)
+        )
+        if isinstance(module, nn.Flatten):
+            flat_ok = module.start_dim == 1 and module.end_dim == -1
+        else:
+            flat_ok = not flat or _flatten_keeps_batch(node)
+        if not (homogeneous and flat_ok):
+            raise ValueError(
+                f"model: {_describe(node, modules)} between {before} and {after} is not a positively homogeneous "
+                "map ENorm knows (ReLU, LeakyReLU, PReLU, max/avg pooling, dropout, flatten to (N, -1)); rescaling "
+                "across it would change the network's function"
+            )
+    layers = [modules[path[i].target] for i in weights]
+    for k, layer in enumerate(layers):
+        if any(layer is other for other in layers[:k]):
+            raise ValueError(f"model: {_describe(path[weights[k]], modules)} is called twice (shared weights)")
+    return layers
