@@ -50,7 +50,9 @@ NO_INDEX = 2**62
 
 
 def triton_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+    """The Triton type of a floating-point torch dtype."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
 
 
 @functools.lru_cache(maxsize=None)
