@@ -282,3 +282,27 @@ def test_triton_needs_one_dtype(device):
     weight_layers(model)[1].double()
     with pytest.raises(TypeError, match="one dtype"):
         ENorm(weight_layers(model), backend="triton").step()
+
+
+def test_compiled_model_trains_with_enorm(device):
+    """optimizer.step(); enorm.step() around a torch.compile(fullgraph=True) model: the
+    compiled graph reads the rescaled parameters, as the eager model does."""
+    x = sample("fc", device=device)
+
+    def losses(compile_model):
+        torch._dynamo.reset()
+        model = make("fc", bias=True, device=device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        enorm = ENorm.from_model(model, optimizer, c=1.2, scale_biases=False)  # changes the function
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compile_model else model
+        out = []
+        for _ in range(3):
+            loss = run(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            enorm.step()
+            out.append(loss.detach())
+        return torch.stack(out)
+
+    torch.testing.assert_close(losses(True), losses(False), atol=1e-6, rtol=1e-5)
