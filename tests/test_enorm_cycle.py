@@ -306,3 +306,17 @@ def test_compiled_model_trains_with_enorm(device):
         return torch.stack(out)
 
     torch.testing.assert_close(losses(True), losses(False), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_rescale_splits_long_rows(mode, device, monkeypatch):
+    """Rows longer than the rescale's chunk (a wide first layer) are split over programs."""
+    from tritonorm.kernels import enorm as kernels
+
+    monkeypatch.setattr(kernels, "ROW_CHUNK", kernels.BLOCK_R)
+    torch.manual_seed(0)
+    model = mlp((600, 12, 10, 3), bias=True).to(device)
+    a, b = (model, None), (copy.deepcopy(model), None)
+    cycles(a, backend="torch", mode=mode, balance_last=True)
+    cycles(b, backend="triton", mode=mode, balance_last=True)
+    assert_same(a, b, torch.float32)

@@ -16,7 +16,9 @@ Parallel cycle, 2 launches:
     _coefficients_kernel  program = (pair, BLOCK_J hidden units): r from [BLOCK_J, BLOCK_R]
                           row tiles of W_q, s from [BLOCK_R, BLOCK_J] column tiles of W_{q+1}
                           (hidden units along the contiguous axis of a linear weight), d
-    _rescale_kernel       program = (tensor, BLOCK_J rows): every tensor by its d's
+    _rescale_kernel       program = (tensor, BLOCK_J rows, ROW_CHUNK of their elements):
+                          every tensor by its d's (chunks keep a wide first layer from
+                          making a few long programs)
 
 Sequential cycle, one launch per pair and one for the last columns:
     _pair_kernel          pair q: r of W_q with its columns divided by d_{q-1} on the fly,
@@ -37,8 +39,10 @@ from .channel_reduce import accumulator_dtype, triton_dtype
 ENTRY_FIELDS = ("ptr", "O", "I", "K", "SO", "SI", "SK", "ROW", "COL", "POWER")
 PAIR_FIELDS = ("row_entry", "bias_entry", "col_entry")
 # Hidden units (rows) per program and elements per tile along a row or column.
-BLOCK_J = 16
-BLOCK_R = 128
+BLOCK_J = 8
+BLOCK_R = 256
+# Row elements per program of the rescale.
+ROW_CHUNK = 2048
 NUM_WARPS = 4
 # How the p-norm accumulates: sum |x|, sum x^2, max |x|, sum |x|^p.
 L1, L2, LINF, LP = range(4)
@@ -154,18 +158,20 @@ def _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, DIVIDE_COLUMNS
 
 
 @triton.jit
-def _scale_rows(entries, e, j, row_d, d_ptr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
-    """t[j, i, k] *= row_d[j]^a * d[COL + i]^-a for the rows j of entry e.
+    """t[j, i, k] *= row_d[j]^a * d[COL + i]^-a for the rows j of entry e, row elements
+    r = i K + k from r_start up to r_end (clipped to the row).
 
     ``row_d`` (BLOCK_J,) holds the rows' coefficients (ones where the entry has none)."""
     ptr, n_o, n_i, n_k, so, si, sk, _, col, a = _entry(entries, e, DTYPE)
     j_mask = j < n_o
     row_factor = _power(row_d, a)
-    for r0 in range(0, n_i * n_k, BLOCK_R):
+    r_end = tl.minimum(r_end, n_i * n_k)
+    for r0 in range(r_start, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         i = r // n_k
-        r_mask = r < n_i * n_k
+        r_mask = r < r_end
         mask = j_mask[:, None] & r_mask[None, :]
         offs = j[:, None] * so + (i * si + (r % n_k) * sk)[None, :]
         x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -179,22 +185,23 @@ def _scale_rows(entries, e, j, row_d, d_ptr, DTYPE: tl.constexpr, ACC: tl.conste
 def _coefficients_kernel(entries, pairs, tiles, d_ptr, p, c, eps, NORM: tl.constexpr, DTYPE: tl.constexpr,
                          ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0)
-    j = tl.load(tiles + 2 * t + 1) + tl.arange(0, BLOCK_J)
-    _pair_coefficients(entries, pairs, tl.load(tiles + 2 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, ACC,
+    j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
+    _pair_coefficients(entries, pairs, tl.load(tiles + 3 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, ACC,
                        BLOCK_J, BLOCK_R)
 
 
 @triton.jit
 def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ROW_CHUNK: tl.constexpr):
     t = tl.program_id(0)
-    e = tl.load(tiles + 2 * t)
-    j = tl.load(tiles + 2 * t + 1) + tl.arange(0, BLOCK_J)
+    e = tl.load(tiles + 3 * t)
+    j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
+    r_start = tl.load(tiles + 3 * t + 2)
     _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, e, DTYPE)
     row_d = tl.full([BLOCK_J], 1.0, ACC)
     if row >= 0:
         row_d = tl.load(d_ptr + row + j, mask=j < n_o, other=1.0)
-    _scale_rows(entries, e, j, row_d, d_ptr, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_start + ROW_CHUNK, DTYPE, ACC, BLOCK_J, BLOCK_R)
 
 
 @triton.jit
@@ -203,7 +210,8 @@ def _pair_kernel(entries, pairs, pair, first_entry, last_entry, d_ptr, p, c, eps
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
     for e in range(first_entry, last_entry):
-        _scale_rows(entries, e, j, d, d_ptr, DTYPE, ACC, BLOCK_J, BLOCK_R)
+        _, _, n_i, n_k, _, _, _, _, _, _ = _entry(entries, e, DTYPE)
+        _scale_rows(entries, e, j, d, d_ptr, 0, n_i * n_k, DTYPE, ACC, BLOCK_J, BLOCK_R)
 
 
 class Plan:
@@ -235,18 +243,21 @@ class Plan:
             [[weight[q], weight[q] + 1 if bias_in_norm[q] else -1, weight[q + 1]] for q in range(pairs)],
             dtype=torch.int64, device=device).view(-1, len(PAIR_FIELDS))
         self.sizes = sizes
-        self.coefficient_tiles = _tiles([(q, n) for q, n in enumerate(sizes)], device)
-        self.all_tiles = _tiles([(e, r[1]) for e, r in enumerate(rows)], device)
-        last = self.layer_entries[pairs]
-        self.last_tiles = _tiles([(e, rows[e][1]) for e in range(*last)], device)
+        self.coefficient_tiles = _tiles([(q, n, 1) for q, n in enumerate(sizes)], device)
+        # (entry, rows O, row length I K) of each entry
+        shapes = [(e, r[1], r[2] * r[3]) for e, r in enumerate(rows)]
+        self.all_tiles = _tiles(shapes, device, ROW_CHUNK)
+        self.last_tiles = _tiles(shapes[slice(*self.layer_entries[pairs])], device, ROW_CHUNK)
         self.d = torch.empty(sum(sizes), dtype=accumulator_dtype(layers[0][0][0].dtype), device=device)
         self.dtype = layers[0][0][0].dtype
 
 
-def _tiles(items: list[tuple[int, int]], device) -> torch.Tensor:
-    """(index, first row) of every BLOCK_J rows of every (index, rows) item."""
-    tiles = [(index, j0) for index, n in items for j0 in range(0, n, BLOCK_J)]
-    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)
+def _tiles(items: list[tuple[int, int, int]], device, chunk: int | None = None) -> torch.Tensor:
+    """(index, first row, first row element) of every BLOCK_J rows and ``chunk`` row
+    elements (default: the whole row) of every (index, rows, row length) item."""
+    tiles = [(index, j0, r0) for index, n, length in items for j0 in range(0, n, BLOCK_J)
+             for r0 in range(0, length, chunk or length)]
+    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 3)
 
 
 def cycle(plan: Plan, *, c: float, p: float, eps: float, sequential: bool) -> torch.Tensor:
@@ -259,9 +270,11 @@ def cycle(plan: Plan, *, c: float, p: float, eps: float, sequential: bool) -> to
             first, last = plan.layer_entries[q]
             _pair_kernel[(triton.cdiv(n, BLOCK_J),)](
                 plan.entries, plan.pairs, q, first, last, plan.d, **norm, **common)
-        _rescale_kernel[(plan.last_tiles.shape[0],)](plan.entries, plan.last_tiles, plan.d, **common)
+        _rescale_kernel[(plan.last_tiles.shape[0],)](plan.entries, plan.last_tiles, plan.d, ROW_CHUNK=ROW_CHUNK,
+                                                     **common)
     else:
         _coefficients_kernel[(plan.coefficient_tiles.shape[0],)](
             plan.entries, plan.pairs, plan.coefficient_tiles, plan.d, **norm, **common)
-        _rescale_kernel[(plan.all_tiles.shape[0],)](plan.entries, plan.all_tiles, plan.d, **common)
+        _rescale_kernel[(plan.all_tiles.shape[0],)](plan.entries, plan.all_tiles, plan.d, ROW_CHUNK=ROW_CHUNK,
+                                                    **common)
     return plan.d
