@@ -247,10 +247,11 @@ def test_state_moves_like_the_gradient_history(name):
 
     def gradient_scale(k, g):
         """g with rows times d_k^-1 and (weights) columns times d_{k-1}."""
-        rows = ds[k] if k < len(ds) else None
-        cols = ds[k - 1] if 0 < k <= len(ds) and g.dim() == 2 else None
-        factor = ref.scale_factor(rows, cols, -1, 3 if g.dim() == 2 else 1)
-        return g if factor is None else g * (factor.squeeze(-1) if g.dim() == 2 else factor)
+        if k < len(ds):
+            g = g / ds[k].view(-1, *(1,) * (g.dim() - 1))
+        if 0 < k <= len(ds) and g.dim() == 2:
+            g = g * ds[k - 1]
+        return g
 
     order = [(k, p) for k, layer in enumerate(layers) for p in (layer.weight, layer.bias)]
     rescaled_grads = [[gradient_scale(k, g) for (k, _), g in zip(order, gs)] for gs in grads]

@@ -134,7 +134,7 @@ class ENorm:
         self._powers = _state_powers(optimizer)
         self._configure(dict(c=c, p=p, mode=mode, balance_last=balance_last, scale_biases=scale_biases,
                              balance_biases=balance_biases, eps=eps, backend=backend))
-        self._plan = self._plan_key = None
+        self._cache_key = None
 
     def _configure(self, settings: dict) -> None:
         c, p, eps = settings["c"], settings["p"], settings["eps"]
@@ -205,34 +205,50 @@ class ENorm:
                 items.append((_view(value, shape, f"optimizer state {key!r} of layers[{k}]"), self._powers[key]))
         return items
 
+    def _key(self) -> tuple[int, ...]:
+        """The addresses of every tensor the cycle may touch: while they are the same, the
+        views, dtypes and Triton tables of the last cycle still hold (the cached views keep
+        the old tensors alive, so a new tensor cannot reuse an old address)."""
+        state = self.optimizer.state if self.optimizer is not None else {}
+        ptrs = []
+        for layer in self.layers[: self.pairs + 1]:
+            for param in (layer.weight, layer.bias):
+                if param is not None:
+                    ptrs.append(param.data_ptr())
+                    ptrs += [v.data_ptr() for v in state.get(param, {}).values() if isinstance(v, torch.Tensor)]
+        return tuple(ptrs)
+
     @torch.no_grad()
     def step(self) -> None:
         """One cycle: rescale the chain's weights, biases and optimizer state in place."""
-        layers = self._tensors()
-        backend = resolve_backend(self.backend, layers[0][0][0])
-        dtypes = {t.dtype for items in layers for t, _ in items}
-        if backend == "triton" and len(dtypes) > 1:
+        key = self._key()
+        if key != self._cache_key:
+            self._layers = self._tensors()
+            self._dtypes = {t.dtype for items in self._layers for t, _ in items}
+            self._plan, self._cache_key = None, key
+        backend = resolve_backend(self.backend, self.layers[0].weight)
+        if backend == "triton" and len(self._dtypes) > 1:
             if self.backend == "triton":
                 raise TypeError(
                     f"backend='triton' needs one dtype across the chain's weights, biases and optimizer state, "
-                    f"got {sorted(map(str, dtypes))}"
+                    f"got {sorted(map(str, self._dtypes))}"
                 )
             backend = "torch"
         if backend == "triton":
-            self._triton_cycle(layers)
+            self._triton_cycle()
         else:
-            self._torch_cycle(layers)
+            self._torch_cycle()
 
-    def _bias_norms(self, layers) -> list[torch.Tensor | None]:
+    def _bias_norms(self) -> list[torch.Tensor | None]:
         """b_q for pair q's norm, or None."""
         has_bias = [layer.bias is not None for layer in self.layers]
-        return [layers[q][1][0] if self.balance_biases and has_bias[q] else None for q in range(self.pairs)]
+        return [self._layers[q][1][0] if self.balance_biases and has_bias[q] else None for q in range(self.pairs)]
 
-    def _torch_cycle(self, layers) -> None:
-        weights = [items[0][0] for items in layers]
-        ds = _ref.coefficients(weights, self._bias_norms(layers), pairs=self.pairs, c=self.c, p=self.p,
+    def _torch_cycle(self) -> None:
+        weights = [items[0][0] for items in self._layers]
+        ds = _ref.coefficients(weights, self._bias_norms(), pairs=self.pairs, c=self.c, p=self.p,
                                eps=self.eps, sequential=self.mode == "sequential")
-        flat = [(k, t, a) for k, items in enumerate(layers) for t, a in items]
+        flat = [(k, t, a) for k, items in enumerate(self._layers) for t, a in items]
         _ref.rescale_(
             [t for _, t, _ in flat],
             [ds[k] if k < self.pairs else None for k, _, _ in flat],
@@ -240,13 +256,11 @@ class ENorm:
             [a for _, _, a in flat],
         )
 
-    def _triton_cycle(self, layers) -> None:
+    def _triton_cycle(self) -> None:
         from .kernels import enorm as _kernels
 
-        key = tuple((t.data_ptr(), t.dtype) for items in layers for t, _ in items)
-        if key != self._plan_key:
-            self._plan = _kernels.Plan(layers, [b is not None for b in self._bias_norms(layers)])
-            self._plan_key = key
+        if self._plan is None:
+            self._plan = _kernels.Plan(self._layers, [b is not None for b in self._bias_norms()])
         _kernels.cycle(self._plan, c=self.c, p=self.p, eps=self.eps, sequential=self.mode == "sequential")
 
     def state_dict(self) -> dict:
@@ -262,7 +276,7 @@ class ENorm:
                 f"state_dict: saved for a chain of {state_dict['num_layers']} layers, this one has {len(self.layers)}"
             )
         self._configure({name: state_dict[name] for name in _SETTINGS})
-        self._plan = self._plan_key = None
+        self._cache_key = None
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
@@ -270,7 +284,8 @@ class ENorm:
 
 
 def _view(t: torch.Tensor, shape, what: str) -> torch.Tensor:
+    """A view of t's storage without autograd history (it outlives the no_grad block)."""
     try:
-        return t.view(shape)
+        return t.detach().view(shape)
     except RuntimeError:
         raise ValueError(f"{what}: strides {t.stride()} cannot be viewed as {tuple(shape)}; make it contiguous") from None

@@ -75,26 +75,16 @@ def coefficients(weights: list[torch.Tensor], biases: list[torch.Tensor | None],
     return list(pair_coefficients(r, s, c, eps).split([w.shape[0] for w in weights[:pairs]]))
 
 
-def scale_factor(rows: torch.Tensor | None, cols: torch.Tensor | None, power: int, ndim: int):
-    """d_row[o]^a d_col[i]^-a shaped to broadcast against an (O,) or (O, I, K) tensor."""
-    factor = None
-    if rows is not None:
-        factor = rows.pow(power).view(-1, *(1,) * (ndim - 1))
-    if cols is not None:
-        inv = cols.pow(-power)[None, :, None]
-        factor = inv if factor is None else factor * inv
-    return factor
-
-
 def rescale_(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], cols: list[torch.Tensor | None],
              powers: list[int]) -> None:
-    """In place, tensor t *= d_row^a d_col^-a for every (t, d_row, d_col, a): one foreach op.
-    Each t is an (O,) bias-like or (O, I, K) weight-like view; a factor is computed in the
-    accumulator dtype and the product rounded once to t's dtype."""
-    pairs = [(t, scale_factor(r, col, a, t.dim())) for t, r, col, a in zip(tensors, rows, cols, powers)]
-    pairs = [(t, f) for t, f in pairs if f is not None]
-    if pairs:
-        torch._foreach_mul_([t for t, _ in pairs], [f for _, f in pairs])
+    """In place, t *= d_row^a d_col^-a for every (t, d_row, d_col, a), with d_row or d_col
+    None where t has no such coefficient: one foreach op over the rows, one over the
+    columns.  Each t is an (O,) bias-like or (O, I, K) weight-like view."""
+    for side, ds, sign in (("rows", rows, 1), ("cols", cols, -1)):
+        items = [(t, d.pow(sign * a)) for t, d, a in zip(tensors, ds, powers) if d is not None]
+        if items:
+            shaped = [f.view(-1, *(1,) * (t.dim() - 1)) if side == "rows" else f[None, :, None] for t, f in items]
+            torch._foreach_mul_([t for t, _ in items], shaped)
 
 
 def objective(weights: list[torch.Tensor], biases: list[torch.Tensor | None], c: float, p: float) -> torch.Tensor:
