@@ -44,12 +44,11 @@ BLOCK_R = 256
 # Row elements per program of the rescale.
 ROW_CHUNK = 2048
 NUM_WARPS = 4
-# How the p-norm accumulates: sum |x|, sum x^2, max |x|, sum |x|^p.
-L1, L2, LINF, LP = range(4)
 
 
-def norm_kind(p: float) -> int:
-    return {1.0: L1, 2.0: L2, float("inf"): LINF}.get(float(p), LP)
+def norm_kind(p: float) -> str:
+    """How the p-norm accumulates: "l1" sum |x|, "l2" sum x^2, "linf" max |x|, "lp" sum |x|^p."""
+    return {1.0: "l1", 2.0: "l2", float("inf"): "linf"}.get(float(p), "lp")
 
 
 @triton.jit
@@ -70,11 +69,11 @@ def _pair(pairs, q):
 @triton.jit
 def _accumulate(acc, x, p, NORM: tl.constexpr):
     a = tl.abs(x)
-    if NORM == 0:
+    if NORM == "l1":
         return acc + a
-    elif NORM == 1:
+    elif NORM == "l2":
         return acc + a * a
-    elif NORM == 2:
+    elif NORM == "linf":
         return tl.maximum(acc, a)
     else:
         return acc + tl.exp2(p * tl.log2(a))
@@ -83,9 +82,9 @@ def _accumulate(acc, x, p, NORM: tl.constexpr):
 @triton.jit
 def _finish(total, p, NORM: tl.constexpr):
     """The p-norm from what _accumulate summed."""
-    if NORM == 1:
+    if NORM == "l2":
         return tl.sqrt(total)
-    elif NORM == 3:
+    elif NORM == "lp":
         return tl.exp2(tl.log2(total) / p)
     return total
 
@@ -113,7 +112,7 @@ def _row_sums(entries, e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS: tl.constexpr, NOR
             if col >= 0:
                 x = x / tl.load(d_ptr + col + i, mask=r < n_i * n_k, other=1.0)[None, :]
         acc = _accumulate(acc, x, p, NORM)
-    if NORM == 2:
+    if NORM == "linf":
         total = tl.max(acc, 1)
     else:
         total = tl.sum(acc, 1)
@@ -135,7 +134,7 @@ def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl
         mask = (r < n_o * n_k)[:, None] & (j < n_i)[None, :]
         offs = ((r // n_k) * so + (r % n_k) * sk)[:, None] + j[None, :] * si
         acc = _accumulate(acc, tl.load(ptr + offs, mask=mask, other=0.0).to(ACC), p, NORM)
-    if NORM == 2:
+    if NORM == "linf":
         return tl.max(acc, 0)
     return tl.sum(acc, 0)
 
@@ -175,10 +174,10 @@ def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr
         mask = j_mask[:, None] & r_mask[None, :]
         offs = j[:, None] * so + (i * si + (r % n_k) * sk)[None, :]
         x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
-        factor = row_factor[:, None]
+        col_factor = tl.full([BLOCK_R], 1.0, ACC)
         if col >= 0:
-            factor = factor * _power(tl.load(d_ptr + col + i, mask=r_mask, other=1.0), -a)[None, :]
-        tl.store(ptr + offs, (x * factor).to(DTYPE), mask=mask)
+            col_factor = _power(tl.load(d_ptr + col + i, mask=r_mask, other=1.0), -a)
+        tl.store(ptr + offs, (x * row_factor[:, None] * col_factor[None, :]).to(DTYPE), mask=mask)
 
 
 @triton.jit
