@@ -321,3 +321,19 @@ def test_rescale_splits_long_rows(mode, device, monkeypatch):
     cycles(a, backend="torch", mode=mode, balance_last=True)
     cycles(b, backend="triton", mode=mode, balance_last=True)
     assert_same(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("nd", [1, 3])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_conv1d_and_conv3d_chains(nd, mode, device):
+    """(O, I, K) views of 1-d and 3-d kernels: parity, and the function is kept."""
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[nd]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 5, 3), nn.ReLU(), conv(5, 4, 2), nn.ReLU(), conv(4, 2, 1)).to(device).double()
+    x = torch.randn((2, 3) + (5,) * nd, device=device, dtype=torch.float64)
+    before = model(x)
+    twin = copy.deepcopy(model)
+    cycles((model, None), mode=mode, balance_last=True, backend="torch")
+    cycles((twin, None), mode=mode, balance_last=True, backend="triton")
+    assert_same((model, None), (twin, None), torch.float64)
+    torch.testing.assert_close(model(x), before, atol=1e-12, rtol=1e-10)
