@@ -53,15 +53,11 @@ def _describe(node: fx.Node, modules: dict) -> str:
 def _flatten_keeps_batch(node: fx.Node) -> bool:
     """A reshape that keeps dim 0 and merges the rest, channel-major (x.flatten(1),
     x.view(x.size(0), -1))."""
-    if node.op == "call_module":
-        return True  # nn.Flatten, checked by the caller
     args = list(node.args[1:])
     if node.target in (torch.flatten, "flatten"):
         start = node.kwargs.get("start_dim", args[0] if args else 0)
         end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
         return start == 1 and end == -1
-    if node.target == "contiguous":
-        return True
     shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
     return len(shape) == 2 and shape[1] == -1
 
