@@ -36,7 +36,7 @@ from equinorm_cases import (
     output_shape,
     variants,
 )
-from lp_cases import COMPILED, EAGER, PASSES, TRITON, check_outputs, dtype_name, synchronized
+from lp_cases import COMPILED, EAGER, PASSES, TRITON, check_outputs, dtype_name, run_benchmark
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -70,25 +70,11 @@ def _kernel_cases():
                                    id=f"{kernel}-{direction}-{dtype_name(dtype)}-{impl}")
 
 
-def _run(benchmark, fn, group: str, nbytes: int | None = None):
-    """Warm ``fn`` up (compiles happen here), then time it; with ``nbytes``, record the
-    bytes and, when timed, the GB/s in ``extra_info``.  Returns ``fn``'s output."""
-    fn = synchronized(fn, DEVICE)
-    fn()
-    benchmark.group = group
-    if nbytes is not None:
-        benchmark.extra_info["bytes"] = nbytes
-    outputs = benchmark(fn)
-    if nbytes is not None and benchmark.stats:  # None when timing is disabled
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
-    return outputs
-
-
 @pytest.mark.parametrize("pass_, dtype, what, impl", list(_layer_cases()))
 def test_equinorm_layer(benchmark, pass_, dtype, what, impl):
     inputs = make_inputs(CASE, dtype, DEVICE)
     fn = layer_step(what, build(what, impl, CASE, dtype, DEVICE), inputs, pass_)
-    outputs = _run(benchmark, fn, f"equinorm {pass_} {CASE.name} {dtype_name(dtype)} {DEVICE}")
+    outputs = run_benchmark(benchmark, fn, DEVICE, f"equinorm {pass_} {CASE.name} {dtype_name(dtype)} {DEVICE}")
     check_outputs(outputs, inputs.x, output_shape(what, CASE))
 
 
@@ -96,4 +82,5 @@ def test_equinorm_layer(benchmark, pass_, dtype, what, impl):
 def test_equinorm_kernel(benchmark, kernel, direction, dtype, impl):
     x = make_inputs(CASE, dtype, DEVICE).x
     fn, nbytes = kernel_step(kernel, direction, impl, CASE, x)
-    check_finite(_run(benchmark, fn, f"{kernel} {direction} {CASE.name} {dtype_name(dtype)} {DEVICE}", nbytes))
+    group = f"{kernel} {direction} {CASE.name} {dtype_name(dtype)} {DEVICE}"
+    check_finite(run_benchmark(benchmark, fn, DEVICE, group, nbytes))

@@ -133,6 +133,21 @@ def synchronized(fn: Callable, device) -> Callable:
     return run
 
 
+def run_benchmark(benchmark, fn: Callable, device, group: str, nbytes: int | None = None):
+    """Warm ``fn`` up (compiles happen here), then time it, synchronized, with the
+    pytest-benchmark fixture in ``group``; with ``nbytes``, record the bytes and, when
+    timed, the GB/s in ``extra_info``.  Returns ``fn``'s output."""
+    fn = synchronized(fn, device)
+    fn()
+    benchmark.group = group
+    if nbytes is not None:
+        benchmark.extra_info["bytes"] = nbytes
+    outputs = benchmark(fn)
+    if nbytes is not None and benchmark.stats:  # None when timing is disabled
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    return outputs
+
+
 def _directions(pass_: str):
     return ("forward",) if pass_ == "forward" else ("forward", "backward")
 

@@ -1,4 +1,4 @@
-"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms and of EquiNorm on a GPU.
+"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms, EquiNorm and ENorm on a GPU.
 
     python benchmarks/roofline.py [--quick] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 
@@ -30,15 +30,24 @@ ResNet-like EquiNormConv2d layers, fp32 and bf16 (autocast), training mode, the 
   weight transform (forward: read w, write w''; backward: read dL/dw'' and w, write dL/dw),
   GB/s over those bytes and that as a fraction of peak, and time / reference time.
 
+ENorm (``enorm_cases`` defines the nets, the contenders and the bytes).  On the study's
+3072-500x20-10 MLP and 9-conv CIFAR net, fp32, with SGD momentum buffers, the same timer on
+one call of: the ENorm cycle (Triton parallel and sequential, PyTorch path), the authors'
+per-layer loop and one SGD step; as time / Triton parallel time, and GB/s over the floor
+of one parallel cycle (3 x weight bytes + 2 x momentum-buffer bytes over the weights it
+touches) and that as a fraction of peak.  The targets, per net: Triton parallel time /
+SGD step time at most ``ENORM_SGD_TARGET``, per-layer loop time / Triton parallel time at
+least ``ENORM_LOOP_TARGET``.
+
 The tables are printed and written as markdown and JSON to
 benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to --out DIR), with the
 device name, the peak bandwidth used, the torch and triton versions and the date.  A case
 that fails is reported and left out; the script then exits with status 1.
 
 Without CUDA it prints a message and exits 0 writing nothing.  ``--cpu-smoke`` instead
-runs one tiny shape (and one tiny EquiNorm layer) on the CPU, PyTorch implementations
-only (timed with perf_counter), to check that the script works; it writes files only when
---out is given.
+runs one tiny shape (and one tiny EquiNorm layer, small ENorm nets) on the CPU, PyTorch
+implementations only (timed with perf_counter), to check that the script works; it writes
+files only when --out is given.
 """
 
 from __future__ import annotations
@@ -58,6 +67,20 @@ import triton
 import triton.testing
 
 import tritonorm
+from enorm_cases import (
+    C as ENORM_C,
+    CONTENDERS,
+    PER_LAYER,
+    SGD_STEP,
+    SMALL_NETS,
+    STUDY_NETS,
+    TRITON_CONTENDERS,
+    TRITON_PARALLEL,
+    Net,
+    contender,
+    cycle_bytes,
+)
+from enorm_cases import build as build_chain, state as chain_state
 from equinorm_cases import (
     CONV,
     CONV_BN,
@@ -106,6 +129,8 @@ QUICK_EQUINORM_LAYERS = (ConvCase(64, 64, 64, 56), ConvCase(64, 256, 64, 56, ker
 SMOKE_EQUINORM_LAYER = ConvCase(4, 8, 8, 8)
 # The issue's bound on (EquiNorm - conv) / (conv+BN - conv), Triton forward+backward.
 OVERHEAD_TARGET = 0.5
+# The issue's bounds on Triton parallel cycle / SGD step and per-layer loop / Triton parallel cycle.
+ENORM_SGD_TARGET, ENORM_LOOP_TARGET = 1.0, 20.0
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Peak DRAM bandwidth in GB/s by device-name substring (first match); --peak-gbps overrides.
 KNOWN_PEAKS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0))
@@ -228,6 +253,26 @@ def measure_equinorm(cases, dtypes, device: str, variants_of, kernel_impls, log)
     return layers, kernels, errors
 
 
+def _time_enorm(net: Net, name: str, device: str) -> list[dict]:
+    chain = build_chain(net, device)
+    fn = contender(name, chain)
+    fn()  # the warm-up: Triton compiles, ENorm's views and tables
+    time_us = median_seconds(fn, device) * 1e6
+    check_finite(chain_state(chain))
+    return [{"net": net.name, "contender": name, "time_us": time_us,
+             "bytes": None if name == SGD_STEP else cycle_bytes(chain)}]
+
+
+def measure_enorm(nets, names, device: str, log) -> tuple[list[dict], list[str]]:
+    """Time one call of each contender in ``names`` on each net, each on a fresh copy;
+    returns the rows and the errors of the cases that failed."""
+    rows, errors = [], []
+    for net in nets:
+        for name in names:
+            rows += guarded(f"ENorm {net.name} {name}", errors, log, device, lambda: _time_enorm(net, name, device))
+    return rows, errors
+
+
 def _ratio(num: dict, den: dict | None) -> float | None:
     return num["time_us"] / den["time_us"] if den else None
 
@@ -278,6 +323,25 @@ def derive_equinorm(layers: list[dict], kernels: list[dict], peak_gbps: float) -
         r["gbps"] = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
         r["peak_fraction"] = r["gbps"] / peak_gbps
         r["vs_reference"] = _ratio(r, kernel_index.get((r["kernel"], r["shape"], r["dtype"], r["direction"], EAGER)))
+
+
+def derive_enorm(rows: list[dict], peak_gbps: float) -> list[dict]:
+    """Add time / Triton parallel time and, for the cycles, GB/s over the floor and its
+    fraction of peak to each row; return, per net with the rows they need, the target ratios
+    Triton parallel / SGD step and per-layer loop / Triton parallel, and whether both are met."""
+    index = {(r["net"], r["contender"]): r for r in rows}
+    for r in rows:
+        r["vs_parallel"] = _ratio(r, index.get((r["net"], TRITON_PARALLEL)))
+        r["gbps"] = None if r["bytes"] is None else r["bytes"] / (r["time_us"] * 1e-6) / 1e9
+        r["peak_fraction"] = None if r["gbps"] is None else r["gbps"] / peak_gbps
+    targets = []
+    for (net, name), parallel in index.items():
+        sgd, loop = index.get((net, SGD_STEP)), index.get((net, PER_LAYER))
+        if name == TRITON_PARALLEL and sgd and loop:
+            vs_sgd, loop_ratio = _ratio(parallel, sgd), _ratio(loop, parallel)
+            targets.append({"net": net, "parallel_vs_sgd": vs_sgd, "loop_vs_parallel": loop_ratio,
+                            "met": vs_sgd <= ENORM_SGD_TARGET and loop_ratio >= ENORM_LOOP_TARGET})
+    return targets
 
 
 def overhead_summary(layers: list[dict]) -> dict | None:
@@ -378,19 +442,48 @@ def equinorm_section(layers: list[dict], kernels: list[dict], summary: dict | No
     ]
 
 
-def report(meta: dict, lp: list[str], equinorm: list[str], errors: list[str]) -> str:
-    """The markdown page: set-up, the batch-norm and the EquiNorm sections, failures."""
+def enorm_section(rows: list[dict], targets: list[dict]) -> list[str]:
+    table = markdown_table(
+        ["net", "contender", "time (us)", "/ Triton parallel", "floor MB", "GB/s", "/ peak"],
+        [[r["net"], r["contender"], f"{r['time_us']:.1f}", _fmt(r["vs_parallel"], ".2f"),
+          _fmt(None if r["bytes"] is None else r["bytes"] / 1e6, ".2f"), _fmt(r["gbps"], ".0f"),
+          _fmt(r["peak_fraction"], ".1%")] for r in rows],
+    )
+    target_table = markdown_table(
+        ["net", f"Triton parallel / SGD step (<= {ENORM_SGD_TARGET:g})",
+         f"per-layer loop / Triton parallel (>= {ENORM_LOOP_TARGET:g})", "met"],
+        [[t["net"], f"{t['parallel_vs_sgd']:.2f}", f"{t['loop_vs_parallel']:.1f}", "yes" if t["met"] else "NO"]
+         for t in targets],
+    ) if targets else "Targets: no Triton parallel rows measured."
+    return [
+        "## ENorm: one cycle against the per-layer loop and an SGD step",
+        "",
+        f"One ENorm cycle (c = {ENORM_C}, p = 2, the last pair left alone, momentum buffers rescaled) on fp32 nets "
+        "without bias, after one SGD(momentum=0.9, foreach=True) step; each contender on a fresh copy. "
+        "Triton parallel: 2 launches; sequential: one per pair and one more; torch: backend=\"torch\", parallel; "
+        "per-layer loop: the authors' Python loop over the pairs; sgd-step: one optimizer.step(). "
+        "/ Triton parallel: time over the Triton parallel cycle's. floor MB: the bytes one parallel cycle must move, "
+        "sum over the weights it touches (all but the last) of 3 x weight bytes (read for the norms, read and "
+        "written by the rescale) + 2 x momentum-buffer bytes (read and written). GB/s: those bytes / time (the "
+        "cycles only); / peak: GB/s over the peak bandwidth.",
+        "",
+        target_table,
+        "",
+        table,
+    ]
+
+
+def report(meta: dict, sections: list[list[str]], errors: list[str]) -> str:
+    """The markdown page: set-up, the sections (batch norms, EquiNorm, ENorm), failures."""
     lines = [
         f"# tritonorm roofline: {meta['device']}",
         "",
         f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}, tritonorm {meta['tritonorm']}; "
         f"peak bandwidth {meta['peak_gbps']:.0f} GB/s ({meta['peak_source']}); training mode, median of the "
         "whole call.",
-        "",
-        *lp,
-        "",
-        *equinorm,
     ]
+    for section in sections:
+        lines += ["", *section]
     if errors:
         lines += ["", "## Failed cases", "", *(f"- {e}" for e in errors)]
     return "\n".join(lines) + "\n"
@@ -426,6 +519,7 @@ def main(argv=None) -> int:
         cases = variants((EAGER, COMPILED))
         layers = compiled = (SMOKE_EQUINORM_LAYER,)
         impls = (EAGER,)
+        enorm_nets, enorm_names = SMALL_NETS, [name for name in CONTENDERS if name not in TRITON_CONTENDERS]
     elif torch.cuda.is_available():
         device, device_name = "cuda", torch.cuda.get_device_name()
         shapes, dtypes = QUICK_SHAPES if args.quick else SHAPES, DTYPES
@@ -433,6 +527,7 @@ def main(argv=None) -> int:
         layers = QUICK_EQUINORM_LAYERS if args.quick else EQUINORM_LAYERS
         compiled = layers[:1] if args.quick else layers
         impls = (TRITON, EAGER)
+        enorm_nets, enorm_names = STUDY_NETS, CONTENDERS
     else:
         print("roofline.py: no CUDA device, nothing measured or written (it times GPU bandwidth; "
               "--cpu-smoke checks the script on CPU)")
@@ -452,7 +547,12 @@ def main(argv=None) -> int:
     errors += equi_errors
     derive_equinorm(equi_layers, equi_kernels, peak_gbps)
     summary = overhead_summary(equi_layers)
-    page = report(meta, lp_section(rows, topk_over_l1), equinorm_section(equi_layers, equi_kernels, summary), errors)
+    enorm_rows, enorm_errors = measure_enorm(enorm_nets, enorm_names, device, log)
+    errors += enorm_errors
+    enorm_targets = derive_enorm(enorm_rows, peak_gbps)
+    sections = [lp_section(rows, topk_over_l1), equinorm_section(equi_layers, equi_kernels, summary),
+                enorm_section(enorm_rows, enorm_targets)]
+    page = report(meta, sections, errors)
     print(page)
 
     out_dir = args.out or (None if args.cpu_smoke else RESULTS_DIR)
@@ -462,7 +562,8 @@ def main(argv=None) -> int:
         stem.with_suffix(".md").write_text(page)
         record = {
             "meta": meta, "rows": rows, "topk_over_l1": topk_over_l1, "equinorm_layers": equi_layers,
-            "equinorm_kernels": equi_kernels, "equinorm_overhead": summary, "errors": errors,
+            "equinorm_kernels": equi_kernels, "equinorm_overhead": summary, "enorm": enorm_rows,
+            "enorm_targets": enorm_targets, "errors": errors,
         }
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {stem}.md and {stem}.json")
