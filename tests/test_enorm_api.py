@@ -98,11 +98,15 @@ class Branchy(nn.Module):
                                                                  r"`2` \(Linear\) is not a positively homogeneous"),
     (nn.Sequential(nn.Linear(3, 4), nn.ReLU6(), nn.Linear(4, 4)), r"ReLU6.*not a positively homogeneous"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(0), nn.Linear(4, 4)), r"Flatten.*not a positively homogeneous"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+     r"exactly one flatten to \(N, -1\) between `0` \(Conv2d\) and `2` \(Linear\) \(found: none\)"),
+    (nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2)),
+     r"no flatten or reshape between `0` \(Linear\) and `3` \(Linear\) \(found: `2` \(Flatten\)\)"),
     (Merge(), r"`a` \(Linear\) feeds"),
     (Shared(), r"`a` \(Linear\) is called twice"),
     (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), r"found 1 Linear/Conv layer"),
     (Branchy(), r"torch.fx could not trace Branchy"),
-], ids=["tanh", "relu6", "flatten-batch", "merge", "shared", "one-layer", "untraceable"])
+], ids=["tanh", "relu6", "flatten-batch", "conv-linear-no-flatten", "linear-flatten-linear", "merge", "shared", "one-layer", "untraceable"])
 def test_from_model_refuses(model, message):
     with pytest.raises(ValueError, match=message):
         ENorm.from_model(model)
@@ -200,3 +204,19 @@ def test_state_dict_round_trip():
         other.load_state_dict({k: v for k, v in state.items() if k != "mode"})
     with pytest.raises(ValueError, match=r"c must be a finite number > 0"):
         other.load_state_dict(state | {"c": -1.0})
+
+
+def test_assigned_settings_are_checked_and_take_effect():
+    layers = chain()
+    enorm = ENorm(layers, backend="torch")
+    enorm.step()
+    bias = layers[0].bias.detach().clone()
+    enorm.scale_biases = False
+    enorm.step()
+    assert torch.equal(layers[0].bias, bias)
+    assert not torch.equal(layers[0].weight, ENorm(chain()).layers[0].weight)
+    with pytest.raises(ValueError, match=r"c must be a finite number > 0, got -1"):
+        enorm.c = -1
+    assert enorm.c == 1.0
+    with pytest.raises(ValueError, match=r"balance_biases=True needs scale_biases=True"):
+        enorm.balance_biases = True

@@ -98,39 +98,54 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
     weights = [i for i, n in enumerate(path) if n.op == "call_module" and isinstance(modules[n.target], LAYER_TYPES)]
     if len(weights) < 2:
         raise ValueError(f"model: found {len(weights)} Linear/Conv layer(s) on the path; ENorm needs a chain of at least 2")
-    for i in range(weights[0], weights[-1]):
-        node = path[i]
-        if i in weights:
-            continue
+    for w0, w1 in zip(weights[:-1], weights[1:]):
+        _check_between(path[w0], path[w1], path[w0 + 1: w1], modules, allow_batchnorm)
+    layers = [modules[path[i].target] for i in weights]
+    for k, layer in enumerate(layers):
+        if any(layer is other for other in layers[:k]):
+            raise ValueError(f"model: {_describe(path[weights[k]], modules)} is called twice (shared weights)")
+    return layers
+
+
+def _check_between(first: fx.Node, second: fx.Node, nodes: list[fx.Node], modules: dict, allow_batchnorm: bool):
+    """The maps between two consecutive weight layers keep the function under ENorm: each
+    commutes with a positive per-unit scale, and a flatten sits exactly where the layers'
+    (O, I, K) views assume one (one, channel-major, from a convolution to a Linear)."""
+    between = f"between {_describe(first, modules)} and {_describe(second, modules)}"
+    flattens = []
+    for node in nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
-        before = _describe(path[max(w for w in weights if w < i)], modules)
-        after = _describe(path[min(w for w in weights if w > i)], modules)
         if isinstance(module, BATCHNORMS):
             if allow_batchnorm:
                 continue
             raise ValueError(
-                f"model: BatchNorm {_describe(node, modules)} sits between {before} and {after}: ENorm then changes "
-                "what the network computes; pass allow_batchnorm=True to balance this chain anyway (the paper's "
-                "ENorm + BN)"
+                f"model: BatchNorm {_describe(node, modules)} sits {between}: ENorm then changes what the network "
+                "computes; pass allow_batchnorm=True to balance this chain anyway (the paper's ENorm + BN)"
             )
-        flat = node.target in ("view", "reshape", "flatten", torch.flatten) or isinstance(module, nn.Flatten)
         homogeneous = (
             isinstance(module, HOMOGENEOUS_MODULES)
             or (node.op == "call_function" and node.target in HOMOGENEOUS_FUNCTIONS)
             or (node.op == "call_method" and node.target in HOMOGENEOUS_METHODS)
         )
         if isinstance(module, nn.Flatten):
+            flattens.append(node)
             flat_ok = module.start_dim == 1 and module.end_dim == -1
+        elif node.target in ("view", "reshape", "flatten", torch.flatten):
+            flattens.append(node)
+            flat_ok = _flatten_keeps_batch(node)
         else:
-            flat_ok = not flat or _flatten_keeps_batch(node)
+            flat_ok = True
         if not (homogeneous and flat_ok):
             raise ValueError(
-                f"model: {_describe(node, modules)} between {before} and {after} is not a positively homogeneous "
-                "map ENorm knows (ReLU, LeakyReLU, PReLU, max/avg pooling, dropout, flatten to (N, -1)); rescaling "
-                "across it would change the network's function"
+                f"model: {_describe(node, modules)} {between} is not a positively homogeneous map ENorm knows "
+                "(ReLU, LeakyReLU, PReLU, max/avg pooling, dropout, flatten to (N, -1)); rescaling across it would "
+                "change the network's function"
             )
-    layers = [modules[path[i].target] for i in weights]
-    for k, layer in enumerate(layers):
-        if any(layer is other for other in layers[:k]):
-            raise ValueError(f"model: {_describe(path[weights[k]], modules)} is called twice (shared weights)")
-    return layers
+    conv_to_linear = not isinstance(modules[first.target], nn.Linear) and isinstance(modules[second.target], nn.Linear)
+    if len(flattens) != int(conv_to_linear):
+        need = "exactly one flatten to (N, -1)" if conv_to_linear else "no flatten or reshape"
+        found = ", ".join(_describe(n, modules) for n in flattens) or "none"
+        raise ValueError(
+            f"model: ENorm needs {need} {between} (found: {found}), so that each hidden unit feeds the inputs "
+            "its (O, I, K) view assumes"
+        )

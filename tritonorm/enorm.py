@@ -134,7 +134,6 @@ class ENorm:
         self._powers = _state_powers(optimizer)
         self._configure(dict(c=c, p=p, mode=mode, balance_last=balance_last, scale_biases=scale_biases,
                              balance_biases=balance_biases, eps=eps, backend=backend))
-        self._cache_key = None
 
     def _configure(self, settings: dict) -> None:
         c, p, eps = settings["c"], settings["p"], settings["eps"]
@@ -156,8 +155,15 @@ class ENorm:
                 f"layers: ENorm needs at least {needed} layers with balance_last={settings['balance_last']} "
                 f"(got {len(self.layers)}): there is no pair to balance"
             )
-        for name in _SETTINGS:
-            setattr(self, name, settings[name])
+        self.__dict__.update(settings)
+        self._cache_key = None
+
+    def __setattr__(self, name, value):
+        """A setting assigned directly is checked, and drops the cached views and tables."""
+        if name in _SETTINGS:
+            self._configure({**{n: getattr(self, n) for n in _SETTINGS}, name: value})
+        else:
+            super().__setattr__(name, value)
 
     @classmethod
     def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, **kwargs) -> "ENorm":
@@ -276,7 +282,6 @@ class ENorm:
                 f"state_dict: saved for a chain of {state_dict['num_layers']} layers, this one has {len(self.layers)}"
             )
         self._configure({name: state_dict[name] for name in _SETTINGS})
-        self._cache_key = None
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
