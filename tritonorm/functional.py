@@ -15,11 +15,13 @@ from torch.nn import functional as _F
 from ._conv import ConvGeometry
 from ._dispatch import TRITON_AVAILABLE, resolve_backend
 from .reference import accumulator_dtype
+from .reference import bounded_weight_norm as _bwn_ref
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
 
 if TRITON_AVAILABLE:
     from .kernels.lp_batchnorm import MAX_K as _TRITON_MAX_K
+    from .ops import bounded_weight_norm as _bwn_ops
     from .ops import equinorm as _equi_ops
     from .ops import lp_batchnorm as _lp_ops
     from .ops import running_stats as _running_ops
@@ -27,6 +29,7 @@ if TRITON_AVAILABLE:
 __all__ = [
     "l1_batch_norm", "linf_batch_norm", "topk_batch_norm",
     "equinorm_weight", "equinorm_conv1d", "equinorm_conv2d", "equinorm_conv3d", "equinorm_linear",
+    "bounded_weight",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -392,3 +395,53 @@ equinorm_linear.__doc__ = _EQUINORM_DOC.format(
     kind="linear map", op="linear",
     extra="input is (*, C_in); the statistics run over every leading dim (a kernel of size 1).",
 )
+
+
+# ----------------------------------------------------------------------------- bounded weight norm
+
+
+def check_slice_dim(dim, weight: Tensor, name: str = "weight") -> int:
+    """``dim`` as a non-negative axis of ``weight``, or a ValueError."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -weight.dim() <= dim < weight.dim():
+        raise ValueError(
+            f"dim must be an int in [{-weight.dim()}, {weight.dim() - 1}] for {name} of shape {tuple(weight.shape)}, "
+            f"got {dim!r}"
+        )
+    return dim % weight.dim()
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def bounded_weight(v: Tensor, rho: Tensor, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto") -> Tensor:
+    """w_i = rho_i * v_i / max(||v_i||_2, eps), per slice i of ``v`` along ``dim``: the
+    bounded weight norm of Hoffer et al. 2018 (``tritonorm.bounded_weight_norm`` registers it
+    as a parametrization).
+
+    ``v`` is a floating-point tensor of any rank; ``rho`` a floating-point tensor of shape ()
+    (one scale for the layer, the paper) or (S,) with S = v.shape[dim] (per-slice scales, the
+    authors' learnable gain).  Returns w in v's dtype, norms accumulated in fp32 (fp64 for
+    fp64).  Differentiable in v and rho:
+
+        dL/dv_i = rho_i / ||v_i|| * (G_i - u_i <u_i, G_i>),  u_i = v_i / ||v_i||,  G = dL/dw
+        dL/drho_i = <u_i, G_i>
+
+    ``eps`` floors the norm, as in ``torch.nn.functional.normalize``: an all-zero slice gives
+    zeros, not NaN."""
+    if not isinstance(v, Tensor) or v.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"v must be a float16, bfloat16, float32 or float64 tensor, got {v!r:.80}")
+    if v.dim() == 0 or v.numel() == 0:
+        raise ValueError(f"v must have at least one dim and one element, got shape {tuple(v.shape)}")
+    dim = check_slice_dim(dim, v, "v")
+    if not isinstance(rho, Tensor) or not rho.is_floating_point():
+        raise TypeError(f"rho must be a floating-point tensor, got {rho!r:.80}")
+    if rho.shape not in ((), (v.shape[dim],)):
+        raise ValueError(f"rho must have shape () or ({v.shape[dim]},) (one per slice along dim={dim}), got {tuple(rho.shape)}")
+    if rho.device != v.device:
+        raise ValueError(f"rho is on {rho.device} but v is on {v.device}")
+    check_eps(eps)
+    if resolve_backend(backend, v) == "torch":
+        return _bwn_ref.bounded_weight(v, rho, dim, eps)
+    return _bwn_ops.bounded_weight(v, rho, dim, float(eps))[0]

@@ -1,0 +1,55 @@
+"""Bounded weight norm custom ops: ``tritonorm::bounded_weight`` and its backward, with fake
+implementations and autograd.
+
+``bounded_weight(v, rho, dim, eps)`` returns w = rho_i v_i / max(||v_i||, eps) (contiguous,
+v's dtype) and the slice norms (S,) in the accumulator dtype, which the backward reuses; it
+is differentiable in v and rho (() or (S,)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import bounded_weight_norm as kernels
+from ..kernels.channel_reduce import accumulator_dtype
+
+
+@torch.library.custom_op("tritonorm::bounded_weight", mutates_args=())
+def bounded_weight(v: Tensor, rho: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
+    return kernels.forward(v, rho, dim, eps)
+
+
+@bounded_weight.register_fake
+def _(v, rho, dim, eps):
+    return torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty(v.shape[dim], dtype=accumulator_dtype(v.dtype))
+
+
+@torch.library.custom_op("tritonorm::bounded_weight_backward", mutates_args=())
+def bounded_weight_backward(
+    grad: Tensor, v: Tensor, rho: Tensor, norm: Tensor, dim: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    return kernels.backward(grad, v, rho, norm, dim, eps)
+
+
+@bounded_weight_backward.register_fake
+def _(grad, v, rho, norm, dim, eps):
+    return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(rho)
+
+
+def _setup(ctx, inputs, output):
+    v, rho, dim, eps = inputs
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(v, rho, norm)
+    ctx.options = (dim, eps)
+
+
+def _backward(ctx, grad, _grad_norm):
+    v, rho, norm = ctx.saved_tensors
+    dv, drho = bounded_weight_backward(grad, v, rho, norm, *ctx.options)
+    need_v, need_rho = ctx.needs_input_grad[:2]
+    return dv if need_v else None, drho if need_rho else None, None, None
+
+
+bounded_weight.register_autograd(_backward, setup_context=_setup)
