@@ -1,0 +1,58 @@
+"""The learning rate that stands in for weight decay ("Norm matters", Hoffer et al. 2018, eq. 4).
+
+Under batch norm a channel's output does not depend on the norm of its weight w, and a step
+of size eta moves its direction by about eta / ||w||^2.  Weight decay acts only by keeping
+||w|| small.  A run without weight decay, whose norms grow, takes the same effective steps
+as a run with it, whose norms are ||w_WD||, when its learning rate is
+
+    eta_corrected = eta * ||w||^2 / ||w_WD||^2
+
+per channel, or per layer with the layer's norms (the root sum of squares of its channels').
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .functional import check_slice_dim
+from .reference.bounded_weight_norm import slice_norms as _slice_norms
+
+__all__ = ["slice_norms", "corrected_lr"]
+
+
+def slice_norms(weight: Tensor, dim: int = 0) -> Tensor:
+    """||w_i||_2 per slice along ``dim`` (per output channel for ``dim=0``), detached, in
+    fp32 (fp64 for fp64): what to record from a run with weight decay."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() == 0:
+        raise TypeError(f"weight must be a floating-point tensor with one dim or more, got {weight!r:.80}")
+    return _slice_norms(weight.detach(), check_slice_dim(dim, weight))
+
+
+def corrected_lr(lr: float, norms: Tensor, wd_norms: Tensor, *, per_channel: bool = True) -> Tensor:
+    """eta * ||w||^2 / ||w_WD||^2: the learning rate that mimics weight decay (eq. 4).
+
+    ``norms`` are the current channel norms of a layer trained without weight decay,
+    ``wd_norms`` the same channels' norms at the same point of a run with weight decay
+    (both from ``slice_norms``, same shape).  Returns a tensor of ``norms``' shape with
+    ``per_channel=True``, or a 0-d tensor, eta * sum ||w_i||^2 / sum ||w_WD,i||^2, for one
+    learning rate per layer (an optimizer's param group)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    for name, t in (("norms", norms), ("wd_norms", wd_norms)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t!r:.80}")
+    if norms.shape != wd_norms.shape:
+        raise ValueError(f"norms and wd_norms must have the same shape, got {tuple(norms.shape)} and "
+                         f"{tuple(wd_norms.shape)}")
+    if not bool(torch.isfinite(norms).all()) or not bool((norms >= 0).all()):
+        raise ValueError("norms must be finite and >= 0")
+    if not bool(torch.isfinite(wd_norms).all()) or not bool((wd_norms > 0).all()):
+        raise ValueError("wd_norms must be finite and > 0: a channel of norm 0 in the weight-decay run has no "
+                         "effective step to match")
+    squares, wd_squares = norms.double().square(), wd_norms.double().square()
+    if per_channel:
+        return (lr * squares / wd_squares).to(norms.dtype)
+    return (lr * squares.sum() / wd_squares.sum()).to(norms.dtype)

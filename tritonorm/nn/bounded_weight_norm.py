@@ -1,0 +1,171 @@
+"""Bounded weight normalization ("Norm matters", Hoffer et al. 2018) as a
+``torch.nn.utils.parametrize`` parametrization, so that any module can use it.
+
+The module keeps v (``module.parametrizations.weight.original``) as its parameter and
+computes its weight from it at every access:
+
+    w_i = rho * v_i / ||v_i||_2                              (fixed scale, the paper)
+    w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_2          (learnable_gain=True, the authors' code)
+
+per slice i along ``dim`` (output channels for ``dim=0``).  rho is one fixed number per
+layer, by default the mean of the initial slice norms (a buffer, saved in the state_dict);
+with the learnable gain, g starts at the initial slice norms and its overall norm is held at
+its initial value rho_g (a buffer), so the weight's total norm never moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .. import functional as F
+from .._dispatch import BACKENDS
+from ..reference.bounded_weight_norm import EPS, slice_norms
+
+__all__ = [
+    "BoundedWeightNorm", "bounded_weight_norm", "remove_bounded_weight_norm", "BoundedWNLinear", "BoundedWNConv2d",
+]
+
+
+class BoundedWeightNorm(nn.Module):
+    """The parametrization v -> w registered by ``bounded_weight_norm``; see the module
+    docstring.  Build it through ``bounded_weight_norm``, which checks the arguments."""
+
+    def __init__(self, weight: Tensor, *, rho: float | None, learnable_gain: bool, dim: int, eps: float,
+                 backend: str):
+        super().__init__()
+        self.dim, self.eps, self.backend, self.learnable_gain = dim, eps, backend, learnable_gain
+        norms = slice_norms(weight.detach(), dim)
+        init = norms if rho is None else torch.full_like(norms, rho)
+        if learnable_gain:
+            self.gain = nn.Parameter(init.to(weight.dtype))
+            self.register_buffer("gain_norm", torch.linalg.vector_norm(init).to(weight.dtype))
+        else:
+            self.register_buffer("rho", init.mean().to(weight.dtype))
+
+    def scale(self) -> Tensor:
+        """rho_i: the () buffer rho, or (S,) g_i rho_g / ||g|| with the gain."""
+        if not self.learnable_gain:
+            return self.rho
+        return self.gain * (self.gain_norm / torch.linalg.vector_norm(self.gain).clamp_min(self.eps))
+
+    def forward(self, v: Tensor) -> Tensor:
+        return F.bounded_weight(v, self.scale(), dim=self.dim, eps=self.eps, backend=self.backend)
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        """Assigning ``module.weight = w`` sets v = w: w's directions, the bound's norms."""
+        return weight
+
+    def extra_repr(self) -> str:
+        bound = "learnable_gain=True" if self.learnable_gain else f"rho={self.rho.item():.4g}"
+        return f"{bound}, dim={self.dim}, eps={self.eps}, backend={self.backend!r}"
+
+
+def _ours(module: nn.Module, name: str) -> list[nn.Module]:
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return [p for p in module.parametrizations[name] if isinstance(p, BoundedWeightNorm)]
+
+
+def bounded_weight_norm(
+    module: nn.Module,
+    name: str = "weight",
+    rho: float | None = None,
+    learnable_gain: bool = False,
+    dim: int = 0,
+    *,
+    eps: float = EPS,
+    backend: str = "auto",
+) -> nn.Module:
+    """Parametrize ``module.<name>`` with bounded weight normalization, in place, and return
+    the module.
+
+    Per slice i along ``dim`` (the output channels of Linear and Conv for ``dim=0``; those of
+    ConvTranspose are ``dim=1``):  w_i = rho * v_i / ||v_i||_2.
+
+    Args:
+        module: any module with a floating-point parameter ``name`` of one dim or more.
+        rho: the fixed norm of every slice, a finite number > 0; None (default) takes the
+            mean of the initial slice norms, so the initializer's scale is kept.
+        learnable_gain: the authors' variant, w_i = g_i (rho_g / ||g||) v_i / ||v_i||, with
+            a parameter g (``module.parametrizations.<name>[0].gain``) that starts at the
+            initial slice norms (at ``rho`` if given) and whose norm is held at its initial
+            value rho_g.
+        dim: the axis whose slices are normalized.
+        eps: floor on the slice norms (as ``torch.nn.functional.normalize``).
+        backend: "auto", "triton" or "torch"; see ``tritonorm._dispatch``.
+
+    v starts as the current weight, so with a fixed rho the weight changes at once to the
+    bounded one (its directions, norm rho); with ``learnable_gain`` and the default init the
+    weight is unchanged.  A slice of norm 0 (or not finite) is refused: it has no direction.
+    Undo with ``remove_bounded_weight_norm``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str) or not isinstance(getattr(module, name, None), Tensor):
+        raise ValueError(f"name: {type(module).__name__} has no tensor attribute {name!r}")
+    if _ours(module, name):
+        raise ValueError(f"name: {type(module).__name__}.{name} already has bounded_weight_norm")
+    weight = getattr(module, name)
+    if not isinstance(weight, nn.Parameter) and not parametrize.is_parametrized(module, name):
+        raise ValueError(f"name: {type(module).__name__}.{name} is not a parameter")
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or weight.dim() == 0:
+        raise TypeError(f"{name} must be a floating-point tensor with one dim or more, got {weight.dtype} of shape "
+                        f"{tuple(weight.shape)}")
+    dim = F.check_slice_dim(dim, weight, name)
+    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf):
+        raise ValueError(f"rho must be None or a finite number > 0, got {rho!r}")
+    if not isinstance(learnable_gain, bool):
+        raise TypeError(f"learnable_gain must be a bool, got {learnable_gain!r}")
+    F.check_eps(eps)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    norms = slice_norms(weight.detach(), dim)
+    bad = (~torch.isfinite(norms) | (norms <= eps)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"{name}: slice(s) {bad[:8]} along dim={dim} of {type(module).__name__}.{name} have norm "
+            f"{norms[bad[0]].item():g} (zero, below eps={eps:g} or not finite): a bounded weight needs a direction "
+            "in every slice"
+        )
+    parametrization = BoundedWeightNorm(weight, rho=rho, learnable_gain=learnable_gain, dim=dim, eps=eps,
+                                        backend=backend)
+    parametrize.register_parametrization(module, name, parametrization)
+    return module
+
+
+def remove_bounded_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """Bake the bounded weight into a plain parameter ``module.<name>`` again, in place."""
+    ours = _ours(module, name)
+    if not ours:
+        raise ValueError(f"name: {type(module).__name__}.{name} has no bounded_weight_norm")
+    if len(module.parametrizations[name]) > 1:
+        raise ValueError(
+            f"name: {type(module).__name__}.{name} has other parametrizations stacked with bounded_weight_norm; "
+            "remove them with torch.nn.utils.parametrize.remove_parametrizations"
+        )
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return module
+
+
+class BoundedWNLinear(nn.Linear):
+    """``nn.Linear`` with ``bounded_weight_norm`` on its weight (per output feature)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rho: float | None = None,
+                 learnable_gain: bool = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, backend=backend)
+
+
+class BoundedWNConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with ``bounded_weight_norm`` on its weight (per output channel); the
+    arguments before ``rho`` are nn.Conv2d's."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rho: float | None = None,
+                 learnable_gain: bool = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, backend=backend)
