@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from tritonorm.kernels import channel_reduce, enorm, equinorm, lp_batchnorm, running_stats
+from tritonorm.kernels import bounded_weight_norm, channel_reduce, enorm, equinorm, lp_batchnorm, running_stats
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -157,7 +157,21 @@ def equinorm_cases():
     yield from named(cases)
 
 
-CASES = [enorm_cases, channel_reduce_cases, lp_batchnorm_cases, running_stats_cases, equinorm_cases]
+def bounded_weight_norm_cases():
+    """Forward and backward: a 3x3 conv weight cut along dim 0 (rows) in each dtype with one
+    rho, a linear weight cut along its last dim (contiguous slices) with per-slice rho."""
+    with launches() as cases:
+        specs = [((512, 512, 3, 3), 0, dtype, ()) for dtype in (torch.float32, torch.bfloat16, torch.float64)]
+        for shape, dim, dtype, rho_shape in specs + [((4096, 1000), 1, torch.float32, (1000,))]:
+            v = torch.empty(shape, dtype=dtype)
+            rho = torch.empty(rho_shape, dtype=dtype)
+            w, norm = bounded_weight_norm.forward(v, rho, dim, 1e-12)
+            bounded_weight_norm.backward(w, v, rho, norm, dim, 1e-12)
+    yield from named(cases)
+
+
+CASES = [enorm_cases, channel_reduce_cases, lp_batchnorm_cases, running_stats_cases, equinorm_cases,
+         bounded_weight_norm_cases]
 
 
 def main() -> int:

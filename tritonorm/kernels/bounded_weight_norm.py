@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import channel_reduce
 from .channel_reduce import (
     NUM_WARPS,
     ChannelView,
-    _num_programs_per_wave,
     accumulator_dtype,
     channel_block,
     channel_view,
@@ -111,7 +111,7 @@ def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
     BLOCK_C halved while there are fewer than WAVES programs per SM."""
     pl = plan(view)
     block_c, block_s = pl.block_c, pl.block_s
-    target = WAVES * _num_programs_per_wave(view.tensor.device)
+    target = WAVES * channel_reduce._num_programs_per_wave(view.tensor.device)
     floor = MIN_BLOCK_C_CONTIGUOUS if view.channels_last else 1
     while block_c > floor and triton.cdiv(view.c, block_c) < target:
         block_c //= 2

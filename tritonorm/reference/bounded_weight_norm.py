@@ -32,8 +32,10 @@ EPS = 1e-12
 
 def slice_norms(v: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """||v_i||_2 (S,) in the accumulator dtype, over every axis but ``dim``."""
-    dims = [d for d in range(v.dim()) if d != dim % v.dim()]
-    return torch.linalg.vector_norm(v.to(accumulator_dtype(v.dtype)), dim=dims)
+    v = v.to(accumulator_dtype(v.dtype))
+    if v.dim() == 1:  # one element per slice (vector_norm over no dims would take them all)
+        return v.abs()
+    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim % v.dim()])
 
 
 def slice_shape(v: torch.Tensor, dim: int) -> tuple[int, ...]:

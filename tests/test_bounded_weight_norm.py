@@ -1,0 +1,333 @@
+"""Bounded weight norm: Triton (interpreted on CPU, compiled on CUDA) against the float64
+reference, gradcheck, opcheck, the paper's invariants (every slice's norm is rho after any
+step; the output ignores the scale of v), the parametrization's life cycle, compile, errors
+and the learning-rate correction."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import tritonorm
+from training import assert_compiled_matches_eager
+from tritonorm import functional as F
+from tritonorm.ops import bounded_weight_norm as bwn_ops
+from tritonorm.reference import bounded_weight_norm as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Worst error against the float64 reference, relative to the largest |value|: fp32 and fp64
+# round once or twice per element; fp16 / bf16 round the output and grad to 11 / 8 bits.
+TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (shape, dim): rows (dim 0) of linear, conv 2-d / 3-d weights; slices along a middle axis
+# and along the contiguous last axis; a row longer than one tile (3000 > 2048); many short
+# rows packed per tile; a 1-d weight (one element per slice).
+CASES = [
+    ((7, 5), 0), ((7, 5), 1), ((6, 3, 3, 3), 0), ((6, 3, 3, 3), 1), ((3, 2, 3, 3, 3), 0),
+    ((4, 5, 3), -1), ((130, 33), 1), ((2, 3000), 0), ((300, 3), 0), ((9,), 0),
+]
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _run(backend, v, rho, grad, dim):
+    v, rho = _leaf(v), _leaf(rho)
+    w = F.bounded_weight(v, rho, dim=dim, backend=backend)
+    w.backward(grad.to(w.dtype))
+    return w.detach(), v.grad, rho.grad
+
+
+def _inputs(shape, dim, dtype, device, per_slice, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(shape, generator=g).to(device, dtype)
+    rho_shape = (shape[dim],) if per_slice else ()
+    rho = (torch.rand(rho_shape, generator=g) + 0.5).to(device, dtype)
+    return v, rho, torch.randn(shape, generator=g).to(device, dtype)
+
+
+def _assert_close(actual, expected, dtype, what, scale=None):
+    """Max error within TOL[dtype] of ``scale``: by default the largest |expected|; for a
+    sum that cancels, the same sum of absolute values."""
+    scale = expected.abs().max().item() if scale is None else scale.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= TOL[dtype] * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("per_slice", [False, True], ids=["rho", "per-slice-rho"])
+def test_parity(dtype, case, per_slice, device):
+    shape, dim = CASES[case]
+    v, rho, grad = _inputs(shape, dim, dtype, device, per_slice, seed=case)
+    tri = _run("triton", v, rho, grad, dim)
+    exp = _run("torch", v.double(), rho.double(), grad.double(), dim)
+    magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim)[2]  # sum |u G|
+    assert tri[0].dtype == tri[1].dtype == tri[2].dtype == dtype and tri[2].shape == rho.shape
+    _assert_close(tri[0], exp[0], dtype, "w")
+    bound = ref.slice_shape(v, dim)  # dL/dv is rho / ||v|| times G minus its projection
+    unprojected = rho.double().expand(shape[dim]).reshape(bound) / ref.slice_norms(v.double(), dim).reshape(bound)
+    _assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
+    _assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
+
+
+def test_parity_non_contiguous(device):
+    v, rho, grad = _inputs((6, 40), 1, torch.float32, device, True, seed=1)
+    v_t = v.t()  # (40, 6) with strides (1, 40), cut along dim 0
+    tri = _run("triton", v_t, rho, grad.t(), 0)
+    exp = _run("torch", v_t.double(), rho.double(), grad.t().double(), 0)
+    for actual, expected, what in zip(tri, exp, ("w", "dL/dv", "dL/drho")):
+        _assert_close(actual, expected, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_gradcheck_float64(backend, dim, device):
+    g = torch.Generator().manual_seed(dim + 5)
+    v = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    rho = (torch.rand(v.shape[dim], generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, rho: F.bounded_weight(v, rho, dim=dim, backend=backend), (v, rho))
+    assert torch.autograd.gradcheck(lambda v: F.bounded_weight(v, rho[0].detach(), dim=dim, backend=backend), (v,))
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(per_slice, dtype, device):
+    v, rho, grad = _inputs((6, 4, 3), 1, dtype, device, per_slice, seed=3)
+    torch.library.opcheck(bwn_ops.bounded_weight, (_leaf(v), _leaf(rho), 1, 1e-12))
+    w, norm = bwn_ops.bounded_weight(v, rho, 1, 1e-12)
+    torch.library.opcheck(bwn_ops.bounded_weight_backward, (grad, v, rho, norm, 1, 1e-12))
+
+
+def test_zero_slice_guard_gives_zeros_not_nan(device):
+    v = torch.randn(4, 6, device=device)
+    v[2] = 0
+    for backend in ("triton", "torch"):
+        leaf = _leaf(v)
+        w = F.bounded_weight(leaf, torch.tensor(1.5, device=device), backend=backend)
+        w.backward(torch.ones_like(w))
+        assert torch.isfinite(w).all() and torch.isfinite(leaf.grad).all()
+        assert torch.equal(w[2], torch.zeros(6, device=device))
+        torch.testing.assert_close(w[[0, 1, 3]].norm(dim=1), torch.full((3,), 1.5, device=device))
+
+
+# ----------------------------------------------------------------------------- the parametrization
+
+
+def _cnn(backend, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        tritonorm.BoundedWNConv2d(3, 8, 3, padding=1, backend=backend), nn.ReLU(),
+        tritonorm.bounded_weight_norm(nn.ConvTranspose2d(8, 6, 2, stride=2), dim=1, learnable_gain=True,
+                                      backend=backend), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), tritonorm.BoundedWNLinear(6, 4, rho=0.7, backend=backend),
+    )
+
+
+def _slice_norms(module):
+    p = module.parametrizations.weight[0]
+    return tritonorm.slice_norms(module.weight, p.dim), p
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_every_slice_has_norm_rho_after_any_step(backend, optimizer, device):
+    model = _cnn(backend).to(device)
+    opt = (torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5))
+    x = torch.randn(4, 3, 6, 6, device=device)
+    conv, deconv, linear = model[0], model[2], model[6]
+    rho0 = conv.parametrizations.weight[0].rho.item()
+    gain_norm = deconv.parametrizations.weight[0].gain_norm.item()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        norms, _ = _slice_norms(conv)
+        torch.testing.assert_close(norms, torch.full_like(norms, rho0))
+        norms, _ = _slice_norms(linear)
+        torch.testing.assert_close(norms, torch.full_like(norms, 0.7))
+        norms, p = _slice_norms(deconv)  # the gain moves each slice; their overall norm stays
+        torch.testing.assert_close(norms, p.scale().detach())
+        torch.testing.assert_close(norms.norm().item(), gain_norm)
+    assert not torch.allclose(deconv.parametrizations.weight[0].gain, deconv.parametrizations.weight[0].gain_norm /
+                              math.sqrt(6) * torch.ones(6, device=device))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_output_ignores_the_scale_of_v(backend, device):
+    model = _cnn(backend).to(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    before = model(x)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (model[0], model[2], model[6]):
+            v = module.parametrizations.weight.original
+            dim = module.parametrizations.weight[0].dim
+            scale = torch.rand(v.shape[dim], generator=g).to(device) * 10 + 0.1  # per slice, positive
+            v.mul_(scale.reshape(ref.slice_shape(v, dim)))
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_registration_defaults(device):
+    torch.manual_seed(0)
+    linear = nn.Linear(20, 8, device=device)
+    weight = linear.weight.detach().clone()
+    tritonorm.bounded_weight_norm(linear)
+    p = linear.parametrizations.weight[0]
+    assert p.rho.item() == pytest.approx(weight.norm(dim=1).mean().item(), rel=1e-6)
+    torch.testing.assert_close(linear.parametrizations.weight.original, weight)  # v starts as the weight
+    torch.testing.assert_close(linear.weight, p.rho * weight / weight.norm(dim=1, keepdim=True))
+    gained = tritonorm.bounded_weight_norm(nn.Linear(20, 8, device=device), learnable_gain=True)
+    torch.testing.assert_close(gained.weight, gained.parametrizations.weight.original)  # unchanged
+    fixed = tritonorm.bounded_weight_norm(nn.Linear(20, 8, device=device), rho=2.0, learnable_gain=True)
+    torch.testing.assert_close(fixed.weight.norm(dim=1), torch.full((8,), 2.0, device=device))
+
+
+def test_custom_module_and_parameter_name(device):
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            return x @ self.kernel
+
+    module = tritonorm.bounded_weight_norm(Scaled().to(device), "kernel", rho=3.0, dim=1)
+    torch.testing.assert_close(module.kernel.norm(dim=0), torch.full((4,), 3.0, device=device))
+    assert "parametrizations.kernel.0.rho" in module.state_dict()
+
+
+def test_state_dict_round_trip_and_removal(device):
+    model = _cnn("auto", seed=0).to(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().mean().backward()
+    opt.step()
+    state = model.state_dict()
+    assert {"0.parametrizations.weight.original", "0.parametrizations.weight.0.rho",
+            "2.parametrizations.weight.0.gain", "2.parametrizations.weight.0.gain_norm"} <= set(state)
+    other = _cnn("auto", seed=1).to(device)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other(x), model(x))
+
+    expected = model(x)
+    weights = [m.weight.detach().clone() for m in (model[0], model[2], model[6])]
+    for m in (model[0], model[2], model[6]):
+        tritonorm.remove_bounded_weight_norm(m)
+        assert not parametrize.is_parametrized(m)
+    assert all(type(m.weight) is nn.Parameter for m in (model[0], model[2], model[6]))
+    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[2], model[6]), weights))
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_assigning_the_weight_sets_v(device):
+    linear = tritonorm.bounded_weight_norm(nn.Linear(4, 3, device=device), rho=2.0)
+    new = torch.randn(3, 4, device=device)
+    linear.weight = new
+    torch.testing.assert_close(linear.parametrizations.weight.original, new)
+    torch.testing.assert_close(linear.weight, 2.0 * new / new.norm(dim=1, keepdim=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend, compiler, device):
+    if compiler == "inductor" and backend == "torch" and device == "cpu":
+        pytest.skip("one inductor run on CPU is enough (compile time on 2 cores)")
+    x = torch.randn(4, 3, 6, 6, device=device)
+    assert_compiled_matches_eager(lambda: _cnn(backend).to(device), x, compiler)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(rho=0.0), ValueError, r"rho must be None or a finite number > 0, got 0.0"),
+    (dict(rho=-1), ValueError, r"rho must be None or a finite number > 0, got -1"),
+    (dict(rho=math.inf), ValueError, r"rho must be None or a finite number > 0, got inf"),
+    (dict(dim=2), ValueError, r"dim must be an int in \[-2, 1\] for weight of shape \(4, 3\), got 2"),
+    (dict(dim=1.0), ValueError, r"dim must be an int"),
+    (dict(name="bias2"), ValueError, r"name: Linear has no tensor attribute 'bias2'"),
+    (dict(learnable_gain=1), TypeError, r"learnable_gain must be a bool"),
+    (dict(eps=0.0), ValueError, r"eps must be a finite number > 0"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
+], ids=["rho-0", "rho-negative", "rho-inf", "dim-range", "dim-float", "name", "gain", "eps", "backend"])
+def test_registration_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tritonorm.bounded_weight_norm(nn.Linear(3, 4), **kwargs)
+
+
+@pytest.mark.parametrize("value", [0.0, math.nan])
+def test_zero_or_nonfinite_slice_is_refused(value):
+    linear = nn.Linear(3, 4)
+    with torch.no_grad():
+        linear.weight[2] = value
+    with pytest.raises(ValueError, match=r"weight: slice\(s\) \[2\] along dim=0 of Linear.weight have norm"):
+        tritonorm.bounded_weight_norm(linear)
+    assert not parametrize.is_parametrized(linear)
+
+
+def test_twice_and_removal_errors():
+    linear = tritonorm.bounded_weight_norm(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match=r"Linear.weight already has bounded_weight_norm"):
+        tritonorm.bounded_weight_norm(linear)
+    with pytest.raises(ValueError, match=r"Linear.bias has no bounded_weight_norm"):
+        tritonorm.remove_bounded_weight_norm(linear, "bias")
+    buffered = nn.Linear(3, 4)
+    buffered.register_buffer("scale", torch.ones(4))
+    with pytest.raises(ValueError, match=r"name: Linear.scale is not a parameter"):
+        tritonorm.bounded_weight_norm(buffered, "scale")
+    integer = nn.Module()
+    integer.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor with one dim or more, got torch.int64"):
+        tritonorm.bounded_weight_norm(integer)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(v=torch.ones(3, 4, dtype=torch.int32)), TypeError, r"v must be a float16, bfloat16, float32 or float64"),
+    (dict(v=torch.ones(0, 4)), ValueError, r"v must have at least one dim and one element, got shape \(0, 4\)"),
+    (dict(rho=1.0), TypeError, r"rho must be a floating-point tensor"),
+    (dict(rho=torch.ones(4)), ValueError, r"rho must have shape \(\) or \(3,\) \(one per slice along dim=0\)"),
+    (dict(dim=-3), ValueError, r"dim must be an int in \[-2, 1\] for v of shape \(3, 4\), got -3"),
+    (dict(eps=-1e-3), ValueError, r"eps must be a finite number > 0"),
+], ids=["int-v", "empty-v", "float-rho", "rho-shape", "dim", "eps"])
+def test_functional_errors(kwargs, error, message):
+    args = dict(v=torch.randn(3, 4), rho=torch.tensor(1.0), dim=0, eps=1e-12) | kwargs
+    with pytest.raises(error, match=message):
+        F.bounded_weight(args["v"], args["rho"], dim=args["dim"], eps=args["eps"])
+
+
+# ----------------------------------------------------------------------------- learning-rate correction
+
+
+def test_corrected_lr():
+    norms = torch.tensor([2.0, 1.0, 3.0])
+    wd_norms = torch.tensor([1.0, 2.0, 1.5])
+    torch.testing.assert_close(tritonorm.corrected_lr(0.1, norms, wd_norms), torch.tensor([0.4, 0.025, 0.4]))
+    per_layer = tritonorm.corrected_lr(0.1, norms, wd_norms, per_channel=False)
+    assert per_layer.shape == () and per_layer.item() == pytest.approx(0.1 * 14 / 7.25)
+    torch.testing.assert_close(tritonorm.corrected_lr(0.1, wd_norms, wd_norms), torch.full((3,), 0.1))
+
+
+def test_slice_norms_match_the_layer():
+    conv = nn.Conv2d(3, 5, 3)
+    torch.testing.assert_close(tritonorm.slice_norms(conv.weight), conv.weight.detach().flatten(1).norm(dim=1))
+    torch.testing.assert_close(tritonorm.slice_norms(conv.weight, dim=1),
+                               conv.weight.detach().transpose(0, 1).flatten(1).norm(dim=1))
+    assert not tritonorm.slice_norms(conv.weight).requires_grad
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((-0.1, torch.ones(3), torch.ones(3)), ValueError, r"lr must be a finite number >= 0, got -0.1"),
+    ((0.1, torch.ones(3), torch.ones(2)), ValueError, r"norms and wd_norms must have the same shape"),
+    ((0.1, torch.ones(3), torch.tensor([1.0, 0.0, 1.0])), ValueError, r"wd_norms must be finite and > 0"),
+    ((0.1, torch.tensor([1.0, math.nan, 1.0]), torch.ones(3)), ValueError, r"norms must be finite and >= 0"),
+    ((0.1, [1.0], torch.ones(1)), TypeError, r"norms must be a floating-point tensor"),
+], ids=["lr", "shape", "zero-wd-norm", "nan-norm", "list"])
+def test_corrected_lr_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        tritonorm.corrected_lr(*args)
