@@ -1,6 +1,7 @@
-"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms, EquiNorm and ENorm on a GPU.
+"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms, EquiNorm, ENorm and bounded
+weight norm on a GPU.
 
-    python benchmarks/roofline.py [--quick] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
+    python benchmarks/roofline.py [--quick] [--only SECTION ...] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 
 Batch norms.  At ResNet-like shapes, fp32 and bf16, training mode, it times forward and
 forward+backward (``lp_cases`` defines both, and the bytes) of each norm's Triton path,
@@ -39,13 +40,35 @@ touches) and that as a fraction of peak.  The targets, per net: Triton parallel 
 SGD step time at most ``ENORM_SGD_TARGET``, per-layer loop time / Triton parallel time at
 least ``ENORM_LOOP_TARGET``.
 
+Bounded weight norm (``bwn_cases`` defines the weights, the contenders and the bytes).  On
+every distinct conv weight of ResNet-50, its fc and a 4096x4096 linear, fp32, the same timer
+on forward and forward+backward of the weight computed from its parameters (backward:
+``torch.autograd.grad`` of w with a random dL/dw): tritonorm's parametrization on the Triton
+path (fixed rho, and learnable gain), its two custom ops called directly, the PyTorch
+reference eager and ``torch.compile``-d, ``torch.nn.utils.parametrizations.weight_norm`` and
+the plain formula ``rho * v / v.norm(...)`` eager and compiled:
+
+* GB/s over the compulsory bytes, the floor (forward: read v, write w; backward: read dL/dw
+  and v, write dL/dv: 2 + 3 weight passes), and floor time / time; for the Triton rows the
+  same over the bytes its kernels move (3 + 5 passes);
+* time / weight_norm time and time / compiled-formula time, same weight, dtype and pass;
+* the targets, per weight, for the Triton parametrization (fixed rho and learnable gain)
+  forward+backward: weight_norm time / its time at least ``BWN_SPEEDUP_TARGET``, and its
+  time / the floor's time at most ``BWN_FLOOR_TARGET`` on weights of more than
+  ``BWN_FLOOR_MIN_NUMEL`` elements (the ops' own ratio beside it, without the
+  parametrization's and autograd's host overhead).
+
+``--only lp|equinorm|enorm|bwn`` (repeatable) runs those sections alone; the file names then
+end with them, so a partial run does not overwrite the day's full table.
+
 The tables are printed and written as markdown and JSON to
 benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to --out DIR), with the
 device name, the peak bandwidth used, the torch and triton versions and the date.  A case
 that fails is reported and left out; the script then exits with status 1.
 
 Without CUDA it prints a message and exits 0 writing nothing.  ``--cpu-smoke`` instead
-runs one tiny shape (and one tiny EquiNorm layer, small ENorm nets) on the CPU, PyTorch
+runs one tiny shape (and one tiny EquiNorm layer, small ENorm nets, a small conv and linear
+weight for bounded weight norm) on the CPU, PyTorch
 implementations only (timed with perf_counter), to check that the script works; it writes
 files only when --out is given.
 """
@@ -67,6 +90,26 @@ import triton
 import triton.testing
 
 import tritonorm
+from bwn_cases import (
+    COMPILED_CONTENDERS as BWN_COMPILED,
+    CONTENDERS as BWN_CONTENDERS,
+    FORMULA_COMPILED,
+    PARAMETRIZATIONS,
+    SMALL_WEIGHTS,
+    TRITON_OPS,
+    WEIGHT_NORM,
+    WEIGHTS,
+    WeightCase,
+    is_triton,
+    make_grad,
+)
+from bwn_cases import (
+    algorithm_bytes as bwn_algorithm_bytes,
+    build as build_bwn,
+    check_outputs as check_bwn,
+    compulsory_bytes as bwn_compulsory_bytes,
+    step as bwn_step,
+)
 from enorm_cases import (
     C as ENORM_C,
     CONTENDERS,
@@ -131,6 +174,16 @@ SMOKE_EQUINORM_LAYER = ConvCase(4, 8, 8, 8)
 OVERHEAD_TARGET = 0.5
 # The issue's bounds on Triton parallel cycle / SGD step and per-layer loop / Triton parallel cycle.
 ENORM_SGD_TARGET, ENORM_LOOP_TARGET = 1.0, 20.0
+# Bounded weight norm: fp32 weights (parameters stay fp32 under mixed precision).  --quick:
+# a launch-bound conv, two ~1M-element ones, the fc and the 4096x4096 linear.
+BWN_DTYPES = (torch.float32,)
+QUICK_BWN_WEIGHTS = tuple(w for w in WEIGHTS if w.shape in ((64, 64, 3, 3), (512, 512, 3, 3), (2048, 512, 1, 1),
+                                                            (1000, 2048), (4096, 4096)))
+# The issue's targets, Triton forward+backward of the parametrization: at least this many
+# times faster than torch.nn.utils.parametrizations.weight_norm, and at most this many times
+# the bandwidth floor's time on weights of more than BWN_FLOOR_MIN_NUMEL elements.
+BWN_SPEEDUP_TARGET, BWN_FLOOR_TARGET, BWN_FLOOR_MIN_NUMEL = 2.0, 1.5, 1_000_000
+SECTIONS = ("lp", "equinorm", "enorm", "bwn")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Peak DRAM bandwidth in GB/s by device-name substring (first match); --peak-gbps overrides.
 KNOWN_PEAKS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0))
@@ -273,6 +326,34 @@ def measure_enorm(nets, names, device: str, log) -> tuple[list[dict], list[str]]
     return rows, errors
 
 
+def _time_bwn(case: WeightCase, name: str, dtype: torch.dtype, grad, device: str) -> list[dict]:
+    module = build_bwn(name, case, dtype, device)
+    times = time_passes(lambda pass_: bwn_step(module, grad, pass_), lambda out: check_bwn(out, case), device)
+    return [{
+        "weight": case.name, "layers": case.where, "numel": case.numel, "dtype": dtype_name(dtype), "pass": pass_,
+        "contender": name, "time_us": time_us, "bytes": bwn_compulsory_bytes(pass_, case, dtype),
+        "algorithm_bytes": bwn_algorithm_bytes(pass_, case, dtype) if is_triton(name) else None,
+    } for pass_, time_us in times.items()]
+
+
+def measure_bwn(cases, dtypes, device: str, names, log) -> tuple[list[dict], list[str]]:
+    """Time both passes of each contender in ``names`` on every weight and dtype, each on a
+    fresh module over the same v and dL/dw; returns the rows and the errors of the cases that
+    failed."""
+    rows, errors = [], []
+    for case in cases:
+        for dtype in dtypes:
+            grad = make_grad(case, dtype, device)
+            block = []
+            for name in names:
+                where = f"bounded weight norm {case.name} {dtype_name(dtype)} {name}"
+                block += guarded(where, errors, log, device, lambda: _time_bwn(case, name, dtype, grad, device))
+            rows += by_pass(block)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows, errors
+
+
 def _ratio(num: dict, den: dict | None) -> float | None:
     return num["time_us"] / den["time_us"] if den else None
 
@@ -342,6 +423,60 @@ def derive_enorm(rows: list[dict], peak_gbps: float) -> list[dict]:
             targets.append({"net": net, "parallel_vs_sgd": vs_sgd, "loop_vs_parallel": loop_ratio,
                             "met": vs_sgd <= ENORM_SGD_TARGET and loop_ratio >= ENORM_LOOP_TARGET})
     return targets
+
+
+def derive_bwn(rows: list[dict], peak_gbps: float) -> list[dict]:
+    """Add GB/s over the floor (and over the kernels' bytes, Triton rows), their fractions of
+    peak, time / weight_norm time and time / compiled-formula time to each row; return, per
+    weight, dtype and Triton parametrization with a weight_norm row, the targets: weight_norm
+    time / its forward+backward time (at least ``BWN_SPEEDUP_TARGET``) and, above
+    ``BWN_FLOOR_MIN_NUMEL`` elements, its time / the floor's time (at most
+    ``BWN_FLOOR_TARGET``), with the kernels alone (``bwn-triton-ops``) beside it."""
+    index = {(r["weight"], r["dtype"], r["pass"], r["contender"]): r for r in rows}
+    for r in rows:
+        config = (r["weight"], r["dtype"], r["pass"])
+        seconds = r["time_us"] * 1e-6
+        r["gbps"] = r["bytes"] / seconds / 1e9
+        r["floor_fraction"] = r["gbps"] / peak_gbps
+        if r["algorithm_bytes"] is not None:
+            r["algorithm_gbps"] = r["algorithm_bytes"] / seconds / 1e9
+            r["algorithm_fraction"] = r["algorithm_gbps"] / peak_gbps
+        r["vs_weight_norm"] = _ratio(r, index.get((*config, WEIGHT_NORM)))
+        r["vs_formula_compiled"] = _ratio(r, index.get((*config, FORMULA_COMPILED)))
+    targets = []
+    for (weight, dtype, pass_, name), r in index.items():
+        weight_norm = index.get((weight, dtype, pass_, WEIGHT_NORM))
+        if pass_ != "forward+backward" or name not in PARAMETRIZATIONS or not weight_norm:
+            continue
+        speedup = _ratio(weight_norm, r)
+        checked = r["numel"] > BWN_FLOOR_MIN_NUMEL
+        over_floor = 1 / r["floor_fraction"]
+        ops = index.get((weight, dtype, pass_, TRITON_OPS))
+        targets.append({
+            "weight": weight, "layers": r["layers"], "numel": r["numel"], "dtype": dtype, "contender": name,
+            "speedup_vs_weight_norm": speedup, "time_over_floor": over_floor, "floor_checked": checked,
+            "ops_time_over_floor": 1 / ops["floor_fraction"] if ops else None,
+            "met": speedup >= BWN_SPEEDUP_TARGET and (not checked or over_floor <= BWN_FLOOR_TARGET),
+        })
+    return targets
+
+
+def bwn_summary(targets: list[dict]) -> dict | None:
+    """How many (weight, dtype, parametrization) meet each target, and the worst of each;
+    None without targets (as on CPU)."""
+    if not targets:
+        return None
+    floor = [t for t in targets if t["floor_checked"]]
+    slowest = min(targets, key=lambda t: t["speedup_vs_weight_norm"])
+    farthest = max(floor, key=lambda t: t["time_over_floor"]) if floor else None
+    return {
+        "cases": len(targets), "met": sum(t["met"] for t in targets),
+        "speedup_met": sum(t["speedup_vs_weight_norm"] >= BWN_SPEEDUP_TARGET for t in targets),
+        "worst_speedup": slowest["speedup_vs_weight_norm"], "worst_speedup_at": f"{slowest['weight']} {slowest['contender']}",
+        "floor_cases": len(floor), "floor_met": sum(t["time_over_floor"] <= BWN_FLOOR_TARGET for t in floor),
+        "worst_over_floor": farthest["time_over_floor"] if farthest else None,
+        "worst_over_floor_at": f"{farthest['weight']} {farthest['contender']}" if farthest else None,
+    }
 
 
 def overhead_summary(layers: list[dict]) -> dict | None:
@@ -473,8 +608,62 @@ def enorm_section(rows: list[dict], targets: list[dict]) -> list[str]:
     ]
 
 
+def _bwn_summary_line(summary: dict | None) -> str:
+    if summary is None:
+        return "Targets: no Triton forward+backward rows with a weight_norm row measured."
+    line = (f"Targets (Triton forward+backward of the parametrization): met at {summary['met']} of {summary['cases']}. "
+            f">= {BWN_SPEEDUP_TARGET:g}x faster than weight_norm: {summary['speedup_met']} of {summary['cases']}, "
+            f"slowest {summary['worst_speedup']:.2f}x ({summary['worst_speedup_at']}).")
+    if summary["floor_cases"]:
+        line += (f" Within {BWN_FLOOR_TARGET:g}x of the floor above {BWN_FLOOR_MIN_NUMEL:,} elements: "
+                 f"{summary['floor_met']} of {summary['floor_cases']}, farthest {summary['worst_over_floor']:.2f}x "
+                 f"({summary['worst_over_floor_at']}).")
+    return line
+
+
+def bwn_section(rows: list[dict], targets: list[dict], summary: dict | None) -> list[str]:
+    table = markdown_table(
+        ["weight", "layers", "dtype", "pass", "contender", "time (us)", "floor MB", "GB/s", "floor / time",
+         "alg. GB/s", "alg. / peak", "/ weight_norm", "/ compiled formula"],
+        [[r["weight"], r["layers"], r["dtype"], r["pass"], r["contender"], f"{r['time_us']:.1f}",
+          f"{r['bytes'] / 1e6:.2f}", f"{r['gbps']:.0f}", f"{r['floor_fraction']:.1%}",
+          _fmt(r.get("algorithm_gbps"), ".0f"), _fmt(r.get("algorithm_fraction"), ".1%"),
+          _fmt(r["vs_weight_norm"], ".2f"), _fmt(r["vs_formula_compiled"], ".2f")] for r in rows],
+    )
+    target_table = markdown_table(
+        ["weight", "layers", "elements", "dtype", "contender", f"weight_norm / time (>= {BWN_SPEEDUP_TARGET:g})",
+         f"time / floor (<= {BWN_FLOOR_TARGET:g} above {BWN_FLOOR_MIN_NUMEL:,})", "ops alone: time / floor", "met"],
+        [[t["weight"], t["layers"], f"{t['numel']:,}", t["dtype"], t["contender"], f"{t['speedup_vs_weight_norm']:.2f}",
+          f"{t['time_over_floor']:.2f}" + ("" if t["floor_checked"] else " (n/a)"),
+          _fmt(t["ops_time_over_floor"], ".2f"), "yes" if t["met"] else "NO"] for t in targets],
+    ) if targets else ""
+    return [
+        "## Bounded weight norm: the parametrized weight against weight_norm and the plain formula",
+        "",
+        "The weight a training step computes from its parameters (w_i = rho_i v_i / ||v_i|| per output channel), "
+        "forward, and forward+backward (torch.autograd.grad of w with a random dL/dw wrt the parameters); every "
+        "distinct conv weight of ResNet-50 (layers: the first with the shape, and how many have it), its fc and a "
+        "4096x4096 linear. Contenders: bwn-triton, tritonorm.bounded_weight_norm(backend=\"triton\") with a fixed "
+        "rho; bwn-triton-gain, the same with learnable_gain=True; bwn-triton-ops, the two custom ops called "
+        "directly (no parametrization, no autograd); bwn-torch-eager / -compile, the PyTorch reference "
+        "(backend=\"torch\"), eager and torch.compile; weight_norm, torch.nn.utils.parametrizations.weight_norm "
+        "(dim=0, parameters g and v); formula-eager / -compile, rho * v / v.norm(p=2, dim=(1, ...), keepdim=True), "
+        "eager and torch.compile. floor MB: the compulsory bytes (forward: read v, write w; backward: read dL/dw "
+        "and v, write dL/dv; 2 and 3 weight passes, 5 for forward+backward). GB/s: those bytes / time; "
+        "floor / time: the time they take at peak bandwidth over the time. alg.: the same for the bytes the Triton "
+        "kernels move (forward reads v twice and writes w, backward reads dL/dw and v twice and writes dL/dv: 3 and "
+        "5 passes). / weight_norm, / compiled formula: time over weight_norm's and over the compiled formula's.",
+        "",
+        _bwn_summary_line(summary),
+        "",
+        *([target_table, ""] if target_table else []),
+        table,
+    ]
+
+
 def report(meta: dict, sections: list[list[str]], errors: list[str]) -> str:
-    """The markdown page: set-up, the sections (batch norms, EquiNorm, ENorm), failures."""
+    """The markdown page: set-up, the sections (batch norms, EquiNorm, ENorm, bounded weight
+    norm, those run), failures."""
     lines = [
         f"# tritonorm roofline: {meta['device']}",
         "",
@@ -502,11 +691,15 @@ def peak_bandwidth(device_name: str, override: float | None) -> tuple[float, str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"only the shapes {QUICK_SHAPES} and two EquiNorm layers, one compiled")
+                        help=f"only the shapes {QUICK_SHAPES}, two EquiNorm layers (one compiled) and "
+                             f"{len(QUICK_BWN_WEIGHTS)} bounded-weight-norm weights")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run this section only (repeatable; default: all); the file names get the sections")
     parser.add_argument("--out", type=Path, help=f"directory of the .md and .json (default {RESULTS_DIR})")
     parser.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth, GB/s (default: from the device name)")
     parser.add_argument("--cpu-smoke", action="store_true", help="one tiny shape on CPU, PyTorch paths only")
     args = parser.parse_args(argv)
+    run = [s for s in SECTIONS if s in (args.only or SECTIONS)]
 
     started = time.perf_counter()
 
@@ -520,6 +713,7 @@ def main(argv=None) -> int:
         layers = compiled = (SMOKE_EQUINORM_LAYER,)
         impls = (EAGER,)
         enorm_nets, enorm_names = SMALL_NETS, [name for name in CONTENDERS if name not in TRITON_CONTENDERS]
+        bwn_weights, bwn_names = SMALL_WEIGHTS, [name for name in BWN_CONTENDERS if not is_triton(name)]
     elif torch.cuda.is_available():
         device, device_name = "cuda", torch.cuda.get_device_name()
         shapes, dtypes = QUICK_SHAPES if args.quick else SHAPES, DTYPES
@@ -528,6 +722,7 @@ def main(argv=None) -> int:
         compiled = layers[:1] if args.quick else layers
         impls = (TRITON, EAGER)
         enorm_nets, enorm_names = STUDY_NETS, CONTENDERS
+        bwn_weights, bwn_names = QUICK_BWN_WEIGHTS if args.quick else WEIGHTS, BWN_CONTENDERS
     else:
         print("roofline.py: no CUDA device, nothing measured or written (it times GPU bandwidth; "
               "--cpu-smoke checks the script on CPU)")
@@ -537,33 +732,52 @@ def main(argv=None) -> int:
     meta = {
         "device": device_name, "peak_gbps": peak_gbps, "peak_source": peak_source,
         "torch": torch.__version__, "triton": triton.__version__, "tritonorm": tritonorm.__version__,
-        "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(), "topk_k": TOPK_K,
+        "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(), "topk_k": TOPK_K, "sections": run,
     }
-    rows, errors = measure(shapes, dtypes, device, cases, log)
-    topk_over_l1 = derive(rows, peak_gbps)
-    equi_layers, equi_kernels, equi_errors = measure_equinorm(
-        layers, dtypes, device, equinorm_variants_of(impls, compiled), impls, log,
-    )
-    errors += equi_errors
-    derive_equinorm(equi_layers, equi_kernels, peak_gbps)
-    summary = overhead_summary(equi_layers)
-    enorm_rows, enorm_errors = measure_enorm(enorm_nets, enorm_names, device, log)
-    errors += enorm_errors
-    enorm_targets = derive_enorm(enorm_rows, peak_gbps)
-    sections = [lp_section(rows, topk_over_l1), equinorm_section(equi_layers, equi_kernels, summary),
-                enorm_section(enorm_rows, enorm_targets)]
+    errors, sections = [], []
+    rows, topk_over_l1 = [], []
+    if "lp" in run:
+        rows, lp_errors = measure(shapes, dtypes, device, cases, log)
+        errors += lp_errors
+        topk_over_l1 = derive(rows, peak_gbps)
+        sections.append(lp_section(rows, topk_over_l1))
+    equi_layers, equi_kernels, summary = [], [], None
+    if "equinorm" in run:
+        equi_layers, equi_kernels, equi_errors = measure_equinorm(
+            layers, dtypes, device, equinorm_variants_of(impls, compiled), impls, log,
+        )
+        errors += equi_errors
+        derive_equinorm(equi_layers, equi_kernels, peak_gbps)
+        summary = overhead_summary(equi_layers)
+        sections.append(equinorm_section(equi_layers, equi_kernels, summary))
+    enorm_rows, enorm_targets = [], []
+    if "enorm" in run:
+        enorm_rows, enorm_errors = measure_enorm(enorm_nets, enorm_names, device, log)
+        errors += enorm_errors
+        enorm_targets = derive_enorm(enorm_rows, peak_gbps)
+        sections.append(enorm_section(enorm_rows, enorm_targets))
+    bwn_rows, bwn_targets, bwn_totals = [], [], None
+    if "bwn" in run:
+        bwn_rows, bwn_errors = measure_bwn(bwn_weights, BWN_DTYPES, device, bwn_names, log)
+        errors += bwn_errors
+        bwn_targets = derive_bwn(bwn_rows, peak_gbps)
+        bwn_totals = bwn_summary(bwn_targets)
+        sections.append(bwn_section(bwn_rows, bwn_targets, bwn_totals))
     page = report(meta, sections, errors)
     print(page)
 
     out_dir = args.out or (None if args.cpu_smoke else RESULTS_DIR)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"{re.sub(r'[^a-z0-9]+', '-', device_name.lower()).strip('-')}-{meta['date']}"
+        name = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        only = "" if len(run) == len(SECTIONS) else "-" + "-".join(run)
+        stem = out_dir / f"{name}-{meta['date']}{only}"
         stem.with_suffix(".md").write_text(page)
         record = {
             "meta": meta, "rows": rows, "topk_over_l1": topk_over_l1, "equinorm_layers": equi_layers,
             "equinorm_kernels": equi_kernels, "equinorm_overhead": summary, "enorm": enorm_rows,
-            "enorm_targets": enorm_targets, "errors": errors,
+            "enorm_targets": enorm_targets, "bounded_weight_norm": bwn_rows, "bounded_weight_norm_targets": bwn_targets,
+            "bounded_weight_norm_summary": bwn_totals, "errors": errors,
         }
         stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         log(f"wrote {stem}.md and {stem}.json")
