@@ -98,3 +98,27 @@ def test_enorm_study_nets(net, mode):
         results.append([*twin.parameters(), *(opt.state[p]["momentum_buffer"] for p in twin.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape, dim", [((4096, 4096), 0), ((512, 512, 3, 3), 0), ((2048, 512, 1, 1), 1),
+                                        ((1000, 2048), 1)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_bounded_weight_norm_large(shape, dim, dtype):
+    """Weights of ResNet-50 and a 4096 x 4096 linear (16.8M elements), rows and columns:
+    compiled kernels against the float64 reference, weight and both gradients."""
+    from tritonorm.reference.bounded_weight_norm import bounded_weight
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    v = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    rho = torch.rand(shape[dim], generator=g, device="cuda") + 0.5
+    grad = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    results = []
+    for op, cast in ((tritonorm.functional.bounded_weight, dtype), (bounded_weight, torch.float64)):
+        leaves = [v.to(cast, copy=True).requires_grad_(), rho.to(cast if cast == torch.float64 else rho.dtype,
+                                                                copy=True).requires_grad_()]
+        w = op(*leaves, dim=dim)
+        w.backward(grad.to(cast))
+        results.append([w.detach().double(), leaves[0].grad.double(), leaves[1].grad.double()])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for tri, exp in zip(*results):
+        torch.testing.assert_close(tri, exp, atol=tol * exp.abs().max().item(), rtol=tol)
