@@ -91,7 +91,6 @@ import triton.testing
 
 import tritonorm
 from bwn_cases import (
-    COMPILED_CONTENDERS as BWN_COMPILED,
     CONTENDERS as BWN_CONTENDERS,
     FORMULA_COMPILED,
     PARAMETRIZATIONS,
@@ -472,7 +471,8 @@ def bwn_summary(targets: list[dict]) -> dict | None:
     return {
         "cases": len(targets), "met": sum(t["met"] for t in targets),
         "speedup_met": sum(t["speedup_vs_weight_norm"] >= BWN_SPEEDUP_TARGET for t in targets),
-        "worst_speedup": slowest["speedup_vs_weight_norm"], "worst_speedup_at": f"{slowest['weight']} {slowest['contender']}",
+        "worst_speedup": slowest["speedup_vs_weight_norm"],
+        "worst_speedup_at": f"{slowest['weight']} {slowest['contender']}",
         "floor_cases": len(floor), "floor_met": sum(t["time_over_floor"] <= BWN_FLOOR_TARGET for t in floor),
         "worst_over_floor": farthest["time_over_floor"] if farthest else None,
         "worst_over_floor_at": f"{farthest['weight']} {farthest['contender']}" if farthest else None,

@@ -1,0 +1,254 @@
+"""What the bounded-weight-norm benchmarks run, shared by ``bench_bounded_weight_norm.py``
+(pytest-benchmark) and ``roofline.py`` (GPU table).
+
+A case is one weight (``WeightCase``): every distinct conv weight of a torchvision
+ResNet-50 (``resnet50_weights``: 20 convolution shapes over its 53 convolutions, the
+downsampling ones included) and its fc, and a 4096x4096 linear.  What is timed is the
+parametrized weight a training step computes, as the whole call, host overhead included:
+
+* "forward": w = the weight computed from its parameters, which require grad, so autograd
+  records what the backward needs;
+* "forward+backward": the same, then ``torch.autograd.grad`` of w with a fixed random
+  dL/dw with respect to the parameters (``autograd.grad`` rather than ``backward``: no .grad
+  accumulation).
+
+The contenders (``CONTENDERS``), each an ``nn.Module`` whose ``forward()`` returns w
+(``build``), every one started from the same v:
+
+* ``bwn-triton``: ``tritonorm.bounded_weight_norm(backend="triton")``, fixed rho (the mean
+  of the initial slice norms), w read as ``module.weight`` through the parametrization: one
+  custom-op launch forward, one backward;
+* ``bwn-triton-gain``: the same with ``learnable_gain=True`` (parameters v and the gain g;
+  the scale g rho_g / ||g|| is a few tiny PyTorch ops on S numbers around the kernels);
+* ``bwn-triton-ops``: the two custom ops called directly, no parametrization and no
+  autograd (``torch.ops.tritonorm.bounded_weight``, then ``bounded_weight_backward``):
+  the kernels and their launches alone;
+* ``bwn-torch-eager`` and ``bwn-torch-compile``: ``bounded_weight_norm(backend="torch")``,
+  the plain-PyTorch reference, eager and ``torch.compile``-d;
+* ``weight_norm``: ``torch.nn.utils.parametrizations.weight_norm(dim=0)``, the closest
+  torch built-in (w = g v / ||v||, g and v parameters; its parametrization calls
+  ``torch._weight_norm``, fused kernels on CUDA);
+* ``formula-eager`` and ``formula-compile``: the plain-PyTorch formula
+  ``rho * v / v.norm(p=2, dim=(1, ...), keepdim=True)`` (rho the same 0-d buffer), eager and
+  ``torch.compile``-d.
+
+Bytes.  Compulsory (the floor, ``compulsory_bytes``): what any implementation must move,
+forward a read of v and a write of w, backward a read of dL/dw and v and a write of dL/dv:
+2 and 3 weight passes, 5 for forward+backward (the per-slice vectors rho, g, norms are left
+out).  Algorithmic (``algorithm_bytes``, the Triton contenders): the passes its kernels make
+(``tritonorm.kernels.bounded_weight_norm``): forward reads v twice and writes w (3),
+backward reads dL/dw and v twice and writes dL/dv (5); the second reads mostly hit L2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import tritonorm
+from tritonorm.reference.bounded_weight_norm import EPS, slice_norms
+
+TRITON_FIXED, TRITON_GAIN, TRITON_OPS = "bwn-triton", "bwn-triton-gain", "bwn-triton-ops"
+TORCH_EAGER, TORCH_COMPILED = "bwn-torch-eager", "bwn-torch-compile"
+WEIGHT_NORM = "weight_norm"
+FORMULA_EAGER, FORMULA_COMPILED = "formula-eager", "formula-compile"
+CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS, TORCH_EAGER, TORCH_COMPILED, WEIGHT_NORM, FORMULA_EAGER,
+              FORMULA_COMPILED)
+TRITON_CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS)
+COMPILED_CONTENDERS = (TORCH_COMPILED, FORMULA_COMPILED)
+# The parametrizations the issue's targets are about (forward+backward).
+PARAMETRIZATIONS = (TRITON_FIXED, TRITON_GAIN)
+_BACKENDS = {TRITON_FIXED: "triton", TRITON_GAIN: "triton", TORCH_EAGER: "torch", TORCH_COMPILED: "torch"}
+# Weight passes per direction: compulsory, and what the Triton kernels make.
+_COMPULSORY = {"forward": 2, "backward": 3}
+_ALGORITHM = {"forward": 3, "backward": 5}
+
+
+@dataclass(frozen=True)
+class WeightCase:
+    """A weight of ``shape``, cut along dim 0 (output channels or features); ``layers`` are
+    the layers of the net that have it."""
+
+    shape: tuple[int, ...]
+    layers: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """e.g. "512x512x3x3"."""
+        return "x".join(map(str, self.shape))
+
+    @property
+    def where(self) -> str:
+        """e.g. "layer4.0.conv2 (x3)": the first layer with this weight, and how many have it."""
+        if not self.layers:
+            return "-"
+        return self.layers[0] + (f" (x{len(self.layers)})" if len(self.layers) > 1 else "")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def resnet50_weights() -> tuple[WeightCase, ...]:
+    """The distinct weights of torchvision's ResNet-50, in network order: conv1, the four
+    stages of bottlenecks (conv1 1x1, conv2 3x3, conv3 1x1 expanding 4x, a 1x1 downsample in
+    each stage's first block), and fc."""
+    layers: dict[tuple[int, ...], list[str]] = {}
+
+    def add(name: str, shape: tuple[int, ...]) -> None:
+        layers.setdefault(shape, []).append(name)
+
+    add("conv1", (64, 3, 7, 7))
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+        for b in range(blocks):
+            prefix = f"layer{stage}.{b}"
+            add(f"{prefix}.conv1", (planes, inplanes, 1, 1))
+            add(f"{prefix}.conv2", (planes, planes, 3, 3))
+            add(f"{prefix}.conv3", (4 * planes, planes, 1, 1))
+            if b == 0:
+                add(f"{prefix}.downsample.0", (4 * planes, inplanes, 1, 1))
+            inplanes = 4 * planes
+    add("fc", (1000, 2048))
+    return tuple(WeightCase(shape, tuple(names)) for shape, names in layers.items())
+
+
+RESNET50_WEIGHTS = resnet50_weights()
+LINEAR_4096 = WeightCase((4096, 4096), ("linear 4096->4096",))
+WEIGHTS = (*RESNET50_WEIGHTS, LINEAR_4096)
+# Small weights of the same kinds (conv, linear), for the CPU.
+SMALL_WEIGHTS = (WeightCase((16, 8, 3, 3), ("small conv",)), WeightCase((24, 40), ("small linear",)))
+
+
+def is_triton(name: str) -> bool:
+    return name in TRITON_CONTENDERS
+
+
+def _fan_in_normal(case: WeightCase, seed: int) -> torch.Tensor:
+    """N(0, 1 / fan_in): the scale of a Kaiming-initialised weight, every slice nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(case.shape, generator=g) / math.sqrt(case.numel // case.shape[0])
+
+
+def make_grad(case: WeightCase, dtype: torch.dtype, device, seed: int = 1) -> torch.Tensor:
+    """A Gaussian dL/dw."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(case.shape, generator=g).to(device, dtype)
+
+
+class Weight(nn.Module):
+    """A bare module with one parameter ``weight``, what the parametrizations attach to."""
+
+    def __init__(self, v: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(v)
+
+
+class WeightOf(nn.Module):
+    """``forward()`` returns ``module.weight``: through its parametrization, if any."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self) -> torch.Tensor:
+        return self.module.weight
+
+
+class Formula(nn.Module):
+    """``rho * v / v.norm(p=2, dim=(1, ...), keepdim=True)``: v a parameter, rho a 0-d buffer (the
+    mean of the initial slice norms, as bounded_weight_norm's default)."""
+
+    def __init__(self, v: torch.Tensor):
+        super().__init__()
+        self.v = nn.Parameter(v)
+        self.register_buffer("rho", slice_norms(v.detach()).mean().to(v.dtype))
+        self.dims = tuple(range(1, v.dim()))
+
+    def forward(self) -> torch.Tensor:
+        return self.rho * self.v / self.v.norm(p=2, dim=self.dims, keepdim=True)
+
+
+class Ops(nn.Module):
+    """The Triton custom ops called directly: ``forward()`` is the forward op on v (detached,
+    nothing recorded), ``backward(grad)`` the backward op on its saved norms."""
+
+    def __init__(self, v: torch.Tensor):
+        super().__init__()
+        self.register_buffer("v", v)
+        self.register_buffer("rho", slice_norms(v).mean().to(v.dtype))
+        self.norm = None
+
+    def forward(self) -> torch.Tensor:
+        w, self.norm = torch.ops.tritonorm.bounded_weight(self.v, self.rho, 0, EPS)
+        return w
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.tritonorm.bounded_weight_backward(grad, self.v, self.rho, self.norm, 0, EPS)
+
+
+def build(name: str, case: WeightCase, dtype: torch.dtype, device, seed: int = 0) -> nn.Module:
+    """Contender ``name`` on a fresh v (the same for every contender at one seed), as a
+    module whose ``forward()`` returns w; for the compiled ones a ``torch.compile`` of it
+    (after ``torch._dynamo.reset()``, as ``lp_cases.build_layer`` explains), compiled on its
+    first call."""
+    v = _fan_in_normal(case, seed).to(device, dtype)
+    if name == TRITON_OPS:
+        return Ops(v)
+    if name in (FORMULA_EAGER, FORMULA_COMPILED):
+        module = Formula(v)
+    else:
+        holder = Weight(v)
+        if name == WEIGHT_NORM:
+            torch.nn.utils.parametrizations.weight_norm(holder, dim=0)
+        else:
+            tritonorm.bounded_weight_norm(holder, learnable_gain=name == TRITON_GAIN, backend=_BACKENDS[name])
+        module = WeightOf(holder)
+    if name in COMPILED_CONTENDERS:
+        torch._dynamo.reset()
+        module = torch.compile(module)
+    return module
+
+
+def step(module: nn.Module, grad: torch.Tensor, pass_: str) -> Callable[[], tuple]:
+    """A zero-argument callable running one pass; it returns (w,) or (w, dL/dv, ...), one
+    gradient per parameter (for ``Ops``, dL/dv and dL/drho from the backward op)."""
+    if pass_ == "forward":
+        return lambda: (module(),)
+    if isinstance(module, Ops):
+        return lambda: (module(), *module.backward(grad))
+    params = tuple(module.parameters())
+
+    def forward_backward():
+        w = module()
+        return (w, *torch.autograd.grad(w, params, grad))
+
+    return forward_backward
+
+
+def check_outputs(outputs: tuple, case: WeightCase) -> None:
+    """Cheap sanity of a step's outputs: w shaped like the weight, and so is one gradient
+    (dL/dv; weight_norm's dL/dg comes first), all finite."""
+    assert outputs[0].shape == case.shape, (outputs[0].shape, case.shape)
+    if len(outputs) > 1:
+        assert any(t.shape == case.shape for t in outputs[1:]), ([t.shape for t in outputs[1:]], case.shape)
+    for t in outputs:
+        assert torch.isfinite(t).all(), "non-finite output"
+
+
+def _directions(pass_: str):
+    return ("forward",) if pass_ == "forward" else ("forward", "backward")
+
+
+def compulsory_bytes(pass_: str, case: WeightCase, dtype: torch.dtype) -> int:
+    """The floor: bytes any implementation must move for ``pass_`` (module docstring)."""
+    return sum(_COMPULSORY[d] for d in _directions(pass_)) * case.numel * dtype.itemsize
+
+
+def algorithm_bytes(pass_: str, case: WeightCase, dtype: torch.dtype) -> int:
+    """Bytes the Triton kernels move for ``pass_`` (module docstring)."""
+    return sum(_ALGORITHM[d] for d in _directions(pass_)) * case.numel * dtype.itemsize
