@@ -3,9 +3,11 @@
 The data are synthetic (no download): 8x8 single-channel images of one of four oriented
 bars plus noise.  Each model is the same two-conv network with a different normalization
 layer after each convolution: nn.BatchNorm2d and tritonorm's L1, L-inf and Top-k batch
-norms; or, for EquiNorm, with each convolution and its norm replaced by EquiNormConv2d
-(the weight is normalized instead of the output).  It prints, per model, the final training loss, the test accuracy, the time per
-step and the backend that ran the layers.
+norms; for EquiNorm, each convolution and its norm replaced by EquiNormConv2d (the weight
+is normalized instead of the output); for bounded weight norm, the convolutions parametrized
+and no norm layer; for ENorm, no norm layer and an ENorm cycle after every SGD step.  It
+prints, per model, the final training loss, the test accuracy, the time per step and the
+backend that ran the layers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ NORMS = {
     "TopkBatchNorm2d": lambda c, backend: tritonorm.TopkBatchNorm2d(c, k=10, backend=backend),
 }
 EQUINORM = "EquiNormConv2d"
+BOUNDED_WN = "bounded_weight_norm"
+ENORM = "ENorm"
 
 
 def bars(n: int, generator: torch.Generator):
@@ -48,12 +52,18 @@ def model(norm, backend: str) -> nn.Module:
             tritonorm.EquiNormConv2d(1, 16, 3, padding=1, backend=backend), nn.ReLU(),
             tritonorm.EquiNormConv2d(16, 32, 3, padding=1, stride=2, backend=backend), nn.ReLU(),
         ]
+    elif norm in (BOUNDED_WN, ENORM):
+        features = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU()]
     else:
         features = [
             nn.Conv2d(1, 16, 3, padding=1), NORMS[norm](16, backend), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1, stride=2), NORMS[norm](32, backend), nn.ReLU(),
         ]
-    return nn.Sequential(*features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    net = nn.Sequential(*features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    if norm == BOUNDED_WN:
+        for layer in (net[0], net[2]):
+            tritonorm.bounded_weight_norm(layer, backend=backend)
+    return net
 
 
 def train(norm: str, args, data) -> dict:
@@ -61,6 +71,7 @@ def train(norm: str, args, data) -> dict:
     torch.manual_seed(args.seed)
     net = model(norm, args.backend).to(args.device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
+    enorm = tritonorm.ENorm.from_model(net, opt, backend=args.backend) if norm == ENORM else None
     start = time.perf_counter()
     for step in range(args.steps):
         i = torch.randint(0, len(x), (args.batch,))
@@ -68,6 +79,8 @@ def train(norm: str, args, data) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if enorm is not None:
+            enorm.step()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / args.steps
@@ -93,10 +106,10 @@ def main(argv=None) -> None:
     print(f"tritonorm {tritonorm.__version__}, torch {torch.__version__}, device {args.device}")
     print(f"backend {args.backend!r} runs the tritonorm layers on {used} ({describe()})")
     print(f"task: 4-way classification of noisy 8x8 bars, {args.steps} SGD steps of batch {args.batch}\n")
-    print(f"{'normalization':<17}{'train loss':>11}{'test acc':>10}{'ms/step':>9}")
-    for norm in [*NORMS, EQUINORM]:
+    print(f"{'normalization':<21}{'train loss':>11}{'test acc':>10}{'ms/step':>9}")
+    for norm in [*NORMS, EQUINORM, BOUNDED_WN, ENORM]:
         r = train(norm, args, data)
-        print(f"{r['norm']:<17}{r['loss']:>11.4f}{r['accuracy']:>10.3f}{r['ms_per_step']:>9.2f}", flush=True)
+        print(f"{r['norm']:<21}{r['loss']:>11.4f}{r['accuracy']:>10.3f}{r['ms_per_step']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":
