@@ -12,7 +12,7 @@ slices and walks all of their tiles twice, so each direction is one launch:
                        pass 2: w = rho_i / max(n_i, eps) * v
     _backward_kernel   pass 1: t_i = <v_i, G_i>
                        pass 2: dL/dv = rho_i / max(n_i, eps) * (G - v t_i / n_i^2)
-                               dL/drho_i = t_i / max(n_i, eps)             (stored)
+                               dL/drho_i = t_i / max(n_i, eps)             (stored, (S,))
 
 The second pass re-reads what its program read in the first, mostly from L2.  A program
 needs its slices whole, so the parallelism is the number of slice blocks: the planner
@@ -135,11 +135,12 @@ def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[t
 
 def backward(grad: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, norm: torch.Tensor, dim: int,
              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dv, dL/drho) for dL/dw = ``grad``; dL/drho has rho's shape and dtype."""
+    """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i in the accumulator
+    dtype (summed by the caller when one rho serves every slice)."""
     view = slice_view(v, dim)
     grad = grad.contiguous().view(view.tensor.shape)
     dv = torch.empty_like(view.tensor)
-    drho = torch.empty(view.c, device=v.device, dtype=rho.dtype if rho.dim() else norm.dtype)
+    drho = torch.empty_like(norm)
     grid, meta = _launch_meta(view)
     _backward_kernel[grid](grad, view.tensor, rho, norm, dv, drho, *view.args(), int(rho.dim() == 1), eps, **meta)
-    return dv.view(v.shape), drho if rho.dim() else drho.sum().to(rho.dtype)
+    return dv.view(v.shape), drho

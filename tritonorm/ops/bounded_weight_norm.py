@@ -3,7 +3,9 @@ implementations and autograd.
 
 ``bounded_weight(v, rho, dim, eps)`` returns w = rho_i v_i / max(||v_i||, eps) (contiguous,
 v's dtype) and the slice norms (S,) in the accumulator dtype, which the backward reuses; it
-is differentiable in v and rho (() or (S,)).
+is differentiable in v and rho (() or (S,)).  The backward op returns dL/dv and the
+per-slice dL/drho_i (S,), accumulator dtype; the sum over slices for a single rho is left
+to autograd's wrapper, which skips it when rho (a fixed buffer) needs no gradient.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def bounded_weight_backward(
 
 @bounded_weight_backward.register_fake
 def _(grad, v, rho, norm, dim, eps):
-    return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(rho)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(norm)
 
 
 def _setup(ctx, inputs, output):
@@ -49,6 +51,8 @@ def _backward(ctx, grad, _grad_norm):
     v, rho, norm = ctx.saved_tensors
     dv, drho = bounded_weight_backward(grad, v, rho, norm, *ctx.options)
     need_v, need_rho = ctx.needs_input_grad[:2]
+    if need_rho:
+        drho = (drho if rho.dim() else drho.sum()).to(rho.dtype)
     return dv if need_v else None, drho if need_rho else None, None, None
 
 
