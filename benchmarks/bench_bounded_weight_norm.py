@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bwn_cases import (
+from tritonorm.bench.bwn_cases import (
     COMPILED_CONTENDERS,
     CONTENDERS,
     SMALL_WEIGHTS,
@@ -36,7 +36,7 @@ from bwn_cases import (
     make_grad,
     step,
 )
-from lp_cases import PASSES, dtype_name, run_benchmark
+from tritonorm.bench.lp_cases import PASSES, dtype_name, run_benchmark
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

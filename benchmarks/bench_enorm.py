@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from enorm_cases import (
+from tritonorm.bench.enorm_cases import (
     CONTENDERS,
     SGD_STEP,
     SMALL_NETS,
@@ -29,8 +29,8 @@ from enorm_cases import (
     cycle_bytes,
     state,
 )
-from equinorm_cases import check_finite
-from lp_cases import run_benchmark
+from tritonorm.bench.equinorm_cases import check_finite
+from tritonorm.bench.lp_cases import run_benchmark
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from equinorm_cases import (
+from tritonorm.bench.equinorm_cases import (
     KERNELS,
     ConvCase,
     build,
@@ -36,7 +36,7 @@ from equinorm_cases import (
     output_shape,
     variants,
 )
-from lp_cases import COMPILED, EAGER, PASSES, TRITON, check_outputs, dtype_name, run_benchmark
+from tritonorm.bench.lp_cases import COMPILED, EAGER, PASSES, TRITON, check_outputs, dtype_name, run_benchmark
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

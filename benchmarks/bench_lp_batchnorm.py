@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lp_cases import (
+from tritonorm.bench.lp_cases import (
     COMPILED,
     PASSES,
     TRITON,

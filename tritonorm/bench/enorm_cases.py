@@ -9,7 +9,7 @@ SGD(momentum=0.9, foreach=True), so that its gradients and momentum buffers are 
 * one ENorm cycle (c = ``C``, p = 2, no bias, the last pair left alone, momentum buffers
   rescaled): Triton parallel (2 launches), Triton sequential (one launch per pair, and one
   more), and the PyTorch path (backend="torch", parallel);
-* the same cycle as the authors' per-layer Python loop (``tests.enorm_utils.per_layer_cycle``);
+* the same cycle as the authors' per-layer Python loop (``per_layer_cycle``);
 * one ``optimizer.step()`` of the SGD the cycle accompanies, the yardstick of its cost.
 
 The bandwidth floor of one parallel cycle (``cycle_bytes``): every weight the cycle touches
@@ -27,7 +27,6 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from tests.enorm_utils import mlp, per_layer_cycle, weight_layers
 from tritonorm import ENorm
 
 TRITON_PARALLEL, TRITON_SEQUENTIAL = "enorm-triton-parallel", "enorm-triton-sequential"
@@ -69,6 +68,34 @@ STUDY_NETS = (Net("mlp", (3072, *[500] * 20, 10)), Net("cnn", (3, 128, 128, 128,
 SMALL_NETS = (Net("mlp", (48, *[16] * 6, 10)), Net("cnn", (3, 8, 8, 8, 16, 16, 16, 24, 24, 10), in_size=8))
 
 
+def per_layer_cycle(weights: list[torch.Tensor], buffers: list[torch.Tensor] | None, c: float) -> None:
+    """The published ENorm step (facebookresearch/enorm, ``_step_conv``), restated: a Python
+    loop over the pairs of (O, I, K) weights, every coefficient from the norms at the start
+    of the cycle, the last pair left alone, no biases, p = 2, momentum buffers rescaled
+    rows by 1/d and columns by d.  The per-layer baseline; the same loop as
+    ``tests/enorm_utils.per_layer_cycle``, the tests' oracle of the parallel mode, kept here so
+    that the installed package benchmarks without the tests."""
+    left = weights[0].flatten(1).norm(dim=1)
+    right = weights[1].transpose(0, 1).flatten(1).norm(dim=1)
+    for i in range(1, len(weights) - 1):
+        balancer = (right / (left * c)).pow(0.5)
+        left = weights[i].flatten(1).norm(dim=1)
+        right = weights[i + 1].transpose(0, 1).flatten(1).norm(dim=1)
+        weights[i - 1].mul_(balancer[:, None, None])
+        weights[i].mul_(1 / balancer[None, :, None])
+        if buffers is not None:
+            buffers[i - 1].mul_(1 / balancer[:, None, None])
+            buffers[i].mul_(balancer[None, :, None])
+
+
+def _mlp(widths) -> nn.Sequential:
+    """Bias-free Linear-ReLU chain over ``widths`` (the study's nets: 3072, 500 x depth, 10)."""
+    layers = []
+    for n_in, n_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(n_in, n_out, bias=False), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
 def _cnn(channels) -> nn.Sequential:
     """3x3 convolutions (padding 1) with a max-pool after the third and the sixth, the last
     two 1x1, ReLU between, a global average pool over the last one's class maps."""
@@ -92,12 +119,12 @@ def build(net: Net, device, seed: int = 0) -> Chain:
     """The net on ``device`` after one backward and one step of SGD(momentum=0.9,
     foreach=True): gradients and momentum buffers populated."""
     torch.manual_seed(seed)
-    model = (mlp(net.widths) if net.kind == "mlp" else _cnn(net.widths)).to(device)
+    model = (_mlp(net.widths) if net.kind == "mlp" else _cnn(net.widths)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, foreach=True)
     x = torch.randn(net.input_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     model(x).square().mean().backward()
     optimizer.step()
-    return Chain(model, optimizer, weight_layers(model))
+    return Chain(model, optimizer, [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))])
 
 
 def _buffer(chain: Chain, weight: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 import tritonorm
-from lp_cases import COMPILED, EAGER, TRITON, step
 from tritonorm.ops import equinorm as ops
 from tritonorm.reference import equinorm as reference
+
+from .lp_cases import COMPILED, EAGER, TRITON, step
 
 EQUINORM, NORM_ONLY = "equinorm", "norm-only"
 CONV, CONV_BN = ("conv", "nn.Conv2d"), ("conv+bn", "nn.Conv2d+nn.BatchNorm2d")

@@ -1,0 +1,7 @@
+"""The benchmarks: what each one runs (``lp_cases``, ``equinorm_cases``, ``enorm_cases``,
+``bwn_cases``: cases, contenders, bytes) and the bandwidth roofline over them (``roofline``).
+
+Shared by ``tritonorm bench``, ``benchmarks/roofline.py`` and the pytest-benchmark suites
+``benchmarks/bench_*.py``; part of the package so that an installed ``tritonorm bench``
+runs without a checkout.  Nothing here is imported by ``import tritonorm``.
+"""
