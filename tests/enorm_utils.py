@@ -1,26 +1,10 @@
-"""Shared helpers of the ENorm tests and benchmarks: chains, and the authors' update rule."""
+"""Shared helpers of the ENorm tests: chains, and the authors' update rule (shared with the
+benchmarks, in the package)."""
 
 import torch
 from torch import nn
 
-
-def per_layer_cycle(weights: list[torch.Tensor], buffers: list[torch.Tensor] | None, c: float) -> None:
-    """The published ENorm step (facebookresearch/enorm, ``_step_conv``), restated: a Python
-    loop over the pairs of (O, I, K) weights, every coefficient from the norms at the start
-    of the cycle, the last pair left alone, no biases, p = 2, momentum buffers rescaled
-    rows by 1/d and columns by d.  The oracle of the parallel mode and the benchmarks'
-    per-layer baseline."""
-    left = weights[0].flatten(1).norm(dim=1)
-    right = weights[1].transpose(0, 1).flatten(1).norm(dim=1)
-    for i in range(1, len(weights) - 1):
-        balancer = (right / (left * c)).pow(0.5)
-        left = weights[i].flatten(1).norm(dim=1)
-        right = weights[i + 1].transpose(0, 1).flatten(1).norm(dim=1)
-        weights[i - 1].mul_(balancer[:, None, None])
-        weights[i].mul_(1 / balancer[None, :, None])
-        if buffers is not None:
-            buffers[i - 1].mul_(1 / balancer[:, None, None])
-            buffers[i].mul_(balancer[None, :, None])
+from tritonorm.bench.enorm_cases import per_layer_cycle  # noqa: F401 (re-exported to the tests)
 
 
 def mlp(widths, bias=False, batchnorm=False):

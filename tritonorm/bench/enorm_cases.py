@@ -72,9 +72,8 @@ def per_layer_cycle(weights: list[torch.Tensor], buffers: list[torch.Tensor] | N
     """The published ENorm step (facebookresearch/enorm, ``_step_conv``), restated: a Python
     loop over the pairs of (O, I, K) weights, every coefficient from the norms at the start
     of the cycle, the last pair left alone, no biases, p = 2, momentum buffers rescaled
-    rows by 1/d and columns by d.  The per-layer baseline; the same loop as
-    ``tests/enorm_utils.per_layer_cycle``, the tests' oracle of the parallel mode, kept here so
-    that the installed package benchmarks without the tests."""
+    rows by 1/d and columns by d.  The per-layer baseline of the benchmarks and the tests'
+    oracle of the parallel mode (``tests/enorm_utils`` re-exports it)."""
     left = weights[0].flatten(1).norm(dim=1)
     right = weights[1].transpose(0, 1).flatten(1).norm(dim=1)
     for i in range(1, len(weights) - 1):
