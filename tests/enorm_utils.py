@@ -1,7 +1,6 @@
 """Shared helpers of the ENorm tests: chains, and the authors' update rule (shared with the
 benchmarks, in the package)."""
 
-import torch
 from torch import nn
 
 from tritonorm.bench.enorm_cases import per_layer_cycle  # noqa: F401 (re-exported to the tests)
