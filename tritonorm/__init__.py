@@ -7,10 +7,11 @@ takes ``backend="auto" | "triton" | "torch"`` and the environment variable
 """
 
 from . import functional
+from .convert import convert
 from .enorm import ENorm
 from .lr_correction import corrected_lr, slice_norms
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
 
 __version__ = "0.1.0"
-__all__ = ["functional", "ENorm", "corrected_lr", "slice_norms", *_nn_all]
+__all__ = ["functional", "convert", "ENorm", "corrected_lr", "slice_norms", *_nn_all]

@@ -1,0 +1,325 @@
+"""``tritonorm.convert``: a copy of a torch model with its normalization swapped.
+
+Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, but the model it is given is never
+changed: the conversion works on a deep copy and returns it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import torch
+from torch import fx, nn
+
+from . import functional as F
+from ._chain import BATCHNORMS
+from ._chain import _describe as _describe_node
+from ._dispatch import BACKENDS
+from .nn.bounded_weight_norm import bounded_weight_norm
+from .nn.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear, _EquiNorm
+from .nn.lp_batchnorm import (
+    L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d, LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d, TopkBatchNorm1d,
+    TopkBatchNorm2d, TopkBatchNorm3d, _LpBatchNorm,
+)
+
+__all__ = ["convert"]
+
+_LP_CLASSES = {
+    "l1": (L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d),
+    "linf": (LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d),
+    "topk": (TopkBatchNorm1d, TopkBatchNorm2d, TopkBatchNorm3d),
+}
+# The layers EquiNorm takes in front of each BatchNorm, and the layer that replaces the pair.
+_EQUINORM_PAIRS = {
+    nn.BatchNorm1d: ((nn.Linear, EquiNormLinear), (nn.Conv1d, EquiNormConv1d)),
+    nn.BatchNorm2d: ((nn.Conv2d, EquiNormConv2d),),
+    nn.BatchNorm3d: ((nn.Conv3d, EquiNormConv3d),),
+}
+_WEIGHT_DIMS = {
+    nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0,
+    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
+}
+_BN_NAMES = "nn.BatchNorm1d/2d/3d"
+
+
+def convert(model: nn.Module, norm: str, **options) -> nn.Module:
+    """A converted deep copy of ``model``; ``model`` itself is left exactly as it was
+    (parameters, buffers, modules, training flags).
+
+    norm "l1", "linf", "topk": every nn.BatchNorm1d/2d/3d (subclasses included) becomes
+        the L1 / Linf / Topk BatchNorm of the same dimension, with the same num_features,
+        eps, momentum, affine, track_running_stats, device, dtype and training flag;
+        weight, bias, running_mean and num_batches_tracked are copied, and
+
+            running_dev = sqrt(running_var + eps) - eps
+
+        The Lp dispersions are scaled to estimate the standard deviation of Gaussian
+        data, so sqrt(running_var) is their consistent estimate, and the "- eps" makes the
+        eval output gamma (x - mu) / (running_dev + eps) + beta the BatchNorm's
+        gamma (x - mu) / sqrt(running_var + eps) + beta (to rounding).  Options: ``backend``;
+        ``k`` for "topk" (10 by default, as TopkBatchNorm: training needs k values or more
+        per channel).  Modules keep their names and the model its type (a model that is
+        itself a BatchNorm gives the Lp layer); a BatchNorm used at several places becomes
+        one Lp layer used at the same places.
+
+    norm "equinorm": each nn.Conv1d/2d/3d (nn.Linear) whose output goes only to an
+        nn.BatchNorm of its dimension (BatchNorm1d for Linear) and its number of channels
+        is replaced, with that BatchNorm, by EquiNormConv1d/2d/3d (EquiNormLinear) under
+        the convolution's name.  The pairs are found with torch.fx, so the result is a
+        ``torch.fx.GraphModule`` running the traced forward (methods and attributes that
+        forward does not use are not kept), and a model fx cannot trace is a ValueError.
+        The convolution's hyper-parameters (stride, padding, dilation, groups,
+        padding_mode) and weight are copied as they are (signs not rebalanced: a row
+        whose weights share one sign is degenerate, see ``balance_signs_``); the
+        BatchNorm's weight and bias become EquiNorm's gain and bias (affine=False stays
+        without them), its momentum the momentum of EquiNorm's running input mean.  The
+        convolution's own bias is dropped: the BatchNorm cancelled it with the batch mean,
+        and EquiNorm's weight shift keeps the output at mean zero the same way (exactly
+        under the paper's assumptions).  Running statistics do not carry over (BatchNorm
+        tracks its output, EquiNorm its input: ``running_mean`` starts at ones), so train,
+        or run a few batches in training mode, before eval.
+        Options: ``single_pass``, ``stats_fraction``, ``backend`` (see EquiNormConv2d).
+        Every BatchNorm it cannot convert (input not such a layer, a layer that feeds
+        anything else, a layer or BatchNorm called more than once, track_running_stats
+        False, a layer EquiNorm refuses) is left alone and reported in one UserWarning,
+        with its qualified name and the reason.
+
+    norm "bounded_wn": ``bounded_weight_norm`` on the weight of every nn.Linear and
+        nn.Conv1d/2d/3d (slices along dim 0, the output channels) and nn.ConvTranspose1d/
+        2d/3d (dim 1: the output channels when groups=1); BatchNorms are kept.  Options:
+        ``rho``, ``learnable_gain``, ``backend``.
+
+    Errors: TypeError for a model that is not an nn.Module or an option the norm does not
+    take; ValueError for an unknown norm, a bad backend, or a model with nothing to convert.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(norm, str) or norm not in _CONVERTERS:
+        raise ValueError(f"norm must be one of {', '.join(map(repr, _CONVERTERS))}, got {norm!r}")
+    converter = _CONVERTERS[norm]
+    accepted = [p.name for p in inspect.signature(converter).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"options: convert(..., {norm!r}) got unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(map(repr, accepted))}"
+        )
+    backend = options.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return converter(copy.deepcopy(model), **options)
+
+
+# --- l1 / linf / topk ---------------------------------------------------------------
+# Each converter takes the deep copy; its keyword-only parameters are the options that
+# convert accepts for its norm.
+
+
+def _l1(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    return _swap_batchnorms(model, "l1", {"backend": backend})
+
+
+def _linf(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    return _swap_batchnorms(model, "linf", {"backend": backend})
+
+
+def _topk(model: nn.Module, *, k: int = 10, backend: str = "auto") -> nn.Module:
+    return _swap_batchnorms(model, "topk", {"k": k, "backend": backend})
+
+
+def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
+    """Replace, in place, every BatchNorm of ``model`` (every path to it, a shared one by
+    one shared layer) with its Lp counterpart; the root itself may be one."""
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, BATCHNORMS):
+            continue
+        if id(module) not in replaced:
+            replaced[id(module)] = _lp_layer(module, norm, options)
+        if not name:
+            return replaced[id(module)]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replaced[id(module)])
+    if not replaced:
+        raise ValueError(f"model: found no {_BN_NAMES} to convert to {norm!r}")
+    return model
+
+
+@torch.no_grad()
+def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
+    """The Lp BatchNorm with ``bn``'s settings, parameters and eval-mode output."""
+    dim = next(d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls))
+    tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
+    factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+    layer = _LP_CLASSES[norm][dim](
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **options, **factory
+    )
+    if bn.affine:
+        layer.weight.copy_(bn.weight)
+        layer.bias.copy_(bn.bias)
+    if layer.track_running_stats and bn.running_var is not None:
+        layer.running_mean.copy_(bn.running_mean)
+        layer.running_dev.copy_((bn.running_var.double() + bn.eps).sqrt() - bn.eps)
+        layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return layer.train(bn.training)
+
+
+# --- equinorm -----------------------------------------------------------------------
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer that keeps every BatchNorm, conv / linear and tritonorm layer whole,
+    subclasses defined outside torch.nn included."""
+
+    _LEAVES = (*BATCHNORMS, *_WEIGHT_DIMS, _LpBatchNorm, _EquiNorm)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self._LEAVES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fraction: float = 1.0,
+                    backend: str = "auto") -> fx.GraphModule:
+    """Trace ``model``, fuse every conv / linear + BatchNorm pair it can into EquiNorm and
+    warn once about the BatchNorms it leaves alone; raise if it fuses none."""
+    if not isinstance(single_pass, bool):
+        raise TypeError(f"single_pass must be a bool, got {single_pass!r}")
+    F._stats_rows(1, stats_fraction)  # validates stats_fraction
+    options = {"single_pass": single_pass, "stats_fraction": stats_fraction, "backend": backend}
+    graph_module = _trace(model)
+    modules = dict(graph_module.named_modules())
+    pairs, left_alone = [], []
+    for bn_node in graph_module.graph.nodes:
+        if bn_node.op != "call_module" or not isinstance(modules[bn_node.target], BATCHNORMS):
+            continue
+        try:
+            pairs.append((bn_node, _equinorm_layer(graph_module, bn_node, modules, options)))
+        except _LeftAlone as reason:
+            left_alone.append(f"{_describe(bn_node, modules)}: {reason}")
+    report = "".join(f"\n  {line}" for line in left_alone)
+    if not left_alone and not pairs:
+        raise ValueError(f"model: found no {_BN_NAMES} to convert to 'equinorm'")
+    if not pairs:
+        raise ValueError(
+            "model: found no nn.Conv1d/2d/3d or nn.Linear followed by a BatchNorm to convert to 'equinorm'; every "
+            f"BatchNorm is left alone:{report}"
+        )
+    for bn_node, layer in pairs:
+        _fuse(graph_module, bn_node, layer)
+    graph_module.delete_all_unused_submodules()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    if left_alone:
+        warnings.warn(
+            f"tritonorm.convert(model, 'equinorm') left {len(left_alone)} BatchNorm layer(s) alone:{report}",
+            UserWarning, stacklevel=3,
+        )
+    return graph_module
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a GraphModule over its own submodules, every module's training flag kept."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # fx raises many types; the message says what to do instead
+        raise ValueError(
+            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); convert its "
+            "traceable submodules one by one instead"
+        ) from err
+    graph_module = fx.GraphModule(model, graph, type(model).__name__)
+    for name, module in graph_module.named_modules():  # fx's new containers start in training mode
+        module.training = model.get_submodule(name).training
+    return graph_module
+
+
+class _LeftAlone(Exception):
+    """Why a BatchNorm is not converted to EquiNorm."""
+
+
+def _equinorm_layer(graph_module: fx.GraphModule, bn_node: fx.Node, modules: dict, options: dict) -> nn.Module:
+    """The EquiNorm layer that replaces ``bn_node`` and the layer feeding it; raises
+    _LeftAlone with the reason where there is none."""
+    bn = modules[bn_node.target]
+    src = bn_node.all_input_nodes[0]
+    candidates = next(pairs for cls, pairs in _EQUINORM_PAIRS.items() if isinstance(bn, cls))
+    layer = modules.get(src.target) if src.op == "call_module" else None
+    equinorm_class = next((eq for cls, eq in candidates if isinstance(layer, cls)), None)
+    if equinorm_class is None:
+        expected = " or ".join(f"nn.{cls.__name__}" for cls, _ in candidates)
+        raise _LeftAlone(f"its input is {_describe(src, modules)}, not the output of an {expected}")
+    others = [u for u in src.users if u is not bn_node]
+    if others:
+        raise _LeftAlone(f"{_describe(src, modules)} also feeds {', '.join(_describe(u, modules) for u in others)}")
+    for node in (src, bn_node):
+        calls = sum(n.op == "call_module" and n.target == node.target for n in graph_module.graph.nodes)
+        if calls > 1:
+            raise _LeftAlone(f"{_describe(node, modules)} is called {calls} times (shared weights)")
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if out != bn.num_features:
+        raise _LeftAlone(f"{_describe(src, modules)} has {out} output channels, the BatchNorm {bn.num_features}")
+    if not bn.track_running_stats:
+        raise _LeftAlone("track_running_stats=False: EquiNorm's eval mode always uses its running input mean")
+    try:
+        return _equinorm_from(layer, bn, equinorm_class, options)
+    except ValueError as err:
+        raise _LeftAlone(f"EquiNorm refuses {_describe(src, modules)}: {err}") from None
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    return f"the model input `{node.name}`" if node.op == "placeholder" else _describe_node(node, modules)
+
+
+@torch.no_grad()
+def _equinorm_from(layer: nn.Module, bn: nn.Module, equinorm_class: type, options: dict) -> nn.Module:
+    """EquiNorm with ``layer``'s geometry and weight and ``bn``'s affine and momentum."""
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    common = {"affine": bn.affine, "momentum": bn.momentum, **options, **factory}
+    if isinstance(layer, nn.Linear):
+        new = equinorm_class(layer.in_features, layer.out_features, **common)
+    else:
+        new = equinorm_class(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+            layer.groups, padding_mode=layer.padding_mode, **common,
+        )
+    new.weight.copy_(layer.weight)
+    if bn.affine:
+        new.gain.copy_(bn.weight)
+        new.bias.copy_(bn.bias)
+    return new.train(bn.training)
+
+
+def _fuse(graph_module: fx.GraphModule, bn_node: fx.Node, layer: nn.Module) -> None:
+    """Put ``layer`` in place of the module feeding ``bn_node`` and drop the BatchNorm."""
+    src = bn_node.all_input_nodes[0]
+    parent, _, child = src.target.rpartition(".")
+    setattr(graph_module.get_submodule(parent), child, layer)
+    bn_node.replace_all_uses_with(src)
+    graph_module.graph.erase_node(bn_node)
+
+
+# --- bounded_wn ---------------------------------------------------------------------
+
+
+def _bounded_wn(model: nn.Module, *, rho: float | None = None, learnable_gain: bool = False,
+                backend: str = "auto") -> nn.Module:
+    """``bounded_weight_norm`` on every Linear / Conv / ConvTranspose weight, in place;
+    an error names the layer."""
+    found = False
+    for name, module in list(model.named_modules()):
+        dim = next((d for cls, d in _WEIGHT_DIMS.items() if isinstance(module, cls)), None)
+        if dim is None:
+            continue
+        found = True
+        try:
+            bounded_weight_norm(module, rho=rho, learnable_gain=learnable_gain, dim=dim, backend=backend)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"model.{name or '<root>'}: {err}") from None
+    if not found:
+        raise ValueError(
+            "model: found no nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d to convert to 'bounded_wn'"
+        )
+    return model
+
+
+_CONVERTERS = {"l1": _l1, "linf": _linf, "topk": _topk, "equinorm": _equinorm_model, "bounded_wn": _bounded_wn}
