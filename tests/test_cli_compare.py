@@ -14,11 +14,14 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+import tritonorm  # noqa: E402
 from tritonorm._dispatch import resolve_backend  # noqa: E402
+from tritonorm.cli import compare as compare_cli  # noqa: E402
 from tritonorm.cli import main  # noqa: E402
 from tritonorm.cli.compare import Run, summarize  # noqa: E402
 from tritonorm.cli.data import CIFAR_TEST, CIFAR_TRAIN, load_cifar10  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PER_BATCH = 4
 
@@ -44,8 +47,8 @@ def cifar(tmp_path):
 
 
 def compare(args, tmp_path, capsys):
-    """Run ``tritonorm compare ARGS --out tmp_path/out``; returns the exit status, stdout, stderr."""
-    status = main(["compare", *args, "--out", str(tmp_path / "out"), "--no-progress"])
+    """Run ``tritonorm compare ARGS`` on DEVICE, out in tmp_path/out; returns the exit status, stdout, stderr."""
+    status = main(["compare", *args, "--device", DEVICE, "--out", str(tmp_path / "out"), "--no-progress"])
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -64,7 +67,7 @@ def test_end_to_end_writes_table_json_csv_png(tmp_path, capsys, model, norms):
     assert {"settings", "versions", "device", "backend", "dataset", "model", "rows"} <= doc.keys()
     assert doc["settings"]["epochs"] == epochs and doc["settings"]["norms"] == norms
     assert doc["versions"]["torch"] == torch.__version__
-    assert doc["backend"] == resolve_backend("auto", torch.zeros(1))
+    assert doc["backend"] == resolve_backend("auto", torch.zeros(1, device=DEVICE))
     assert [row["norm"] for row in doc["rows"]] == norms
     for row in doc["rows"]:
         assert row["label"] in out
@@ -77,6 +80,30 @@ def test_end_to_end_writes_table_json_csv_png(tmp_path, capsys, model, norms):
     assert [r["norm"] for r in rows] == norms
     assert float(rows[0]["test_accuracy_median"]) == pytest.approx(doc["rows"][0]["test_accuracy_median"])
     assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_backend_reaches_the_layers_and_enorm(tmp_path, capsys, monkeypatch):
+    trainers, init = [], compare_cli.Trainer.__init__
+
+    def recording_init(self, *args):
+        init(self, *args)
+        trainers.append(self)
+
+    monkeypatch.setattr(compare_cli.Trainer, "__init__", recording_init)
+    status, out, err = compare(["--backend", "triton", "--norms", "topk,enorm", "--mlp", "1", "--width", "12",
+                                "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--limit-batches", "2"],
+                               tmp_path, capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["backend"] == "triton"
+    topk, enorm = trainers
+    layers = [m for m in topk.net.modules() if isinstance(m, tritonorm.TopkBatchNorm1d)]
+    assert len(layers) == 2 and all(m.backend == "triton" for m in layers)
+    assert enorm.enorm.backend == "triton"
+
+
+def test_batch_size_larger_than_the_data(tmp_path, capsys):
+    status, _, err = compare(["--batch-size", "5000"], tmp_path, capsys)
+    assert_clear_error(status, err, "--batch-size 5000", "1347 training images")
 
 
 def test_diverged_run_is_counted_and_json_stays_strict(tmp_path, capsys):

@@ -397,23 +397,32 @@ def compare(args: argparse.Namespace, data: Dataset) -> list[dict]:
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check the extras, load the data, train, print the table, write the files."""
+class SetupError(Exception):
+    """What the run cannot start with; the message is one line for the user."""
+
+
+def prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
+    """The dataset on the device and the backend that runs tritonorm's layers; raises
+    SetupError or DataError when the extras, the data, the batch size or the backend fail."""
     missing = missing_extras(args)
     if missing:
-        print(f"tritonorm compare: error: needs {', '.join(missing)} (the 'compare' extra): {EXTRA_HINT}",
-              file=sys.stderr)
-        return 2
+        raise SetupError(f"needs {', '.join(missing)} (the 'compare' extra): {EXTRA_HINT}")
+    data = load(args)
+    if args.batch_size > len(data.x_train):
+        raise SetupError(f"--batch-size {args.batch_size} is more than the {len(data.x_train)} training images")
     try:
-        data = load(args)
-    except DataError as err:
+        return data, resolve_backend(args.backend, data.x_train)
+    except RuntimeError as err:
+        raise SetupError(f"--backend {args.backend}: {err}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, print the table, write the files; 2 with a one-line error if the run cannot start."""
+    try:
+        data, backend = prepare(args)
+    except (SetupError, DataError) as err:
         print(f"tritonorm compare: error: {err}", file=sys.stderr)
         return 2
-    if args.batch_size > len(data.x_train):
-        print(f"tritonorm compare: error: --batch-size {args.batch_size} is more than the {len(data.x_train)} "
-              "training images", file=sys.stderr)
-        return 2
-    backend = resolve_backend(args.backend, data.x_train)
     print(f"{data.describe()}; {model_name(args)}; {args.epochs} epochs x {args.seeds} seeds, batch "
           f"{args.batch_size}, lr {args.lr}; device {args.device} ({device_name(args.device)}), backend {backend}",
           flush=True)
@@ -451,11 +460,14 @@ def norm_list(text: str) -> list[str]:
 
 
 def device(text: str) -> torch.device:
-    """argparse type: a torch device."""
+    """argparse type: a torch device; CUDA only where it is available."""
     try:
-        return torch.device(text)
+        value = torch.device(text)
     except RuntimeError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if value.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available")
+    return value
 
 
 def _option(parser: argparse.ArgumentParser, flag: str, kind: Callable, default, help: str) -> None:
