@@ -10,9 +10,9 @@ are not run: use them for listings, signatures and shell commands.
 
 The blocks run in the background, ``WORKERS`` at a time, from the moment the first block
 test starts (``_runs``); each test then waits for its own block.  Most of a block's time is
-the interpreter importing torch (2-3 s), so the ~25 blocks take over a minute on 2 CPU cores
-(81 s measured on an idle 2-core machine): the block tests are marked ``slow``
-(``pytest -m "not slow"`` leaves them out).
+the interpreter importing torch (2-3 s), so the 25 blocks take about 1.5 minutes on 2 CPU
+cores (89 s for this file): the block tests are marked ``slow`` (``pytest -m "not slow"``
+leaves them out).
 """
 
 from __future__ import annotations
@@ -187,3 +187,33 @@ def test_docs_link_to_existing_files():
             if not (path.parent / target).exists():
                 missing.append(f"{path.relative_to(ROOT).as_posix()} -> {target}")
     assert not missing, "broken links: " + ", ".join(missing)
+
+
+def _cli_parsers() -> dict:
+    """{subcommand: its argparse parser}, built as ``tritonorm.cli.main`` builds them; empty
+    when the command line is not there."""
+    import argparse
+
+    try:
+        from tritonorm import cli
+    except ImportError:
+        return {}
+    subparsers = argparse.ArgumentParser(prog="tritonorm").add_subparsers(dest="command")
+    for command in cli.COMMANDS:
+        command.add_parser(subparsers)
+    return dict(subparsers.choices)
+
+
+@pytest.mark.parametrize("command", sorted(_cli_parsers()) or [None])
+def test_api_page_documents_cli(command):
+    """api.md's "Command line" section gives every subcommand and each of its options."""
+    if command is None:
+        pytest.skip("tritonorm.cli is not there")
+    page = API_PAGE.read_text(encoding="utf-8")
+    section = page[page.index("## Command line"):]
+    assert f"tritonorm {command}" in section, f"docs/api.md does not document `tritonorm {command}`"
+    parser = _cli_parsers()[command]
+    flags = [max(a.option_strings, key=len) for a in parser._actions
+             if a.option_strings and "--help" not in a.option_strings]
+    missing = [f for f in flags if not re.search(rf"{re.escape(f)}\b", section)]
+    assert not missing, f"docs/api.md does not give these options of `tritonorm {command}`: {missing}"
