@@ -454,8 +454,8 @@ def norm_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in NORMS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown norm {', '.join(map(repr, unknown)) or 'list'}; choose from "
-                                         f"{', '.join(NORMS)}")
+        what = f"unknown norm {', '.join(map(repr, unknown))}" if unknown else "no norm given"
+        raise argparse.ArgumentTypeError(f"{what}; choose from {', '.join(NORMS)}")
     return list(dict.fromkeys(names))
 
 
@@ -471,6 +471,7 @@ def device(text: str) -> torch.device:
 
 
 def _option(parser: argparse.ArgumentParser, flag: str, kind: Callable, default, help: str) -> None:
+    """Add ``flag`` with its type and default, the default shown in the help."""
     parser.add_argument(flag, type=kind, default=default, help=f"{help} (default: {default})")
 
 
