@@ -362,18 +362,24 @@ def _ratio(num: dict, den: dict | None) -> float | None:
     return num["time_us"] / den["time_us"] if den else None
 
 
+def _add_bandwidth(r: dict, floor_bytes: int, peak_gbps: float) -> None:
+    """GB/s of row ``r`` over ``floor_bytes`` and over its kernels' own bytes (when it has
+    them), each also as a fraction of peak."""
+    seconds = r["time_us"] * 1e-6
+    r["gbps"] = floor_bytes / seconds / 1e9
+    r["floor_fraction"] = r["gbps"] / peak_gbps
+    if r["algorithm_bytes"] is not None:
+        r["algorithm_gbps"] = r["algorithm_bytes"] / seconds / 1e9
+        r["algorithm_fraction"] = r["algorithm_gbps"] / peak_gbps
+
+
 def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
     """Add GB/s, fractions of peak and the ratios to the baseline and to the compiled
     reference to each row; return the Top-k / L1 time ratios."""
     index = {(r["shape"], r["dtype"], r["pass"], r["norm"], r["impl"]): r for r in rows}
     for r in rows:
         config = (r["shape"], r["dtype"], r["pass"])
-        seconds = r["time_us"] * 1e-6
-        r["gbps"] = r["compulsory_bytes"] / seconds / 1e9
-        r["floor_fraction"] = r["gbps"] / peak_gbps
-        if r["algorithm_bytes"] is not None:
-            r["algorithm_gbps"] = r["algorithm_bytes"] / seconds / 1e9
-            r["algorithm_fraction"] = r["algorithm_gbps"] / peak_gbps
+        _add_bandwidth(r, r["compulsory_bytes"], peak_gbps)
         r["vs_batchnorm"] = _ratio(r, index.get((*config, *BASELINE)))
         r["vs_compiled"] = None if (r["norm"], r["impl"]) == BASELINE else _ratio(r, index.get((*config, r["norm"], COMPILED)))
     topk_over_l1 = []
@@ -441,12 +447,7 @@ def derive_bwn(rows: list[dict], peak_gbps: float) -> list[dict]:
     index = {(r["weight"], r["dtype"], r["pass"], r["contender"]): r for r in rows}
     for r in rows:
         config = (r["weight"], r["dtype"], r["pass"])
-        seconds = r["time_us"] * 1e-6
-        r["gbps"] = r["bytes"] / seconds / 1e9
-        r["floor_fraction"] = r["gbps"] / peak_gbps
-        if r["algorithm_bytes"] is not None:
-            r["algorithm_gbps"] = r["algorithm_bytes"] / seconds / 1e9
-            r["algorithm_fraction"] = r["algorithm_gbps"] / peak_gbps
+        _add_bandwidth(r, r["bytes"], peak_gbps)
         r["vs_weight_norm"] = _ratio(r, index.get((*config, WEIGHT_NORM)))
         r["vs_formula_compiled"] = _ratio(r, index.get((*config, FORMULA_COMPILED)))
     targets = []
