@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -57,30 +59,43 @@ def _assert_close(actual, expected, dtype, what, scale=None):
     assert err <= TOL[dtype] * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
+def _compare(v, rho, grad, dim, dtype):
+    """The Triton path against the float64 reference: w, dL/dv and dL/drho in v's dtype and
+    rho's shape, each within TOL of its own scale (dL/dv: rho / ||v|| |G|, the size before
+    the projection; dL/drho: the sum of |u G|, before cancellation)."""
+    tri = _run("triton", v, rho, grad, dim)
+    exp = _run("torch", v.double(), rho.double(), grad.double(), dim)
+    assert tri[0].dtype == tri[1].dtype == tri[2].dtype == dtype and tri[2].shape == rho.shape
+    bound = ref.slice_shape(v, dim)
+    unprojected = rho.double().expand(v.shape[dim]).reshape(bound) / ref.slice_norms(v.double(), dim).reshape(bound)
+    magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim)[2]
+    _assert_close(tri[0], exp[0], dtype, "w")
+    _assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
+    _assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("per_slice", [False, True], ids=["rho", "per-slice-rho"])
 def test_parity(dtype, case, per_slice, device):
     shape, dim = CASES[case]
-    v, rho, grad = _inputs(shape, dim, dtype, device, per_slice, seed=case)
-    tri = _run("triton", v, rho, grad, dim)
-    exp = _run("torch", v.double(), rho.double(), grad.double(), dim)
-    magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim)[2]  # sum |u G|
-    assert tri[0].dtype == tri[1].dtype == tri[2].dtype == dtype and tri[2].shape == rho.shape
-    _assert_close(tri[0], exp[0], dtype, "w")
-    bound = ref.slice_shape(v, dim)  # dL/dv is rho / ||v|| times G minus its projection
-    unprojected = rho.double().expand(shape[dim]).reshape(bound) / ref.slice_norms(v.double(), dim).reshape(bound)
-    _assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
-    _assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
+    _compare(*_inputs(shape, dim, dtype, device, per_slice, seed=case), dim, dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), dim=st.integers(-4, 3),
+       per_slice=st.booleans(), seed=st.integers(0, 2**16))
+def test_parity_property(shape, dim, per_slice, seed):
+    """Random ranks, sizes (1-element slices included) and axes, fp32."""
+    from conftest import DEVICE
+
+    dim %= len(shape)
+    _compare(*_inputs(tuple(shape), dim, torch.float32, DEVICE, per_slice, seed), dim, torch.float32)
 
 
 def test_parity_non_contiguous(device):
     v, rho, grad = _inputs((6, 40), 1, torch.float32, device, True, seed=1)
-    v_t = v.t()  # (40, 6) with strides (1, 40), cut along dim 0
-    tri = _run("triton", v_t, rho, grad.t(), 0)
-    exp = _run("torch", v_t.double(), rho.double(), grad.t().double(), 0)
-    for actual, expected, what in zip(tri, exp, ("w", "dL/dv", "dL/drho")):
-        _assert_close(actual, expected, torch.float32, what)
+    _compare(v.t(), rho, grad.t(), 0, torch.float32)  # (40, 6) with strides (1, 40), cut along dim 0
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
