@@ -20,7 +20,8 @@ except ImportError:  # no triton on this platform: the PyTorch path still works
 TRITON_AVAILABLE = INTERPRETED is not None
 
 
-def _check(value: str, what: str) -> str:
+def check_backend(value: str, what: str = "backend") -> str:
+    """``value`` if it is one of BACKENDS, else a ValueError naming ``what``."""
     if value not in BACKENDS:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
     return value
@@ -28,9 +29,9 @@ def _check(value: str, what: str) -> str:
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend ("triton" or "torch") that runs an op on ``x``."""
-    backend = _check(backend, "backend")
+    backend = check_backend(backend)
     if backend == "auto":
-        backend = _check(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
+        backend = check_backend(os.environ.get(ENV_VAR, "auto"), f"the environment variable {ENV_VAR}")
     if backend == "auto":
         return "triton" if x.is_cuda and TRITON_AVAILABLE else "torch"
     if backend == "triton":

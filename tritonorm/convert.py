@@ -16,7 +16,7 @@ from torch import fx, nn
 from . import functional as F
 from ._chain import BATCHNORMS
 from ._chain import _describe as _describe_node
-from ._dispatch import BACKENDS
+from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
 from .nn.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear, _EquiNorm
 from .nn.lp_batchnorm import (
@@ -106,9 +106,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             f"options: convert(..., {norm!r}) got unknown option(s) {', '.join(map(repr, unknown))}; "
             f"it takes {', '.join(map(repr, accepted))}"
         )
-    backend = options.get("backend", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_backend(options.get("backend", "auto"))
     return converter(copy.deepcopy(model), **options)
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._dispatch import BACKENDS, resolve_backend
+from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -145,8 +145,7 @@ class ENorm:
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         if settings["mode"] not in MODES:
             raise ValueError(f"mode must be 'parallel' or 'sequential', got {settings['mode']!r}")
-        if settings["backend"] not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {settings['backend']!r}")
+        check_backend(settings["backend"])
         if settings["balance_biases"] and not settings["scale_biases"]:
             raise ValueError("balance_biases=True needs scale_biases=True (a bias in the norm must be scaled)")
         needed = 2 if settings["balance_last"] else 3

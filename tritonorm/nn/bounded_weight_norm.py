@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import functional as F
-from .._dispatch import BACKENDS
+from .._dispatch import check_backend
 from ..reference.bounded_weight_norm import EPS, slice_norms
 
 __all__ = [
@@ -120,8 +120,7 @@ def bounded_weight_norm(
     if not isinstance(learnable_gain, bool):
         raise TypeError(f"learnable_gain must be a bool, got {learnable_gain!r}")
     F.check_eps(eps)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_backend(backend)
     norms = slice_norms(weight.detach(), dim)
     bad = (~torch.isfinite(norms) | (norms <= eps)).nonzero().flatten().tolist()
     if bad:
