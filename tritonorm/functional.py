@@ -32,13 +32,14 @@ __all__ = [
     "bounded_weight",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes every op takes (fp32 accumulation for the first three).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_input(input) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _FLOAT_DTYPES:
+    if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if input.dim() < 2:
         raise ValueError(f"input must have shape (N, C, *), got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
@@ -190,7 +191,7 @@ def topk_batch_norm(
 
 
 def _check_weight(weight, groups) -> None:
-    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dtype not in _FLOAT_DTYPES:
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a float16, bfloat16, float32 or float64 tensor, got {weight!r:.80}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups!r}")
@@ -430,7 +431,7 @@ def bounded_weight(v: Tensor, rho: Tensor, *, dim: int = 0, eps: float = _bwn_re
 
     ``eps`` floors the norm, as in ``torch.nn.functional.normalize``: an all-zero slice gives
     zeros, not NaN."""
-    if not isinstance(v, Tensor) or v.dtype not in _FLOAT_DTYPES:
+    if not isinstance(v, Tensor) or v.dtype not in FLOAT_DTYPES:
         raise TypeError(f"v must be a float16, bfloat16, float32 or float64 tensor, got {v!r:.80}")
     if v.dim() == 0 or v.numel() == 0:
         raise ValueError(f"v must have at least one dim and one element, got shape {tuple(v.shape)}")

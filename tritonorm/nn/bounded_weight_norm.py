@@ -111,7 +111,7 @@ def bounded_weight_norm(
     weight = getattr(module, name)
     if not isinstance(weight, nn.Parameter) and not parametrize.is_parametrized(module, name):
         raise ValueError(f"name: {type(module).__name__}.{name} is not a parameter")
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or weight.dim() == 0:
+    if weight.dtype not in F.FLOAT_DTYPES or weight.dim() == 0:
         raise TypeError(f"{name} must be a floating-point tensor with one dim or more, got {weight.dtype} of shape "
                         f"{tuple(weight.shape)}")
     dim = F.check_slice_dim(dim, weight, name)
