@@ -262,16 +262,17 @@ def test_compile_fullgraph_matches_eager(backend, compiler, device):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(rho=0.0), ValueError, r"rho must be None or a finite number > 0, got 0.0"),
-    (dict(rho=-1), ValueError, r"rho must be None or a finite number > 0, got -1"),
-    (dict(rho=math.inf), ValueError, r"rho must be None or a finite number > 0, got inf"),
+    (dict(rho=0.0), ValueError, r"rho must be a finite number > 0 or None, got 0.0"),
+    (dict(rho=-1), ValueError, r"rho must be a finite number > 0 or None, got -1"),
+    (dict(rho=math.inf), ValueError, r"rho must be a finite number > 0 or None, got inf"),
+    (dict(rho=True), ValueError, r"rho must be a finite number > 0 or None, got True"),
     (dict(dim=2), ValueError, r"dim must be an int in \[-2, 1\] for weight of shape \(4, 3\), got 2"),
     (dict(dim=1.0), ValueError, r"dim must be an int"),
     (dict(name="bias2"), ValueError, r"name: Linear has no tensor attribute 'bias2'"),
     (dict(learnable_gain=1), TypeError, r"learnable_gain must be a bool"),
     (dict(eps=0.0), ValueError, r"eps must be a finite number > 0"),
     (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
-], ids=["rho-0", "rho-negative", "rho-inf", "dim-range", "dim-float", "name", "gain", "eps", "backend"])
+], ids=["rho-0", "rho-negative", "rho-inf", "rho-bool", "dim-range", "dim-float", "name", "gain", "eps", "backend"])
 def test_registration_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         tritonorm.bounded_weight_norm(nn.Linear(3, 4), **kwargs)
@@ -304,13 +305,17 @@ def test_twice_and_removal_errors():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(v=torch.ones(3, 4, dtype=torch.int32)), TypeError, r"v must be a float16, bfloat16, float32 or float64"),
+    (dict(v=torch.ones(3, 4, dtype=torch.int32)), TypeError, r"v must be float16, bfloat16, float32 or float64"),
     (dict(v=torch.ones(0, 4)), ValueError, r"v must have at least one dim and one element, got shape \(0, 4\)"),
-    (dict(rho=1.0), TypeError, r"rho must be a floating-point tensor"),
+    (dict(rho=torch.ones((), dtype=torch.long)), TypeError, r"rho must be a number or a floating-point tensor"),
+    (dict(rho=-1.0), ValueError, r"rho must be a finite number > 0, got -1.0"),
+    (dict(rho=torch.tensor(-1.0)), ValueError, r"rho must be a finite number > 0, got -1.0"),
+    (dict(rho=torch.tensor(math.nan)), ValueError, r"rho must be a finite number > 0, got nan"),
     (dict(rho=torch.ones(4)), ValueError, r"rho must have shape \(\) or \(3,\) \(one per slice along dim=0\)"),
     (dict(dim=-3), ValueError, r"dim must be an int in \[-2, 1\] for v of shape \(3, 4\), got -3"),
     (dict(eps=-1e-3), ValueError, r"eps must be a finite number > 0"),
-], ids=["int-v", "empty-v", "float-rho", "rho-shape", "dim", "eps"])
+], ids=["int-v", "empty-v", "int-rho", "negative-rho", "negative-rho-tensor", "nan-rho-tensor", "rho-shape", "dim",
+        "eps"])
 def test_functional_errors(kwargs, error, message):
     args = dict(v=torch.randn(3, 4), rho=torch.tensor(1.0), dim=0, eps=1e-12) | kwargs
     with pytest.raises(error, match=message):

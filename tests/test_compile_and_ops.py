@@ -76,7 +76,8 @@ def test_gradcheck_reference_float64(norm, training):
 
     def f(x, w, b):
         return tritonorm.reference.lp_batchnorm.lp_batch_norm(
-            x, None if training else rm, None if training else rd, w, b, training, 0.1, 1e-5, norm, 3, True
+            x, weight=w, bias=b, running_mean=None if training else rm, running_dev=None if training else rd,
+            batch_stats=training, momentum=0.1, eps=1e-5, norm=norm, k=3, normalized=True,
         )
 
     assert torch.autograd.gradcheck(f, (x, w, b))

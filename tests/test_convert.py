@@ -447,7 +447,7 @@ def test_errors():
         tritonorm.convert(model, "equinorm", stats_fraction=2)
     with pytest.raises(TypeError, match="single_pass must be a bool"):
         tritonorm.convert(model, "equinorm", single_pass="yes")
-    with pytest.raises(ValueError, match=r"model.0: rho must be None or a finite number > 0, got -1"):
+    with pytest.raises(ValueError, match=r"model.0: rho must be a finite number > 0 or None, got -1"):
         tritonorm.convert(model, "bounded_wn", rho=-1)
 
 

@@ -116,7 +116,7 @@ def test_bounded_weight_norm_large(shape, dim, dtype):
     for op, cast in ((tritonorm.functional.bounded_weight, dtype), (bounded_weight, torch.float64)):
         leaves = [v.to(cast, copy=True).requires_grad_(), rho.to(cast if cast == torch.float64 else rho.dtype,
                                                                 copy=True).requires_grad_()]
-        w = op(*leaves, dim=dim)
+        w = op(leaves[0], rho=leaves[1], dim=dim)
         w.backward(grad.to(cast))
         results.append([w.detach().double(), leaves[0].grad.double(), leaves[1].grad.double()])
     tol = 1e-5 if dtype == torch.float32 else 1e-2

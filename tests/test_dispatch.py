@@ -35,7 +35,7 @@ def test_env_var_routes_the_call(monkeypatch):
 
     calls = []
     real = ops.lp_batch_norm
-    monkeypatch.setattr(ops, "lp_batch_norm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "lp_batch_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = torch.randn(4, 3, device="cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("TRITONORM_BACKEND", "torch")
     tritonorm.functional.l1_batch_norm(x, training=True)

@@ -69,7 +69,7 @@ def test_missing_running_stats_in_eval(backend):
 
 def test_scalar_arguments(backend):
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got -1"):
         tritonorm.functional.l1_batch_norm(x, training=True, eps=-1, backend=backend)
     with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None, got 2"):
         tritonorm.functional.l1_batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=2, backend=backend)

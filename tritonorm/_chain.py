@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .enorm import LAYER_TYPES
+from .nn.equinorm import _EquiNorm
+from .nn.lp_batchnorm import _LpBatchNorm
 
 # Maps with f(d x) = d f(x) for every d > 0, per channel.
 HOMOGENEOUS_MODULES = (
@@ -31,6 +33,8 @@ HOMOGENEOUS_FUNCTIONS = {
 }
 HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous"}
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# What allow_batchnorm lets sit between two weights: torch's batch norms and tritonorm's.
+BATCH_NORMS_ANY = (*BATCHNORMS, _LpBatchNorm)
 # Nodes that read only a tensor's metadata (x.size(0) in x.view(x.size(0), -1)).
 METADATA_METHODS = {"size", "dim"}
 
@@ -39,6 +43,19 @@ def _is_metadata(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in METADATA_METHODS) or (
         node.op == "call_function" and node.target is getattr
     ) or (node.op == "call_function" and node.target is operator.getitem and _is_metadata(node.args[0]))
+
+
+class Tracer(fx.Tracer):
+    """fx's tracer that keeps ``leaves`` (and torch.nn's layers) whole, subclasses defined
+    outside torch.nn included: tritonorm's layers trace as one call each, but a search for
+    layers needs them as modules."""
+
+    def __init__(self, leaves: tuple[type, ...]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _describe(node: fx.Node, modules: dict) -> str:
@@ -65,7 +82,7 @@ def _flatten_keeps_batch(node: fx.Node) -> bool:
 def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Module]:
     """The Linear / Conv modules of ``model``'s single path, checked (module docstring)."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = Tracer((*LAYER_TYPES, *BATCH_NORMS_ANY, _EquiNorm)).trace(model)
     except Exception as err:  # fx raises many types; the message says what to do instead
         raise ValueError(
             f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
@@ -115,7 +132,12 @@ def _check_between(first: fx.Node, second: fx.Node, nodes: list[fx.Node], module
     flattens = []
     for node in nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, BATCHNORMS):
+        if isinstance(module, _EquiNorm):
+            raise ValueError(
+                f"model: EquiNorm layer {_describe(node, modules)} sits {between}: it renormalizes its weight from "
+                "its input, so a rescaled input changes what it computes; ENorm cannot balance across it"
+            )
+        if isinstance(module, BATCH_NORMS_ANY):
             if allow_batchnorm:
                 continue
             raise ValueError(

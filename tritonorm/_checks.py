@@ -69,7 +69,7 @@ def check_bool(name: str, value) -> bool:
     """``value`` if it is a bool, else a TypeError (1 and 0 are refused: a flag is a flag)."""
     if isinstance(value, bool):
         return value
-    raise TypeError(f"{name} must be True or False, got {value!r}")
+    raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_choice(name: str, value, choices, what: str | None = None):
@@ -119,3 +119,12 @@ def check_writable(name: str, t: Tensor) -> None:
         )
     if t.requires_grad:
         raise ValueError(f"{name} is updated in place and must not require grad")
+
+
+def check_slice_dim(dim, t: Tensor, name: str = "weight") -> int:
+    """``dim`` as a non-negative axis of ``t``, or a ValueError."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -t.dim() <= dim < t.dim():
+        raise ValueError(
+            f"dim must be an int in [{-t.dim()}, {t.dim() - 1}] for {name} of shape {tuple(t.shape)}, got {dim!r}"
+        )
+    return dim % t.dim()

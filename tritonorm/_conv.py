@@ -4,7 +4,7 @@ torch.nn.Conv's terms, padding modes, output sizes, and the convolution call its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,9 @@ def _tuple(name: str, value, nd: int, minimum: int) -> tuple[int, ...]:
     return values
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """stride, padding, dilation and padding mode of an nd convolution, as nn.Conv*d takes them."""
+class ConvGeometry(NamedTuple):
+    """stride, padding, dilation and padding mode of an nd convolution, as nn.Conv*d takes them
+    (a NamedTuple: torch.fx records it as an argument of a call)."""
 
     nd: int
     stride: tuple[int, ...]
@@ -51,14 +51,16 @@ class ConvGeometry:
         if self.padding == "valid":
             return tuple((0, 0) for _ in kernel_size)
         if self.padding == "same":
-            totals = [d * (k - 1) for d, k in zip(self.dilation, kernel_size)]
+            totals = [d * (k - 1) for d, k in zip(self.dilation, kernel_size, strict=True)]
             return tuple((t // 2, t - t // 2) for t in totals)
         return tuple((p, p) for p in self.padding)
 
     def output_size(self, input_size, kernel_size) -> tuple[int, ...]:
         return tuple(
             (n + lo + hi - d * (k - 1) - 1) // s + 1
-            for n, (lo, hi), d, k, s in zip(input_size, self.pads(kernel_size), self.dilation, kernel_size, self.stride)
+            for n, (lo, hi), d, k, s in zip(
+                input_size, self.pads(kernel_size), self.dilation, kernel_size, self.stride, strict=True
+            )
         )
 
     def mass_ratio(self, input_size, kernel_size) -> float:
@@ -76,7 +78,7 @@ class ConvGeometry:
         stride, so the mass ratio is 1 whatever the size ("same"-like padding)."""
         return all(
             d * (k - 1) + 1 - s <= lo + hi <= d * (k - 1)
-            for (lo, hi), d, k, s in zip(self.pads(kernel_size), self.dilation, kernel_size, self.stride)
+            for (lo, hi), d, k, s in zip(self.pads(kernel_size), self.dilation, kernel_size, self.stride, strict=True)
         )
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import functional as F
-from ._chain import BATCHNORMS
+from ._chain import BATCHNORMS, Tracer
 from ._chain import _describe as _describe_node
 from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
@@ -135,7 +135,10 @@ def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
         if not isinstance(module, BATCHNORMS):
             continue
         if id(module) not in replaced:
-            replaced[id(module)] = _lp_layer(module, norm, options)
+            try:
+                replaced[id(module)] = _lp_layer(module, norm, options)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"model.{name or '<root>'} ({type(module).__name__}): {err}") from None
         if not name:
             return replaced[id(module)]
         parent, _, child = name.rpartition(".")
@@ -167,14 +170,8 @@ def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
 # --- equinorm -----------------------------------------------------------------------
 
 
-class _Tracer(fx.Tracer):
-    """fx's tracer that keeps every BatchNorm, conv / linear and tritonorm layer whole,
-    subclasses defined outside torch.nn included."""
-
-    _LEAVES = (*BATCHNORMS, *_WEIGHT_DIMS, _LpBatchNorm, _EquiNorm)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self._LEAVES) or super().is_leaf_module(m, module_qualified_name)
+# The modules the EquiNorm conversion's trace keeps whole.
+_LEAVES = (*BATCHNORMS, *_WEIGHT_DIMS, _LpBatchNorm, _EquiNorm)
 
 
 def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fraction: float = 1.0,
@@ -183,7 +180,7 @@ def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fractio
     warn once about the BatchNorms it leaves alone; raise if it fuses none."""
     if not isinstance(single_pass, bool):
         raise TypeError(f"single_pass must be a bool, got {single_pass!r}")
-    F._stats_rows(1, stats_fraction)  # validates stats_fraction
+    F._check_stats_fraction(stats_fraction)
     options = {"single_pass": single_pass, "stats_fraction": stats_fraction, "backend": backend}
     graph_module = _trace(model)
     modules = dict(graph_module.named_modules())
@@ -219,7 +216,7 @@ def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fractio
 def _trace(model: nn.Module) -> fx.GraphModule:
     """``model`` as a GraphModule over its own submodules, every module's training flag kept."""
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer(_LEAVES).trace(model)
     except Exception as err:  # fx raises many types; the message says what to do instead
         raise ValueError(
             f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); convert its "

@@ -2,19 +2,31 @@
 Triton kernels (``tritonorm.ops``) or the PyTorch reference (``tritonorm.reference``).
 
 Every function takes ``backend="auto" | "triton" | "torch"``; see ``tritonorm._dispatch``.
+Arguments are checked before anything is computed or modified (``tritonorm._checks``), and
+the layers below are called by keyword.  Each public function is an ``torch.fx.wrap`` leaf:
+``torch.fx.symbolic_trace`` records it as one call instead of tracing into the checks.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional as _F
 
+from ._checks import (
+    check_bool,
+    check_eps,
+    check_int,
+    check_momentum,
+    check_number,
+    check_slice_dim,
+    check_vector,
+    check_writable,
+    is_number,
+)
 from ._conv import ConvGeometry
-from ._dispatch import TRITON_AVAILABLE, resolve_backend
-from .reference import accumulator_dtype
+from ._dispatch import TRITON_AVAILABLE, check_transforms, resolve_backend
+from .reference import accumulator_dtype, update_running
 from .reference import bounded_weight_norm as _bwn_ref
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
@@ -36,56 +48,55 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
 def _check_input(input) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+    _check_tensor("input", input)
     if input.dim() < 2:
         raise ValueError(f"input must have shape (N, C, *), got a {input.dim()}-d tensor of shape {tuple(input.shape)}")
 
 
-def _check_vector(name: str, t, size: int, ref: Tensor, ref_name: str, what: str) -> None:
-    """``t`` is None or a floating-point (size,) tensor on ``ref``'s device."""
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != (size,):
-        raise ValueError(f"{name} must have shape ({size},) {what}, got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_momentum(momentum, update: bool, num_batches_tracked) -> None:
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-    if update and momentum is None and num_batches_tracked is None:
+def _check_update(names: tuple[str, ...], buffers: tuple[Tensor, ...], momentum, num_batches_tracked) -> None:
+    """The running buffers a training call updates in place, and how."""
+    for name, t in zip(names, buffers, strict=True):
+        check_writable(name, t)
+    if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
 
 
+# ----------------------------------------------------------------------------- Lp batch norm
+
+
 def _lp_batch_norm(
-    input, running_mean, running_dev, weight, bias, training, momentum, eps, norm, k, normalized,
-    num_batches_tracked, backend,
+    input, *, running_mean, running_dev, weight, bias, training, momentum, eps, norm, k, normalized,
+    num_batches_tracked, backend, count_batch: bool = False,
 ) -> Tensor:
+    """Check every argument, then run the op on the chosen backend; with ``count_batch``
+    (what a layer does in training) add 1 to ``num_batches_tracked`` once the checks pass."""
     _check_input(input)
+    c = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_dev", running_dev)):
-        _check_vector(name, t, input.shape[1], input, "input", f"for input with {input.shape[1]} channels")
+        check_vector(name, t, c, input, "input", f"for input with {c} channels")
     if (running_mean is None) != (running_dev is None):
         raise ValueError("running_mean and running_dev must be given together")
+    check_bool("training", training)
     if not training and running_mean is None:
         raise ValueError("running_mean and running_dev are required when training=False")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    n = input.numel() // input.shape[1] if input.shape[1] else 0
+    check_eps(eps, positive=training)  # a batch's dispersion can be 0; the running one is set by the user
+    check_momentum(momentum)
+    check_bool("normalized", normalized)
+    if norm == "topk":
+        check_int("k", k)
     update = training and running_mean is not None
-    _check_momentum(momentum, update, num_batches_tracked)
-    if norm == "topk" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if update:
+        _check_update(("running_mean", "running_dev"), (running_mean, running_dev), momentum, num_batches_tracked)
     if training:
+        n = input.numel() // c if c else 0
         if n <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
@@ -98,20 +109,39 @@ def _lp_batch_norm(
         if backend == "triton":
             raise ValueError(f"backend='triton' takes k <= {_TRITON_MAX_K}, got k={k}; use backend='torch'")
         chosen = "torch"  # "auto": the kernels keep k candidates in registers
+    check_transforms(chosen, input, (running_mean, running_dev) if update else ())
+    if count_batch:
+        num_batches_tracked.add_(1)
     if chosen == "torch" or input.numel() == 0:
         return _lp_ref.lp_batch_norm(
-            input, running_mean, running_dev, weight, bias, training, momentum, float(eps), norm, k, normalized,
-            num_batches_tracked,
+            input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
+            momentum=momentum, eps=eps, norm=norm, k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
         )
     y, mean, dev, *_ = _lp_ops.lp_batch_norm(
-        input, weight, bias, running_mean, running_dev, training, float(eps), norm, k, normalized,
+        input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
+        eps=torch.sym_float(eps), norm=norm, k=k, normalized=normalized,
     )
     if update:
         _running_ops.update_running_stats(
-            running_mean, running_dev, mean, dev, num_batches_tracked if momentum is None else None,
-            None if momentum is None else float(momentum),
+            running_mean, running_dev, mean=mean, dev=dev,
+            num_batches_tracked=num_batches_tracked if momentum is None else None,
+            momentum=None if momentum is None else torch.sym_float(momentum),
         )
     return y
+
+
+_LP_DOC = """{title}
+
+    y = gamma * (x - mu) / (sigma + eps) + beta per channel (dim 1) of ``input`` (N, C, *),
+    with mu the channel's mean and {sigma}.
+
+    Arguments follow ``torch.nn.functional.batch_norm`` (``running_dev`` holds sigma where
+    batch norm holds the variance).  In training the batch statistics are used and the
+    running buffers, if given, are updated in place:
+    running = (1 - momentum) * running + momentum * batch, or with momentum=None the
+    cumulative average over ``num_batches_tracked`` (the caller increments it first); eps
+    must then be > 0 (a batch's sigma can be 0), in eval >= 0.  ``normalized=False`` drops
+    the constant.{extra}"""
 
 
 def l1_batch_norm(
@@ -128,17 +158,10 @@ def l1_batch_norm(
     num_batches_tracked: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """L1 batch norm: y = gamma * (x - mu) / (sigma + eps) + beta, sigma = sqrt(pi/2) * mean|x - mu|.
-
-    Arguments follow ``torch.nn.functional.batch_norm`` (``running_dev`` holds sigma where
-    batch norm holds the variance).  In training the batch statistics are used and the
-    running buffers, if given, are updated in place:
-    running = (1 - momentum) * running + momentum * batch, or with momentum=None the
-    cumulative average over ``num_batches_tracked`` (the caller increments it first).
-    ``normalized=False`` drops the constant sqrt(pi/2)."""
     return _lp_batch_norm(
-        input, running_mean, running_dev, weight, bias, training, momentum, eps, "l1", 0, normalized,
-        num_batches_tracked, backend,
+        input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
+        momentum=momentum, eps=eps, norm="l1", k=0, normalized=normalized, num_batches_tracked=num_batches_tracked,
+        backend=backend,
     )
 
 
@@ -156,11 +179,10 @@ def linf_batch_norm(
     num_batches_tracked: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """L-inf batch norm: sigma = Cinf(n) * max|x - mu| over the n values of a channel,
-    Cinf(n) = (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n)).  Otherwise as ``l1_batch_norm``."""
     return _lp_batch_norm(
-        input, running_mean, running_dev, weight, bias, training, momentum, eps, "linf", 1, normalized,
-        num_batches_tracked, backend,
+        input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
+        momentum=momentum, eps=eps, norm="linf", k=1, normalized=normalized, num_batches_tracked=num_batches_tracked,
+        backend=backend,
     )
 
 
@@ -179,22 +201,34 @@ def topk_batch_norm(
     num_batches_tracked: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Top-k batch norm: sigma = Cinf(n) * (mean of the k largest |x - mu|), ties broken
-    by the lowest index.  The Triton path takes k <= 64.  Otherwise as ``l1_batch_norm``."""
     return _lp_batch_norm(
-        input, running_mean, running_dev, weight, bias, training, momentum, eps, "topk", k, normalized,
-        num_batches_tracked, backend,
+        input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
+        momentum=momentum, eps=eps, norm="topk", k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
+        backend=backend,
     )
+
+
+l1_batch_norm.__doc__ = _LP_DOC.format(
+    title="L1 batch norm.", sigma="sigma = sqrt(pi/2) * mean|x - mu| over the channel's n values", extra="",
+)
+linf_batch_norm.__doc__ = _LP_DOC.format(
+    title="L-inf batch norm.",
+    sigma="sigma = Cinf(n) * max|x - mu|, Cinf(n) = (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n))", extra="",
+)
+topk_batch_norm.__doc__ = _LP_DOC.format(
+    title="Top-k batch norm.",
+    sigma="sigma = Cinf(n) * (mean of the k largest |x - mu|), ties broken by the lowest index",
+    extra="  The Triton path takes k <= 64.",
+)
 
 
 # ----------------------------------------------------------------------------- EquiNorm
 
 
 def _check_weight(weight, groups) -> None:
-    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dtype not in FLOAT_DTYPES:
+    if not isinstance(weight, Tensor) or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a float16, bfloat16, float32 or float64 tensor, got {weight!r:.80}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    check_int("groups", groups)
     if weight.dim() < 2 or weight.shape[0] == 0 or weight.shape[0] % groups:
         raise ValueError(
             f"weight must have shape (C_out, C_in / groups, *kernel) with C_out > 0 divisible by groups={groups}, "
@@ -205,6 +239,13 @@ def _check_weight(weight, groups) -> None:
             f"EquiNorm needs at least 2 weights per output channel (C_in / groups x kernel volume), "
             f"got weight of shape {tuple(weight.shape)}: with one weight, w + b is always 0"
         )
+
+
+def _transform(triton: bool, **arguments) -> Tensor:
+    """gain * w'' on the chosen path."""
+    if triton:
+        return _equi_ops.equinorm_weight(**arguments)[0]
+    return _equi_ref.equinorm_weight(**arguments)
 
 
 def equinorm_weight(
@@ -231,54 +272,91 @@ def equinorm_weight(
     denominator zero up to rounding, or below) gets w'' = 0, never NaN or inf; see
     ``tritonorm.reference.equinorm``."""
     _check_weight(weight, groups)
-    _check_vector("mass", mass, weight.shape[1] * groups, weight, "weight", "(one per input channel)")
-    _check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
-    if resolve_backend(backend, weight) == "torch":
-        return _equi_ref.equinorm_weight(weight, mass, gain, groups, single_pass)
-    return _equi_ops.equinorm_weight(weight, mass, gain, groups, single_pass)[0]
+    check_vector("mass", mass, weight.shape[1] * groups, weight, "weight", "(one per input channel)")
+    check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
+    check_bool("single_pass", single_pass)
+    chosen = resolve_backend(backend, weight)
+    check_transforms(chosen, weight)
+    return _transform(chosen == "triton", weight=weight, mass=mass, gain=gain, groups=groups, single_pass=single_pass)
 
 
-def _stats_rows(n: int, stats_fraction) -> int:
-    if isinstance(stats_fraction, bool) or not isinstance(stats_fraction, (int, float)) or not 0 < stats_fraction <= 1:
-        raise ValueError(f"stats_fraction must be a number in (0, 1], got {stats_fraction!r}")
-    return max(1, int(n * stats_fraction))
+def _check_stats_fraction(stats_fraction) -> None:
+    check_number("stats_fraction", stats_fraction, low=0, low_open=True, high=1, high_open=False)
+
+
+def _stats_rows(n, stats_fraction):
+    """How many leading samples of a batch of ``n`` the statistics come from:
+    max(1, floor(n * stats_fraction)), and ``n`` itself for 1.0 (no arithmetic on ``n``, so
+    a symbolic batch size stays free)."""
+    if stats_fraction == 1:
+        return n
+    return torch.sym_max(1, torch.sym_int(n * stats_fraction))
+
+
+def _mass_ratio(input: Tensor, weight: Tensor, geometry: ConvGeometry | None) -> float:
+    """Input mass per unit of the input's per-element mean (1 for a linear map); an error
+    for an input too small for the kernel."""
+    return 1.0 if geometry is None else geometry.mass_ratio(input.shape[2:], weight.shape[2:])
 
 
 def _input_mass(
-    input, weight, running_mean, training, momentum, stats_fraction, num_batches_tracked, triton: bool,
-    geometry: ConvGeometry | None, update: bool,
+    input, *, running_mean, training, momentum, stats_fraction, num_batches_tracked, triton: bool, ratio: float,
+    linear: bool, update: bool,
 ) -> Tensor:
     """m (C_in,): the input mass of the batch (training) or from ``running_mean`` (eval);
     with ``update``, the batch's per-channel mean also goes into ``running_mean``."""
-    c_in = input.shape[-1 if geometry is None else 1]
-    ratio = 1.0 if geometry is None else geometry.mass_ratio(input.shape[2:], weight.shape[2:])
     if not training:
         return running_mean.to(accumulator_dtype(input.dtype)) * ratio
-    rows = _stats_rows(input.shape[0], stats_fraction)
-    stats = input if rows == input.shape[0] else input[:rows]
-    if geometry is None:
+    c_in = input.shape[-1 if linear else 1]
+    stats = input[: _stats_rows(input.shape[0], stats_fraction)]
+    if linear:
         stats = stats.reshape(-1, c_in)
     v = _equi_ops.input_sums(stats) if triton else _equi_ref.input_sums(stats)
     mean = v / (stats.numel() // c_in)
     if update and triton:
         _running_ops.update_running_mean(
-            running_mean, mean.detach(), num_batches_tracked if momentum is None else None,
-            None if momentum is None else float(momentum),
+            running_mean, mean=mean.detach(), num_batches_tracked=num_batches_tracked if momentum is None else None,
+            momentum=None if momentum is None else torch.sym_float(momentum),
         )
     elif update:
-        _equi_ref.update_running_mean(running_mean, mean, momentum, num_batches_tracked)
+        update_running(running_mean, mean, momentum=momentum, num_batches_tracked=num_batches_tracked)
     return mean * ratio
 
 
+def _float16_compute(input: Tensor, weight: Tensor, gain: Tensor | None) -> bool:
+    """Whether the convolution runs in float16 and its weight gradient is needed."""
+    device = input.device.type
+    half = input.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+    return half and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, gain)
+    )
+
+
+def _input_scale(mass: Tensor) -> Tensor:
+    """mu = 2^ceil(log2 max(1, max_c |m_c|)): a power of two at the input's magnitude.
+
+    EquiNorm's weight w'' is about 1 / (mass * fan-in), so the weight gradient
+    dL/dw'' = sum over the batch of x * dy is about mass times larger than a normalized
+    layer's and overflows float16 for inputs of magnitude 1e4.  conv(x / mu, w''(m / mu))
+    is conv(x, w''(m)) exactly (w'' scales like 1 / m, and mu is a power of two), and its
+    weight gradient is that of inputs of magnitude 1."""
+    return torch.exp2(torch.ceil(torch.log2(mass.detach().abs().amax().clamp_min(1.0))))
+
+
 def _equinorm(
-    input, weight, gain, bias, running_mean, training, momentum, groups, single_pass, stats_fraction,
-    num_batches_tracked, backend, geometry: ConvGeometry | None,
+    input, weight, *, gain, bias, running_mean, training, momentum, groups, single_pass, stats_fraction,
+    num_batches_tracked, backend, geometry: ConvGeometry | None, count_batch: bool = False,
 ) -> Tensor:
-    """Shared body of the conv (``geometry`` given) and linear forms."""
+    """Shared body of the conv (``geometry`` given) and linear forms and of the layers:
+    checks every argument, then (``count_batch``: adds 1 to ``num_batches_tracked``, as a
+    layer in training does) computes."""
     if geometry is None and isinstance(input, Tensor) and input.dim() == 1:
         return _equinorm(
-            input[None], weight, gain, bias, running_mean, training, momentum, groups, single_pass,
-            stats_fraction, num_batches_tracked, backend, geometry,
+            input[None], weight, gain=gain, bias=bias, running_mean=running_mean, training=training,
+            momentum=momentum, groups=groups, single_pass=single_pass, stats_fraction=stats_fraction,
+            num_batches_tracked=num_batches_tracked, backend=backend, geometry=geometry, count_batch=count_batch,
         )[0]
     _check_input(input)
     _check_weight(weight, groups)
@@ -290,33 +368,47 @@ def _equinorm(
         )
     c_in = weight.shape[1] * groups
     if linear and (weight.dim() != 2 or input.shape[-1] != c_in):
-        raise ValueError(f"input must have shape (*, {weight.shape[1]}) for weight {tuple(weight.shape)}, got {tuple(input.shape)}")
+        raise ValueError(
+            f"input must have shape (*, {weight.shape[1]}) for weight {tuple(weight.shape)}, got {tuple(input.shape)}"
+        )
     if not linear and (weight.dim() != input.dim() or input.shape[1] != c_in):
         raise ValueError(
             f"weight {tuple(weight.shape)} with groups={groups} expects input of shape (N, {c_in}, *), "
             f"got {tuple(input.shape)}"
         )
+    if input.device != weight.device:
+        raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
     if weight.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         raise TypeError(f"input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    _check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
-    _check_vector("bias", bias, weight.shape[0], weight, "weight", "(one per output channel)")
-    _check_vector("running_mean", running_mean, c_in, weight, "weight", "(one per input channel)")
+    check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
+    check_vector("bias", bias, weight.shape[0], weight, "weight", "(one per output channel)")
+    check_vector("running_mean", running_mean, c_in, weight, "weight", "(one per input channel)")
+    check_bool("training", training)
+    check_bool("single_pass", single_pass)
     if not training and running_mean is None:
         raise ValueError("running_mean is required when training=False")
+    check_momentum(momentum)
+    _check_stats_fraction(stats_fraction)
     update = training and running_mean is not None
-    _check_momentum(momentum, update, num_batches_tracked)
-    _stats_rows(input.shape[0], stats_fraction)
+    if update:
+        _check_update(("running_mean",), (running_mean,), momentum, num_batches_tracked)
     if training and input.numel() == 0:
         raise ValueError(f"training needs a non-empty batch, got input of shape {tuple(input.shape)}")
-    triton = resolve_backend(backend, input) == "triton"
+    ratio = _mass_ratio(input, weight, geometry)
+    chosen = resolve_backend(backend, input)
+    check_transforms(chosen, input, (running_mean,) if update else ())
+    if count_batch:
+        num_batches_tracked.add_(1)
+
+    triton = chosen == "triton"
     mass = _input_mass(
-        input, weight, running_mean, training, momentum, stats_fraction, num_batches_tracked, triton, geometry,
-        update,
+        input, running_mean=running_mean, training=training, momentum=momentum, stats_fraction=stats_fraction,
+        num_batches_tracked=num_batches_tracked, triton=triton, ratio=ratio, linear=linear, update=update,
     )
-    if triton:
-        w = _equi_ops.equinorm_weight(weight, mass, gain, groups, single_pass)[0]
-    else:
-        w = _equi_ref.equinorm_weight(weight, mass, gain, groups, single_pass)
+    if _float16_compute(input, weight, gain):
+        mu = _input_scale(mass)
+        input, mass = input * (1 / mu).to(input.dtype), mass / mu
+    w = _transform(triton, weight=weight, mass=mass, gain=gain, groups=groups, single_pass=single_pass)
     if linear:
         return _F.linear(input, w, bias)
     return geometry.conv(input, w, bias, groups)
@@ -355,8 +447,9 @@ def _conv_function(nd: int):
     ) -> Tensor:
         geometry = ConvGeometry.of(nd, stride, padding, dilation, padding_mode)
         return _equinorm(
-            input, weight, gain, bias, running_mean, training, momentum, groups, single_pass, stats_fraction,
-            num_batches_tracked, backend, geometry,
+            input, weight, gain=gain, bias=bias, running_mean=running_mean, training=training, momentum=momentum,
+            groups=groups, single_pass=single_pass, stats_fraction=stats_fraction,
+            num_batches_tracked=num_batches_tracked, backend=backend, geometry=geometry,
         )
 
     equinorm_conv.__name__ = equinorm_conv.__qualname__ = f"equinorm_conv{nd}d"
@@ -387,8 +480,9 @@ def equinorm_linear(
     backend: str = "auto",
 ) -> Tensor:
     return _equinorm(
-        input, weight, gain, bias, running_mean, training, momentum, 1, single_pass, stats_fraction,
-        num_batches_tracked, backend, None,
+        input, weight, gain=gain, bias=bias, running_mean=running_mean, training=training, momentum=momentum,
+        groups=1, single_pass=single_pass, stats_fraction=stats_fraction, num_batches_tracked=num_batches_tracked,
+        backend=backend, geometry=None,
     )
 
 
@@ -401,48 +495,54 @@ equinorm_linear.__doc__ = _EQUINORM_DOC.format(
 # ----------------------------------------------------------------------------- bounded weight norm
 
 
-def check_slice_dim(dim, weight: Tensor, name: str = "weight") -> int:
-    """``dim`` as a non-negative axis of ``weight``, or a ValueError."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -weight.dim() <= dim < weight.dim():
-        raise ValueError(
-            f"dim must be an int in [{-weight.dim()}, {weight.dim() - 1}] for {name} of shape {tuple(weight.shape)}, "
-            f"got {dim!r}"
-        )
-    return dim % weight.dim()
+def _host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read now without a device sync or a trace break."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-
-
-def bounded_weight(v: Tensor, rho: Tensor, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto") -> Tensor:
+def bounded_weight(
+    v: Tensor, rho: Tensor | float, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto"
+) -> Tensor:
     """w_i = rho_i * v_i / max(||v_i||_2, eps), per slice i of ``v`` along ``dim``: the
     bounded weight norm of Hoffer et al. 2018 (``tritonorm.bounded_weight_norm`` registers it
     as a parametrization).
 
-    ``v`` is a floating-point tensor of any rank; ``rho`` a floating-point tensor of shape ()
-    (one scale for the layer, the paper) or (S,) with S = v.shape[dim] (per-slice scales, the
-    authors' learnable gain).  Returns w in v's dtype, norms accumulated in fp32 (fp64 for
-    fp64).  Differentiable in v and rho:
+    ``v`` is a floating-point tensor of any rank.  ``rho`` is the norm of every slice, a
+    finite number > 0 or a () tensor (the paper: one per layer), or a (S,) tensor of
+    per-slice scales, S = v.shape[dim] (the authors' learnable gain; a negative scale flips
+    its slice).  A () or number rho is checked to be finite and > 0 when its value can be
+    read without a device sync (a number, a CPU tensor).  Returns w in v's dtype, norms
+    accumulated in fp32 (fp64 for fp64).  Differentiable in v and rho:
 
         dL/dv_i = rho_i / ||v_i|| * (G_i - u_i <u_i, G_i>),  u_i = v_i / ||v_i||,  G = dL/dw
         dL/drho_i = <u_i, G_i>
 
     ``eps`` floors the norm, as in ``torch.nn.functional.normalize``: an all-zero slice gives
     zeros, not NaN."""
-    if not isinstance(v, Tensor) or v.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"v must be a float16, bfloat16, float32 or float64 tensor, got {v!r:.80}")
+    _check_tensor("v", v)
     if v.dim() == 0 or v.numel() == 0:
         raise ValueError(f"v must have at least one dim and one element, got shape {tuple(v.shape)}")
     dim = check_slice_dim(dim, v, "v")
-    if not isinstance(rho, Tensor) or not rho.is_floating_point():
-        raise TypeError(f"rho must be a floating-point tensor, got {rho!r:.80}")
+    if is_number(rho):
+        check_number("rho", rho, low=0, low_open=True)
+        rho = torch.full((), rho, dtype=accumulator_dtype(v.dtype), device=v.device)
+    elif not isinstance(rho, Tensor) or not rho.is_floating_point():
+        raise TypeError(f"rho must be a number or a floating-point tensor, got {rho!r:.80}")
     if rho.shape not in ((), (v.shape[dim],)):
         raise ValueError(f"rho must have shape () or ({v.shape[dim]},) (one per slice along dim={dim}), got {tuple(rho.shape)}")
     if rho.device != v.device:
         raise ValueError(f"rho is on {rho.device} but v is on {v.device}")
+    if rho.dim() == 0 and _host_readable(rho):
+        check_number("rho", rho.item(), low=0, low_open=True)
     check_eps(eps)
-    if resolve_backend(backend, v) == "torch":
-        return _bwn_ref.bounded_weight(v, rho, dim, eps)
-    return _bwn_ops.bounded_weight(v, rho, dim, float(eps))[0]
+    chosen = resolve_backend(backend, v)
+    check_transforms(chosen, v)
+    if chosen == "torch":
+        return _bwn_ref.bounded_weight(v, rho=rho, dim=dim, eps=eps)
+    return _bwn_ops.bounded_weight(v, rho=rho, dim=dim, eps=torch.sym_float(eps))[0]
+
+
+for _name in (*__all__, "_equinorm"):
+    torch.fx.wrap(_name)
+del _name

@@ -12,12 +12,10 @@ per channel, or per layer with the layer's norms (the root sum of squares of its
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .functional import check_slice_dim
+from ._checks import check_number, check_slice_dim
 from .reference.bounded_weight_norm import slice_norms as _slice_norms
 
 __all__ = ["slice_norms", "corrected_lr"]
@@ -39,8 +37,7 @@ def corrected_lr(lr: float, norms: Tensor, wd_norms: Tensor, *, per_channel: boo
     (both from ``slice_norms``, same shape).  Returns a tensor of ``norms``' shape with
     ``per_channel=True``, or a 0-d tensor, eta * sum ||w_i||^2 / sum ||w_WD,i||^2, for one
     learning rate per layer (an optimizer's param group)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    check_number("lr", lr, low=0)
     for name, t in (("norms", norms), ("wd_norms", wd_norms)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t!r:.80}")

@@ -195,8 +195,8 @@ def _kernel_fn(kernel: str, impl: str) -> Callable:
     if kernel == INPUT_SUMS:
         return ops.input_sums if impl == TRITON else reference.input_sums
     if impl == TRITON:
-        return lambda w, m, gain: ops.equinorm_weight(w, m, gain, 1, True)[0]
-    return lambda w, m, gain: reference.equinorm_weight(w, m, gain, 1, True)
+        return lambda w, m, gain: ops.equinorm_weight(w, m, gain, groups=1, single_pass=True)[0]
+    return lambda w, m, gain: reference.equinorm_weight(w, m, gain, groups=1, single_pass=True)
 
 
 def kernel_bytes(kernel: str, direction: str, tensor: torch.Tensor) -> int:

@@ -122,6 +122,11 @@ def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
     return (triton.cdiv(view.c, block_c),), meta
 
 
+def _rho_stride(rho: torch.Tensor) -> int:
+    """rho_i is rho_ptr[i * stride]: 0 for one rho, the tensor's own stride for (S,)."""
+    return rho.stride(0) if rho.dim() else 0
+
+
 def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(w, n): the bounded weight (contiguous, v's dtype) and the slice norms n (S,), in
     the accumulator dtype.  ``rho`` is () or (S,)."""
@@ -129,7 +134,7 @@ def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[t
     w = torch.empty_like(view.tensor)
     norm = torch.empty(view.c, device=v.device, dtype=accumulator_dtype(v.dtype))
     grid, meta = _launch_meta(view)
-    _forward_kernel[grid](view.tensor, rho, w, norm, *view.args(), int(rho.dim() == 1), eps, **meta)
+    _forward_kernel[grid](view.tensor, rho, w, norm, *view.args(), _rho_stride(rho), eps, **meta)
     return w.view(v.shape), norm
 
 
@@ -142,5 +147,7 @@ def backward(grad: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, norm: torch
     dv = torch.empty_like(view.tensor)
     drho = torch.empty_like(norm)
     grid, meta = _launch_meta(view)
-    _backward_kernel[grid](grad, view.tensor, rho, norm, dv, drho, *view.args(), int(rho.dim() == 1), eps, **meta)
+    _backward_kernel[grid](
+        grad, view.tensor, rho, norm.contiguous(), dv, drho, *view.args(), _rho_stride(rho), eps, **meta
+    )
     return dv.view(v.shape), drho

@@ -21,6 +21,10 @@ Layouts.  The tensor is seen as (N, C, S) with element strides (sn, sc, ss):
 In both, the element (n, c, s) has *reduction index* r = n*S + s, so a tie broken by the
 lowest r is broken the same way whatever the memory format.  Anything else is copied to
 the contiguous format first (one extra read and write of the input).
+
+A mean can be taken about a shift, each channel's element x_0 at r = 0 (at offset
+c * stride_c in both layouts): sum(x - x_0) then mu = x_0 + sum / n, exact for a constant
+channel whatever its offset (``tritonorm.reference.lp_batchnorm``).
 """
 
 from __future__ import annotations
@@ -106,6 +110,12 @@ def dense_layout(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() or _is_channels_last_dense(x):
         return x
     return x.contiguous()
+
+
+def contiguous(*tensors):
+    """The tensors as the kernels index them, contiguous (a copy only for one that is not;
+    for a per-channel vector that is C elements); None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def output_like(x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +214,12 @@ def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, B
 
 
 @triton.jit
+def channel_shift(x_ptr, c, c_mask, stride_c, ACC: tl.constexpr):
+    """x_0 of each channel of the block: its element at reduction index 0."""
+    return tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
     """Stage 2: sum the per-split partials ptr[split, c] of a channel block."""
     total = tl.zeros(c.shape, ACC)
@@ -213,7 +229,7 @@ def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
 
 
 # What _partial_sums_kernel reduces (its QUANTITY); the launcher takes the names.
-SUM = tl.constexpr(0)  # out0 = sum(x)
+SUM = tl.constexpr(0)  # out0 = sum(x), or sum(x - x_0) with SHIFTED
 ABS_DEV = tl.constexpr(1)  # out0 = sum(|x - m|), out1 = sum(sign(x - m))
 GRAD = tl.constexpr(2)  # out0 = sum(y), out1 = sum(y * (x - m))
 _QUANTITIES = {"sum": SUM, "abs_dev": ABS_DEV, "grad": GRAD}
@@ -224,24 +240,31 @@ def _partial_sums_kernel(
     x_ptr, y_ptr, center_ptr, out0_ptr, out1_ptr,
     N, C, S, stride_n, stride_c, stride_s,
     tiles_per_program, center_splits, center_scale,
-    QUANTITY: tl.constexpr, ACC: tl.constexpr,
+    QUANTITY: tl.constexpr, SHIFTED: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Stage 1 of a per-channel reduction: out[split, c] for the QUANTITY above.
 
     The centre m of a channel is center_scale * sum of center_ptr[i, c] over
     center_splits rows, so it can be a saved mean (1 row, scale 1) or the mean
-    straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n)."""
+    straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n).
+    SHIFTED: the sums are about x_0 (SUM subtracts it, the centre adds it back)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
+    if SHIFTED:
+        x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
     if QUANTITY != SUM:
         center = (combine_splits(center_ptr, center_splits, C, c, c_mask, ACC) * center_scale)[:, None]
+        if SHIFTED:
+            center += x0
     acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if QUANTITY == SUM:
+            if SHIFTED:
+                x = tl.where(mask, x - x0, 0.0)
             acc0 += x
         elif QUANTITY == ABS_DEV:
             a = tl.where(mask, x - center, 0.0)
@@ -264,12 +287,14 @@ def partial_sums(
     other: ChannelView | None = None,
     center: torch.Tensor | None = None,
     center_scale: float = 1.0,
+    shifted: bool = False,
     pl: Plan | None = None,
 ):
     """Launch stage 1 of ``quantity`` ("sum", "abs_dev" or "grad", with ``other`` the
     y of "grad") and return the partials ``(out0, out1)``, each (splits, C).
 
-    ``center`` is either a (C,) tensor or (splits', C) partial sums (see the kernel)."""
+    ``center`` is either a (C,) tensor or (splits', C) partial sums (see the kernel);
+    ``shifted``: sums about each channel's x_0 (see the module docstring)."""
     pl = pl or plan(view)
     acc = accumulator_dtype(view.tensor.dtype)
     out0 = torch.empty((pl.splits, view.c), device=view.tensor.device, dtype=acc)
@@ -280,7 +305,7 @@ def partial_sums(
     _partial_sums_kernel[pl.grid](
         view.tensor, (other or view).tensor, center, out0, out1,
         *view.args(), pl.tiles_per_program, center_rows, center_scale,
-        QUANTITY=_QUANTITIES[quantity], ACC=triton_dtype(acc), **pl.meta(),
+        QUANTITY=_QUANTITIES[quantity], SHIFTED=shifted, ACC=triton_dtype(acc), **pl.meta(),
     )
     return out0, out1
 

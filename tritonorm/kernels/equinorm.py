@@ -41,6 +41,7 @@ from .channel_reduce import (
     channel_block,
     channel_view,
     combine_splits,
+    contiguous,
     partial_sums,
     triton_dtype,
 )
@@ -198,8 +199,9 @@ def _geometry(weight: torch.Tensor, groups: int):
 
 
 def weight_forward(weight: torch.Tensor, mass: torch.Tensor, gain: torch.Tensor | None, groups: int, single_pass: bool):
-    """(gain * w'', s, b): w'' in the weight's dtype, s and b (C_out,) in the accumulator dtype."""
-    weight = weight.contiguous()
+    """(gain * w'', s, b): w'' in the weight's dtype, s and b (C_out,) in the accumulator dtype.
+    Every tensor is read contiguous (a copy only when it is not)."""
+    weight, mass, gain = contiguous(weight, mass, gain)
     acc = transform_dtype(weight, mass)
     c_out = weight.shape[0]
     out = torch.empty_like(weight)
@@ -217,7 +219,7 @@ def weight_backward(
     s: torch.Tensor, b: torch.Tensor, groups: int, single_pass: bool,
 ):
     """(dL/dweight, dL/dmass, dL/dgain or an empty tensor) from dL/dw_out."""
-    weight, grad = weight.contiguous(), grad.contiguous()
+    grad, weight, mass, gain, s, b = contiguous(grad, weight, mass, gain, s, b)
     c_out, cpg = weight.shape[0], weight.shape[1]
     dw = torch.empty_like(weight)
     dm_terms = torch.empty((c_out, cpg), device=weight.device, dtype=s.dtype)

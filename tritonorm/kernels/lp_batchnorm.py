@@ -1,13 +1,16 @@
 """Triton kernels of the L1 / L-inf / Top-k batch norm (math: ``tritonorm.reference.lp_batchnorm``).
 
 Forward, training (statistics, then normalize; a synced variant would all-reduce the
-per-split partials between the two):
+per-split partials between the two).  Sums of x are taken about each channel's x_0
+(``channel_reduce``), so a constant channel has mu = x_0 and y = beta exactly, and the
+normalize pass computes (x - mu) * scale + beta, not x * scale + shift: the latter loses
+the digits of x - mu when |mu| >> sigma.
 
-    L1           _partial_sums_kernel("sum")      read x     partial sum(x)
+    L1           _partial_sums_kernel("sum")      read x     partial sum(x - x_0)
                  _partial_sums_kernel("abs_dev")  read x     partial sum|a|, sum sign(a)
                  _l1_finalize_kernel                         mean, sigma, wbar
                  _channel_affine_kernel           read x, write y
-    L-inf/Top-k  _extremes_kernel                 read x     partial sum(x), K largest and
+    L-inf/Top-k  _extremes_kernel                 read x     partial sum(x - x_0), K largest and
                                                              K smallest x with indices
                  _extremes_finalize_kernel                   mean, the K largest |a|, sigma
                  _channel_affine_kernel           read x, write y
@@ -42,8 +45,10 @@ from .channel_reduce import (
     NUM_WARPS,
     accumulator_dtype,
     channel_block,
+    channel_shift,
     channel_view,
     combine_splits,
+    contiguous,
     partial_sums,
     plan,
     tile,
@@ -111,12 +116,12 @@ def _track_top(top_v, top_i, v, r, K: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _store_affine(c, c_mask, mean, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr):
-    """y = scale * x + shift with scale = gamma / (sigma + eps), shift = beta - mu * scale."""
+def _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr):
+    """y = (x - mu) * scale + shift with scale = gamma / (sigma + eps), shift = beta."""
     scale = 1.0 / (tl.where(c_mask, dev, 1.0) + eps)  # no 1/0 in the masked lanes
     if w_ptr is not None:
         scale *= tl.load(w_ptr + c, mask=c_mask, other=1.0).to(scale.dtype)
-    shift = -mean * scale
+    shift = tl.zeros_like(scale)
     if b_ptr is not None:
         shift += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(scale.dtype)
     tl.store(scale_ptr + c, scale, mask=c_mask)
@@ -134,7 +139,7 @@ def _finish_statistics(
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(dev_ptr + c, dev, mask=c_mask)
     tl.store(wbar_ptr + c, coef * sign_sum * inv_n, mask=c_mask)
-    _store_affine(c, c_mask, mean, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
+    _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -147,10 +152,11 @@ def _extremes_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Stage 1 of L-inf / Top-k, one read of x: per (split, channel) the sum of x and
-    the K largest x ("hi") and the K largest -x ("lo"), each with its reduction index."""
+    """Stage 1 of L-inf / Top-k, one read of x: per (split, channel) the sum of x - x_0
+    and the K largest x ("hi") and the K largest -x ("lo"), each with its reduction index."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
+    x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
     acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     hi_v = tl.full([BLOCK_C, STATE], float("-inf"), ACC)
     hi_i = tl.full([BLOCK_C, STATE], NO_INDEX, tl.int64)
@@ -159,7 +165,7 @@ def _extremes_kernel(
     for t in range(first, last):
         offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        acc += x
+        acc += tl.where(mask, x - x0, 0.0)
         r = tl.where(mask, r, NO_INDEX)
         hi_v, hi_i = _track_top(hi_v, hi_i, tl.where(mask, x, float("-inf")), r, K, K_PAD)
         lo_v, lo_i = _track_top(lo_v, lo_i, tl.where(mask, -x, float("-inf")), r, K, K_PAD)
@@ -207,14 +213,14 @@ def _lookup(sel_i, list_i, list_v):
 
 @triton.jit
 def _extremes_finalize_kernel(
-    sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, inv_n, coef, eps,
+    x_ptr, stride_c, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, inv_n, coef, eps,
     sel_i_ptr, sel_sign_ptr,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """mu, then the K largest |x - mu| among the 2K candidates (ties: lowest index), sigma."""
     c, c_mask = channel_block(BLOCK_C, C)
-    mean = combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n
+    mean = channel_shift(x_ptr, c, c_mask, stride_c, ACC) + combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n
     hi_v, hi_i = _combine_candidates(hi_v_ptr, hi_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
     lo_v, lo_i = _combine_candidates(lo_v_ptr, lo_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
     hi_abs = tl.where(hi_i != NO_INDEX, tl.abs(hi_v - mean[:, None]), float("-inf"))
@@ -237,15 +243,15 @@ def _extremes_finalize_kernel(
 
 @triton.jit
 def _l1_finalize_kernel(
-    sum_ptr, abs_ptr, sign_ptr, splits, C, inv_n, coef, eps,
+    x_ptr, stride_c, sum_ptr, abs_ptr, sign_ptr, splits, C, inv_n, coef, eps,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """mu = sum / n, sigma = C1 / n * sum|a| from the partials of the two passes."""
+    """mu = x_0 + sum(x - x_0) / n, sigma = C1 / n * sum|a| from the partials of the two passes."""
     c, c_mask = channel_block(BLOCK_C, C)
     _finish_statistics(
         c, c_mask,
-        combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n,
+        channel_shift(x_ptr, c, c_mask, stride_c, ACC) + combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n,
         combine_splits(abs_ptr, splits, C, c, c_mask, ACC),
         combine_splits(sign_ptr, splits, C, c, c_mask, ACC),
         coef, inv_n, eps,
@@ -264,29 +270,35 @@ def _running_coeffs_kernel(
     dev = tl.load(rdev_ptr + c, mask=c_mask, other=1.0).to(ACC)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(dev_ptr + c, dev, mask=c_mask)
-    _store_affine(c, c_mask, mean, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
+    _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
 
 
 @triton.jit
 def _channel_affine_kernel(
-    x_ptr, out_ptr, scale_ptr, shift_ptr, src_ptr, center_ptr, gain_ptr,
+    x_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, src_ptr, gain_ptr,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
-    SIGN_TERM: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CENTER_X: tl.constexpr, SIGN_TERM: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """out = scale_c * x + shift_c [+ gain_c * sign(src - center_c)].
+    """out = (x [- center_c]) * scale_c + shift_c [+ gain_c * sign(src - center_c)].
 
-    Forward: x is the input, out is y.  Backward: x is dy, out is dx, and for L1 the
-    sign term carries d sigma / d a_i = C1/n sign(a_i) (src is the input)."""
+    Forward: x is the input, centred (CENTER_X) by mu, out is y.  Backward: x is dy, out
+    is dx, and for L1 the sign term carries d sigma / d a_i = C1/n sign(a_i) (src is the
+    input)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)[:, None]
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)[:, None]
-    if SIGN_TERM:
+    if CENTER_X or SIGN_TERM:
         center = tl.load(center_ptr + c, mask=c_mask, other=0.0)[:, None]
+    if SIGN_TERM:
         gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
-        out = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) * scale + shift
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if CENTER_X:
+            x -= center
+        out = x * scale + shift
         if SIGN_TERM:
             a = tl.load(src_ptr + offs, mask=mask, other=0.0).to(ACC) - center
             out += gain * _sign(a, ACC)
@@ -353,13 +365,13 @@ def _channel_grid(c: int, block_c: int = FINALIZE_BLOCK_C):
     return (triton.cdiv(c, block_c),)
 
 
-def _affine(view, out, scale, shift, sign_term=None):
+def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None):
     """Launch _channel_affine_kernel over ``view`` into ``out`` (same layout)."""
     pl = plan(view, ELEMENTWISE_WAVES)
-    src, center, gain = sign_term or (None, None, None)
+    src, gain = sign_term or (None, None)
     _channel_affine_kernel[pl.grid](
-        view.tensor, out, scale, shift, src, center, gain, *view.args(), pl.tiles_per_program,
-        SIGN_TERM=sign_term is not None, ACC=triton_dtype(scale.dtype), **pl.meta(),
+        view.tensor, out, center, scale, shift, src, gain, *view.args(), pl.tiles_per_program,
+        CENTER_X=center_x, SIGN_TERM=sign_term is not None, ACC=triton_dtype(scale.dtype), **pl.meta(),
     )
 
 
@@ -367,6 +379,7 @@ def lp_batch_norm_forward(
     x, weight, bias, running_mean, running_dev, batch_stats: bool, eps: float, norm: str, k: int, normalized: bool,
 ):
     """Returns (y, mean, dev, wbar, sel_index, sel_sign); see ``ops.lp_batchnorm``."""
+    weight, bias, running_mean, running_dev = contiguous(weight, bias, running_mean, running_dev)
     view = channel_view(x)
     c, n = view.c, view.numel_per_channel
     acc = accumulator_dtype(x.dtype)
@@ -380,17 +393,17 @@ def lp_batch_norm_forward(
             running_mean, running_dev, weight, bias, mean, dev, scale, shift, c, eps,
             ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
         )
-        _affine(view, y, scale, shift)
+        _affine(view, y, mean, scale, shift, center_x=True)
         return y, mean, dev, wbar.zero_(), sel_i, sel_sign
 
     coef = dispersion_coefficient(norm, n, k, normalized)
     stats = (mean, dev, wbar, weight, bias, scale, shift)
     pl = plan(view)
     if norm == "l1":
-        sums, _ = partial_sums(view, "sum", pl=pl)
-        abs_dev, signs = partial_sums(view, "abs_dev", center=sums, center_scale=1.0 / n, pl=pl)
+        sums, _ = partial_sums(view, "sum", shifted=True, pl=pl)
+        abs_dev, signs = partial_sums(view, "abs_dev", center=sums, center_scale=1.0 / n, shifted=True, pl=pl)
         _l1_finalize_kernel[_channel_grid(c)](
-            sums, abs_dev, signs, pl.splits, c, 1.0 / n, coef, eps, *stats,
+            view.tensor, view.stride_c, sums, abs_dev, signs, pl.splits, c, 1.0 / n, coef, eps, *stats,
             ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
         )
     else:
@@ -404,11 +417,12 @@ def lp_batch_norm_forward(
             ACC=triton_dtype(acc), **pl.meta(),
         )
         _extremes_finalize_kernel[(c,)](
-            sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, 1.0 / n, coef, eps, sel_i, sel_sign, *stats,
+            view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, 1.0 / n, coef, eps, sel_i,
+            sel_sign, *stats,
             K=count, K_PAD=k_pad, CHUNK=max(1, CANDIDATES_PER_MERGE // k_pad),
             ACC=triton_dtype(acc), BLOCK_C=1, num_warps=NUM_WARPS,
         )
-    _affine(view, y, scale, shift)
+    _affine(view, y, mean, scale, shift, center_x=True)
     return y, mean, dev, wbar, sel_i, sel_sign
 
 
@@ -418,6 +432,7 @@ def lp_batch_norm_backward(
 ):
     """Returns (dx, dweight, dbias); the last two are (C,) accumulator-dtype tensors when
     ``param_grads``, else empty."""
+    weight, mean, dev, wbar, sel_i, sel_sign = contiguous(weight, mean, dev, wbar, sel_i, sel_sign)
     view = channel_view(x)
     dy_view = view.like(dy)
     c, n = view.c, view.numel_per_channel
@@ -438,8 +453,8 @@ def lp_batch_norm_backward(
         c, 1.0 / n, dispersion_coefficient(norm, n, k, normalized), eps,
         BATCH_STATS=batch_stats, ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
     )
-    sign_term = (view.tensor, mean, gain) if batch_stats and norm == "l1" else None
-    _affine(dy_view, dx, scale, shift, sign_term)
+    sign_term = (view.tensor, gain) if batch_stats and norm == "l1" else None
+    _affine(dy_view, dx, mean, scale, shift, center_x=False, sign_term=sign_term)
     if batch_stats and norm != "l1":
         count, k_pad = sel_i.shape[1], _k_pad(sel_i.shape[1])
         block_c = max(1, FINALIZE_BLOCK_C // k_pad)

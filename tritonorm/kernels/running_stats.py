@@ -2,7 +2,10 @@
 
 m is ``momentum``, or 1 / num_batches_tracked (a cumulative average) when momentum is
 None; num_batches_tracked is read on the device, so the update never syncs with the host.
-The arithmetic is fp32, or fp64 when a buffer or a batch statistic is fp64.
+The arithmetic is fp32, or fp64 when a buffer or a batch statistic is fp64.  A running
+buffer is read and written through its stride (a strided view of a larger tensor updates
+that tensor's elements, as the PyTorch path does); the batch statistics are contiguous
+outputs of the statistics kernels.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ BLOCK = 1024
 
 
 @triton.jit
-def _lerp(running_ptr, batch_ptr, offs, mask, factor, ACC: tl.constexpr):
-    old = tl.load(running_ptr + offs, mask=mask, other=0.0).to(ACC)
+def _lerp(running_ptr, running_stride, batch_ptr, offs, mask, factor, ACC: tl.constexpr):
+    old = tl.load(running_ptr + offs * running_stride, mask=mask, other=0.0).to(ACC)
     batch = tl.load(batch_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(running_ptr + offs, ((1.0 - factor) * old + factor * batch).to(running_ptr.dtype.element_ty), mask=mask)
+    new = ((1.0 - factor) * old + factor * batch).to(running_ptr.dtype.element_ty)
+    tl.store(running_ptr + offs * running_stride, new, mask=mask)
 
 
 @triton.jit
 def _update_running_kernel(
-    r0_ptr, b0_ptr, r1_ptr, b1_ptr, nbt_ptr, momentum, numel, ACC: tl.constexpr, BLOCK: tl.constexpr
+    r0_ptr, r0_stride, b0_ptr, r1_ptr, r1_stride, b1_ptr, nbt_ptr, momentum, numel,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Update one or two (running, batch) pairs of the same size, computing in ACC."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -32,17 +37,19 @@ def _update_running_kernel(
         factor = 1.0 / tl.load(nbt_ptr).to(ACC)
     else:
         factor = momentum
-    _lerp(r0_ptr, b0_ptr, offs, mask, factor, ACC)
+    _lerp(r0_ptr, r0_stride, b0_ptr, offs, mask, factor, ACC)
     if r1_ptr is not None:
-        _lerp(r1_ptr, b1_ptr, offs, mask, factor, ACC)
+        _lerp(r1_ptr, r1_stride, b1_ptr, offs, mask, factor, ACC)
 
 
 def update_running(pairs, num_batches_tracked: torch.Tensor | None, momentum: float | None) -> None:
-    """In place, for each (running, batch) of ``pairs`` (one or two, of equal size)."""
+    """In place, for each (running, batch) of ``pairs`` (one or two, of equal size); each
+    running buffer is a (C,) tensor with any stride but 0."""
     (r0, b0), (r1, b1) = pairs[0], (pairs[1] if len(pairs) > 1 else (None, None))
     cumulative = momentum is None
     wide = any(t is not None and t.dtype == torch.float64 for t in (r0, b0, r1, b1))
     _update_running_kernel[(triton.cdiv(r0.numel(), BLOCK),)](
-        r0, b0, r1, b1, num_batches_tracked if cumulative else None, 0.0 if cumulative else momentum,
-        r0.numel(), ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
+        r0, r0.stride(0), b0.contiguous(), r1, r1.stride(0) if r1 is not None else 0,
+        b1.contiguous() if b1 is not None else None, num_batches_tracked if cumulative else None,
+        0.0 if cumulative else momentum, r0.numel(), ACC=tl.float64 if wide else tl.float32, BLOCK=BLOCK,
     )

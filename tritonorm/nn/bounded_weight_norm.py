@@ -15,13 +15,12 @@ its initial value rho_g (a buffer), so the weight's total norm never moves.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import functional as F
+from .._checks import check_bool, check_eps, check_number, check_slice_dim
 from .._dispatch import check_backend
 from ..reference.bounded_weight_norm import EPS, slice_norms
 
@@ -114,13 +113,17 @@ def bounded_weight_norm(
     if weight.dtype not in F.FLOAT_DTYPES or weight.dim() == 0:
         raise TypeError(f"{name} must be a floating-point tensor with one dim or more, got {weight.dtype} of shape "
                         f"{tuple(weight.shape)}")
-    dim = F.check_slice_dim(dim, weight, name)
-    if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf):
-        raise ValueError(f"rho must be None or a finite number > 0, got {rho!r}")
-    if not isinstance(learnable_gain, bool):
-        raise TypeError(f"learnable_gain must be a bool, got {learnable_gain!r}")
-    F.check_eps(eps)
+    dim = check_slice_dim(dim, weight, name)
+    check_number("rho", rho, low=0, low_open=True, none=True)
+    check_bool("learnable_gain", learnable_gain)
+    check_eps(eps)
     check_backend(backend)
+    if weight.is_meta:
+        raise ValueError(
+            f"{name}: {type(module).__name__}.{name} is on the meta device; bounded_weight_norm reads its values "
+            "(rho and the gain come from them, and every slice must have a direction): materialize the module "
+            "first (to_empty() and its initialization)"
+        )
     norms = slice_norms(weight.detach(), dim)
     bad = (~torch.isfinite(norms) | (norms <= eps)).nonzero().flatten().tolist()
     if bad:

@@ -1,4 +1,4 @@
-"""EquiNorm layers (seed 000): convolution and linear layers whose weight is normalized by
+"""EquiNorm layers (Equilibrium Normalization, Defazio & Bottou 2019): convolution and linear layers whose weight is normalized by
 the statistics of their input, then a per-output-channel affine (gain, bias).
 
 In training the input mass comes from the batch (the first ``stats_fraction`` of it) and
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._checks import check_bool, check_int, check_momentum
 from .._conv import ConvGeometry, _tuple
-from .._dispatch import resolve_backend
+from .._dispatch import check_backend, resolve_backend
 from ..reference import accumulator_dtype
 
 __all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_", "fold_equinorm"]
@@ -34,6 +35,8 @@ def balance_signs_(weight: Tensor, generator: torch.Generator | None = None) -> 
     same sign, until each unit has a positive and a negative weight (the paper's
     initialisation).  A unit is a kernel w[d, c] when the kernel has more than one
     position, else a whole row w[d] (linear and 1x1 layers).  Magnitudes are kept."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() < 2:
+        raise TypeError(f"weight must be a floating-point tensor of shape (C_out, C_in, *), got {weight!r:.80}")
     units = weight.view(weight.shape[0] * weight.shape[1], -1) if weight[0, 0].numel() > 1 else weight.view(weight.shape[0], -1)
     if units.shape[1] < 2:
         raise ValueError(f"weight of shape {tuple(weight.shape)} has units of one weight: their signs cannot be balanced")
@@ -55,8 +58,7 @@ class _EquiNorm(nn.Module):
                  stats_fraction, backend, device, dtype):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
         if in_channels // groups * math.prod(kernel_size) < 2:
@@ -64,9 +66,11 @@ class _EquiNorm(nn.Module):
                 "EquiNorm needs at least 2 weights per output channel (in_channels / groups x kernel volume), "
                 f"got in_channels={in_channels}, groups={groups}, kernel_size={tuple(kernel_size)}"
             )
-        F._stats_rows(1, stats_fraction)
-        F._check_momentum(momentum, False, None)
-        resolve_backend(backend, torch.empty(0))  # validates the name
+        F._check_stats_fraction(stats_fraction)
+        check_momentum(momentum)
+        check_bool("affine", affine)
+        check_bool("single_pass", single_pass)
+        check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = tuple(kernel_size)
@@ -99,12 +103,11 @@ class _EquiNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
         return F._equinorm(
-            input, self.weight, self.gain, self.bias, self.running_mean, self.training, self.momentum,
-            self.groups, self.single_pass, self.stats_fraction, self.num_batches_tracked, self.backend,
-            self._geometry,
+            input, self.weight, gain=self.gain, bias=self.bias, running_mean=self.running_mean,
+            training=self.training, momentum=self.momentum, groups=self.groups, single_pass=self.single_pass,
+            stats_fraction=self.stats_fraction, num_batches_tracked=self.num_batches_tracked, backend=self.backend,
+            geometry=self._geometry, count_batch=self.training,
         )
 
     def normalized_weight(self, input: Tensor) -> Tensor:
@@ -112,8 +115,10 @@ class _EquiNorm(nn.Module):
         running statistics are left alone."""
         F._check_input(input)
         mass = F._input_mass(
-            input, self.weight, self.running_mean, self.training, self.momentum, self.stats_fraction, None,
-            resolve_backend(self.backend, input) == "triton", self._geometry, False,
+            input, running_mean=self.running_mean, training=self.training, momentum=self.momentum,
+            stats_fraction=self.stats_fraction, num_batches_tracked=None,
+            triton=resolve_backend(self.backend, input) == "triton",
+            ratio=F._mass_ratio(input, self.weight, self._geometry), linear=self._geometry is None, update=False,
         )
         return F.equinorm_weight(
             self.weight, mass, groups=self.groups, single_pass=self.single_pass, backend=self.backend

@@ -1,4 +1,5 @@
-"""L1, L-inf and Top-k batch normalization layers (seed 001), drop-in for nn.BatchNorm*d.
+"""L1, L-inf and Top-k batch normalization layers ("Norm matters", Hoffer et al. 2018),
+drop-in for nn.BatchNorm*d.
 
 Each behaves like the ``nn.BatchNorm`` of the same dimension: training uses the batch
 statistics and updates ``running_mean`` / ``running_dev`` (torch's momentum convention,
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._checks import check_bool, check_eps, check_int, check_momentum
+from .._dispatch import check_backend
 
 __all__ = [
     "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",
@@ -28,7 +31,6 @@ class _LpBatchNorm(nn.Module):
 
     _norm: str
     _ndims: tuple[int, ...]
-    _functional = None
 
     def __init__(
         self,
@@ -44,8 +46,13 @@ class _LpBatchNorm(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        check_int("num_features", num_features)
+        check_eps(eps, positive=False)
+        check_momentum(momentum)
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats),
+                           ("normalized", normalized)):
+            check_bool(name, flag)
+        check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -84,38 +91,15 @@ class _LpBatchNorm(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._ndims:
-            expected = " or ".join(f"{d}-d" for d in self._ndims)
-            raise ValueError(f"{type(self).__name__} expects {expected} input, got {input.dim()}-d input")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels "
-                f"(dim 1), got input of shape {tuple(input.shape)}"
-            )
-
     def _extra_args(self) -> dict:
         return {}
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        batch_stats = self.training or not self.track_running_stats
-        tracked = not self.training or self.track_running_stats
-        return type(self)._functional(
-            input,
-            self.running_mean if tracked else None,
-            self.running_dev if tracked else None,
-            self.weight,
-            self.bias,
-            batch_stats,
-            self.momentum,
-            self.eps,
-            normalized=self.normalized,
-            num_batches_tracked=self.num_batches_tracked,
-            backend=self.backend,
-            **self._extra_args(),
+        return _lp_batch_norm_layer(
+            input, self.weight, self.bias, self.running_mean, self.running_dev, self.num_batches_tracked,
+            layer=type(self).__name__, ndims=self._ndims, num_features=self.num_features, training=self.training,
+            track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps, norm=self._norm,
+            normalized=self.normalized, backend=self.backend, **self._extra_args(),
         )
 
     def extra_repr(self) -> str:
@@ -131,22 +115,46 @@ class _LpBatchNorm(nn.Module):
         return s
 
 
+def _lp_batch_norm_layer(
+    input, weight, bias, running_mean, running_dev, num_batches_tracked, *, layer: str, ndims: tuple[int, ...],
+    num_features: int, training: bool, track_running_stats: bool, k: int = 0, **options,
+) -> Tensor:
+    """The forward of every Lp layer: its own input checks, then nn.BatchNorm's use of the
+    buffers (batch statistics in training or without running statistics; the running ones
+    updated in training, num_batches_tracked counted once every check has passed).  A
+    ``torch.fx.wrap`` leaf, so that torch.fx records the layer's call, not its checks."""
+    if isinstance(input, Tensor) and input.dim() not in ndims:
+        expected = " or ".join(f"{d}-d" for d in ndims)
+        raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
+    if isinstance(input, Tensor) and input.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape {tuple(input.shape)}"
+        )
+    tracked = not training or track_running_stats
+    return F._lp_batch_norm(
+        input, running_mean=running_mean if tracked else None, running_dev=running_dev if tracked else None,
+        weight=weight, bias=bias, training=training or not track_running_stats, k=k,
+        num_batches_tracked=num_batches_tracked, count_batch=training and track_running_stats, **options,
+    )
+
+
+torch.fx.wrap("_lp_batch_norm_layer")
+
+
 class _L1(_LpBatchNorm):
-    _functional = staticmethod(F.l1_batch_norm)
+    _norm = "l1"
 
 
 class _Linf(_LpBatchNorm):
-    _functional = staticmethod(F.linf_batch_norm)
+    _norm = "linf"
 
 
 class _Topk(_LpBatchNorm):
-    _functional = staticmethod(F.topk_batch_norm)
+    _norm = "topk"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, k: int = 10, **kwargs):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        self.k = k
+        self.k = check_int("k", k)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
 
     def _extra_args(self) -> dict:

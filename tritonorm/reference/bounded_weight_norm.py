@@ -43,7 +43,7 @@ def slice_shape(v: torch.Tensor, dim: int) -> tuple[int, ...]:
     return tuple(n if d == dim % v.dim() else 1 for d, n in enumerate(v.shape))
 
 
-def bounded_weight(v: torch.Tensor, rho: torch.Tensor, dim: int = 0, eps: float = EPS) -> torch.Tensor:
+def bounded_weight(v: torch.Tensor, *, rho: torch.Tensor, dim: int = 0, eps: float = EPS) -> torch.Tensor:
     """w = rho * v / max(||v_i||, eps) per slice along ``dim``, in v's dtype, computed in
     the accumulator dtype; ``rho`` is () or (S,).  Differentiable in v and rho."""
     acc = accumulator_dtype(v.dtype)

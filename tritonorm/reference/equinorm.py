@@ -89,6 +89,7 @@ def equinorm_weight(
     weight: torch.Tensor,
     mass: torch.Tensor,
     gain: torch.Tensor | None,
+    *,
     groups: int,
     single_pass: bool,
 ) -> torch.Tensor:
@@ -99,8 +100,3 @@ def equinorm_weight(
     return w2.to(weight.dtype)
 
 
-def update_running_mean(running: torch.Tensor, batch: torch.Tensor, momentum, num_batches_tracked) -> None:
-    """running = (1 - f) running + f batch, f = momentum or 1 / num_batches_tracked."""
-    factor = momentum if momentum is not None else 1.0 / num_batches_tracked
-    with torch.no_grad():
-        running.mul_(1 - factor).add_(factor * batch.detach().to(running.dtype))

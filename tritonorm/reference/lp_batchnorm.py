@@ -1,4 +1,4 @@
-"""Plain-PyTorch L1 / L-inf / Top-k batch normalization (seed 001, "Norm matters").
+"""Plain-PyTorch L1 / L-inf / Top-k batch normalization ("Norm matters", Hoffer et al. 2018).
 
 Per channel c, over its n = N * prod(spatial) elements x_i:
 
@@ -14,6 +14,12 @@ Per channel c, over its n = N * prod(spatial) elements x_i:
 C1 makes sigma the standard deviation of Gaussian data (E|a| = sigma * sqrt(2 / pi));
 Cinf(n) is the constant of the authors' code (the expected maximum of n Gaussians is about
 sigma * sqrt(2 ln n)).  ``normalized=False`` drops the constant (it is 1).
+
+The mean is taken about a shift, any element x_0 of the channel: mu = x_0 + mean(x - x_0).
+Then a constant channel, whatever its offset (1e4 + 0.1 in float32), has mu = x_0 and
+a = 0 exactly, so y = beta, as in exact arithmetic; without the shift the rounding error of
+mean(x) becomes a and sigma both, and y is noise of magnitude 1.  The Triton kernels take
+the same shift.
 
 Which elements are "the k largest": ties in |a| are broken by the lowest reduction index
 r = n * S + s (batch-major, then space), the same rule the Triton kernels use, so the
@@ -33,14 +39,16 @@ import math
 
 import torch
 
-from . import accumulator_dtype
+from . import accumulator_dtype, update_running
 
 C_L1 = math.sqrt(math.pi / 2)
 
 
-def c_linf(n: int) -> float:
-    """The L-inf / Top-k constant (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n)), n >= 2."""
-    return (1 + math.sqrt(math.pi * math.log(4))) / (2 * math.sqrt(2 * math.log(n)))
+def c_linf(n):
+    """The L-inf / Top-k constant (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n)), n >= 2, for an int
+    n or a 0-d tensor (a symbolic size under torch.compile stays symbolic that way)."""
+    log, sqrt = (torch.log, torch.sqrt) if isinstance(n, torch.Tensor) else (math.log, math.sqrt)
+    return (1 + math.sqrt(math.pi * math.log(4))) / (2 * sqrt(2 * log(n)))
 
 
 def selected_count(norm: str, k: int) -> int:
@@ -48,8 +56,9 @@ def selected_count(norm: str, k: int) -> int:
     return {"l1": 0, "linf": 1, "topk": k}[norm]
 
 
-def dispersion_coefficient(norm: str, n: int, k: int, normalized: bool) -> float:
-    """sigma = coefficient * (sum of |a| over the selected elements)."""
+def dispersion_coefficient(norm: str, n, k: int, normalized: bool):
+    """sigma = coefficient * (sum of |a| over the selected elements); n an int or a 0-d
+    tensor (see ``c_linf``)."""
     if norm == "l1":
         return (C_L1 if normalized else 1.0) / n
     count = selected_count(norm, k)
@@ -71,23 +80,23 @@ def batch_statistics(x: torch.Tensor, norm: str, k: int, normalized: bool):
     c = x.shape[1]
     rows = x.transpose(0, 1).reshape(c, -1).to(acc)  # row c, column r = n * S + s
     n = rows.shape[1]
-    mean = rows.mean(1)
+    shift = rows[:, :1].detach()
+    mean = shift[:, 0] + (rows - shift).mean(1)
     abs_a = (rows - mean[:, None]).abs()
     if norm != "l1":
         abs_a = abs_a * top_abs_mask(abs_a.detach(), selected_count(norm, k))
-    return mean, dispersion_coefficient(norm, n, k, normalized) * abs_a.sum(1)
-
-
-def _update(running: torch.Tensor, batch: torch.Tensor, factor):
-    running.mul_(1 - factor).add_(factor * batch.detach().to(running.dtype))
+    # n as a tensor: c_linf(n) of a symbolic n would specialize the batch size
+    count = n if norm == "l1" else rows.new_ones(()) * n
+    return mean, dispersion_coefficient(norm, count, k, normalized) * abs_a.sum(1)
 
 
 def lp_batch_norm(
     x: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_dev: torch.Tensor | None,
+    *,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_dev: torch.Tensor | None,
     batch_stats: bool,
     momentum: float | None,
     eps: float,
@@ -103,10 +112,8 @@ def lp_batch_norm(
     if batch_stats:
         mean, dev = batch_statistics(x, norm, k, normalized)
         if running_mean is not None:
-            factor = momentum if momentum is not None else 1.0 / num_batches_tracked
-            with torch.no_grad():
-                _update(running_mean, mean, factor)
-                _update(running_dev, dev, factor)
+            for running, batch in ((running_mean, mean), (running_dev, dev)):
+                update_running(running, batch, momentum=momentum, num_batches_tracked=num_batches_tracked)
     else:
         acc = accumulator_dtype(x.dtype)
         mean, dev = running_mean.to(acc), running_dev.to(acc)
