@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import refuse_double_backward
 from ..kernels import bounded_weight_norm as kernels
 from ..kernels.channel_reduce import accumulator_dtype
 
@@ -57,3 +58,4 @@ def _backward(ctx, grad, _grad_norm):
 
 
 bounded_weight.register_autograd(_backward, setup_context=_setup)
+refuse_double_backward(bounded_weight_backward, "tritonorm::bounded_weight")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import refuse_double_backward
 from ..kernels import equinorm as kernels
 from ..kernels.channel_reduce import accumulator_dtype
 from ..reference.equinorm import transform_dtype
@@ -94,3 +95,4 @@ def _weight_backward(ctx, grad, _grad_s, _grad_b):
 
 
 equinorm_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
+refuse_double_backward(equinorm_weight_backward, "tritonorm::equinorm_weight")

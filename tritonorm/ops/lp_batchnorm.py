@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import refuse_double_backward
 from ..kernels import lp_batchnorm as kernels
 from ..kernels.channel_reduce import accumulator_dtype, output_like
 from ..reference.lp_batchnorm import selected_count
@@ -108,3 +109,4 @@ def _backward(ctx, grad_y, *_unused):
 
 
 lp_batch_norm.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(lp_batch_norm_backward, "tritonorm::lp_batch_norm")
