@@ -191,6 +191,16 @@ def test_malformed_batch(cifar, tmp_path, capsys, content, words):
     assert "pickle ran code" not in out + err
 
 
+@pytest.mark.parametrize("out", ["file.txt", "file.txt/out"], ids=["is-a-file", "under-a-file"])
+def test_unusable_out_fails_before_loading_data(tmp_path, capsys, monkeypatch, out):
+    (tmp_path / "file.txt").write_text("keep")
+    monkeypatch.setattr(compare_cli, "load", lambda args: pytest.fail("loaded the data"))
+    status = main(["compare", "--device", DEVICE, "--out", str(tmp_path / out), "--no-progress"])
+    assert_clear_error(status, capsys.readouterr().err,
+                       f"--out {tmp_path / out}: {tmp_path / 'file.txt'} is not a directory")
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
 def test_unknown_norm(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--norms", "bn,batchnorm", "--out", str(tmp_path)])

@@ -36,6 +36,7 @@ import datetime
 import importlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -401,9 +402,21 @@ class SetupError(Exception):
     """What the run cannot start with; the message is one line for the user."""
 
 
+def check_out(out: Path) -> None:
+    """Raise SetupError unless ``out`` is a directory that can be written, or can be created in
+    one; creates nothing (write_outputs does, after training)."""
+    existing = next(path for path in (out, *out.parents) if os.path.lexists(path))
+    if not existing.is_dir():
+        raise SetupError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"--out {out}: cannot write in {existing}")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     """The dataset on the device and the backend that runs tritonorm's layers; raises
-    SetupError or DataError when the extras, the data, the batch size or the backend fail."""
+    SetupError or DataError when the output directory, the extras, the data, the batch size
+    or the backend fail."""
+    check_out(args.out)
     missing = missing_extras(args)
     if missing:
         raise SetupError(f"needs {', '.join(missing)} (the 'compare' extra): {EXTRA_HINT}")
