@@ -220,3 +220,28 @@ def test_assigned_settings_are_checked_and_take_effect():
     assert enorm.c == 1.0
     with pytest.raises(ValueError, match=r"balance_biases=True needs scale_biases=True"):
         enorm.balance_biases = True
+
+
+def test_optimizer_must_hold_the_rescaled_parameters():
+    """The optimizer of another copy of the model, or one that misses a parameter the cycle
+    rescales, would leave that parameter's state behind: refused, naming the parameter.
+    Parameters the cycle does not touch, and frozen ones, need not be there."""
+    layers = chain()
+    other = chain()
+    with pytest.raises(ValueError, match=r"optimizer: layers\[0\].weight is not among the optimizer's parameters"):
+        ENorm(layers, torch.optim.SGD([p for layer in other for p in layer.parameters()], lr=0.1, momentum=0.9))
+
+    def without(*missing):
+        return torch.optim.Adam([p for layer in layers for p in layer.parameters() if all(p is not m for m in missing)])
+
+    with pytest.raises(ValueError, match=r"optimizer: layers\[1\].weight is not among the optimizer's parameters"):
+        ENorm(layers, without(layers[1].weight))
+    with pytest.raises(ValueError, match=r"optimizer: layers\[0\].bias is not among the optimizer's parameters"):
+        ENorm(layers, without(layers[0].bias))
+    ENorm(layers, without(layers[0].bias), scale_biases=False)
+    enorm = ENorm(layers, without(layers[2].weight, layers[2].bias))  # the last layer is left alone
+    with pytest.raises(ValueError, match=r"optimizer: layers\[2\].weight is not among"):
+        enorm.balance_last = True
+    assert not enorm.balance_last
+    layers[1].weight.requires_grad_(False)
+    ENorm(layers, without(layers[1].weight))

@@ -50,6 +50,22 @@ def _state_powers(optimizer) -> dict[str, int] | None:
     )
 
 
+def _check_optimizer_holds(optimizer, layers: list[nn.Module], *, scale_biases: bool) -> None:
+    """Every parameter the cycle rescales (the layers' weights, their biases with
+    ``scale_biases``) is in the optimizer's param_groups, or frozen (requires_grad=False: no
+    state to keep in step); else a ValueError naming the first one missing."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for k, layer in enumerate(layers):
+        for name in ("weight", "bias") if scale_biases else ("weight",):
+            param = getattr(layer, name)
+            if param is not None and param.requires_grad and id(param) not in held:
+                raise ValueError(
+                    f"optimizer: layers[{k}].{name} is not among the optimizer's parameters, but the cycle rescales "
+                    "it and would leave its optimizer state behind; pass the optimizer of the chain's parameters "
+                    "(a frozen parameter, requires_grad=False, may be left out)"
+                )
+
+
 def _column_block(prev: nn.Module, layer: nn.Module, index: int) -> int:
     """K of the layer's (O, I, K) view: inputs per hidden unit of the previous layer."""
     hidden = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
@@ -111,7 +127,10 @@ class ENorm:
             after a convolution of C channels reads a flatten: in_features = C * S, channel c
             feeding features c*S .. c*S+S-1.  ``ENorm.from_model`` finds and checks the chain.
         optimizer: the optimizer of these parameters, whose per-parameter state is rescaled
-            with them (``OPTIMIZER_STATE`` lists the supported ones), or None.
+            with them (``OPTIMIZER_STATE`` lists the supported ones), or None.  It must hold
+            every parameter the cycle rescales (each touched layer's weight, and its bias with
+            scale_biases) unless the parameter is frozen (requires_grad=False): ValueError
+            otherwise, at construction and when a setting changes the touched set.
         c: the depth penalty (> 0); c > 1 moves norm towards later layers (the paper: 1.2
             for deep MLPs).
         p: the norm (> 0, ``math.inf`` allowed).
@@ -154,6 +173,9 @@ class ENorm:
                 f"layers: ENorm needs at least {needed} layers with balance_last={settings['balance_last']} "
                 f"(got {len(self.layers)}): there is no pair to balance"
             )
+        if self.optimizer is not None:
+            touched = self.layers if settings["balance_last"] else self.layers[:-1]
+            _check_optimizer_holds(self.optimizer, touched, scale_biases=settings["scale_biases"])
         self.__dict__.update(settings)
         self._cache_key = None
 
