@@ -120,6 +120,10 @@ class ENorm:
 
     and multiplies row j of W_q (and its bias) by d_j and column j of W_{q+1} by 1/d_j: a
     ReLU network then computes the same function with a smaller sum_k c^(-p k) ||W_k||_p^p.
+    Norms and coefficients are float64 on both paths.  A unit whose coefficient is not
+    finite (not a finite number > 0: a NaN or inf in its row or column, an overflow) is left
+    alone, d_j = 1, so a non-finite entry never spreads; step() does not check weights for
+    non-finite values, which would cost a host sync on CUDA.
 
     Args:
         layers: the chain's nn.Linear / nn.Conv1d/2d/3d modules, input to output, joined by
