@@ -112,6 +112,11 @@ def test_from_model_refuses(model, message):
         ENorm.from_model(model)
 
 
+def test_from_model_needs_a_module():
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got function"):
+        ENorm.from_model(lambda x: F.relu(x))
+
+
 def test_from_model_ignores_what_is_outside_the_chain():
     """Normalising the input and a softmax after the last layer do not matter."""
     model = nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(),

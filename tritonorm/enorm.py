@@ -197,7 +197,8 @@ class ENorm:
         Refuses, naming the node, what it cannot prove keeps the function: a branch or
         residual add, a map between two weights that is not positively homogeneous, and a
         BatchNorm between two weights unless ``allow_batchnorm=True`` (the paper's ENorm + BN:
-        the cycle then changes what the network computes).  Keyword arguments go to ENorm."""
+        the cycle then changes what the network computes); a model that is not an nn.Module
+        is a TypeError.  Keyword arguments go to ENorm."""
         from ._chain import find_chain
 
         return cls(find_chain(model, allow_batchnorm=allow_batchnorm), optimizer, **kwargs)
