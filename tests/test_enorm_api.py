@@ -131,9 +131,16 @@ def chain():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(c=0.0), ValueError, r"c must be a finite number > 0, got 0.0"),
     (dict(c=math.inf), ValueError, r"c must be a finite number > 0"),
+    (dict(c=True), ValueError, r"c must be a finite number > 0, got True"),
     (dict(p=-1), ValueError, r"p must be a number > 0 \(math.inf allowed\), got -1"),
+    (dict(p=math.nan), ValueError, r"p must be a number > 0 \(math.inf allowed\), got nan"),
+    (dict(p=True), ValueError, r"p must be a number > 0 \(math.inf allowed\), got True"),
     (dict(eps=0), ValueError, r"eps must be a finite number > 0, got 0"),
-    (dict(mode="jacobi"), ValueError, r"mode must be 'parallel' or 'sequential', got 'jacobi'"),
+    (dict(eps=True), ValueError, r"eps must be a finite number > 0, got True"),
+    (dict(mode="jacobi"), ValueError, r"mode must be one of 'parallel', 'sequential', got 'jacobi'"),
+    (dict(balance_last=1), TypeError, r"balance_last must be True or False, got 1"),
+    (dict(scale_biases=0), TypeError, r"scale_biases must be True or False, got 0"),
+    (dict(balance_biases=None), TypeError, r"balance_biases must be True or False, got None"),
     (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
     (dict(balance_biases=True, scale_biases=False), ValueError, r"balance_biases=True needs scale_biases=True"),
 ])

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_choice, check_eps, check_number
 from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
 
@@ -135,8 +136,8 @@ class ENorm:
             every parameter the cycle rescales (each touched layer's weight, and its bias with
             scale_biases) unless the parameter is frozen (requires_grad=False): ValueError
             otherwise, at construction and when a setting changes the touched set.
-        c: the depth penalty (> 0); c > 1 moves norm towards later layers (the paper: 1.2
-            for deep MLPs).
+        c: the depth penalty (a finite number > 0); c > 1 moves norm towards later layers
+            (the paper: 1.2 for deep MLPs).
         p: the norm (> 0, ``math.inf`` allowed).
         mode: "parallel" (every coefficient from the weights at the start of the cycle, as
             the authors' code; two Triton launches) or "sequential" (the paper's algorithm:
@@ -145,8 +146,13 @@ class ENorm:
         scale_biases: scale each bias with its row, which keeps the function (the authors'
             code does not).
         balance_biases: count each bias in its row's norm (needs scale_biases).
-        eps: norms below eps count as eps, so zero rows and columns stay finite.
+        eps: norms below eps count as eps, so zero rows and columns stay finite (a finite
+            number > 0).
         backend: "auto" (Triton for CUDA weights), "triton" or "torch".
+
+    The settings are checked here and when assigned (``tritonorm._checks``): a bad number or
+    choice is a ValueError (a bool is not a number), a flag that is not True or False (1, 0,
+    None) a TypeError.
     """
 
     def __init__(self, layers, optimizer=None, *, c: float = 1.0, p: float = 2.0, mode: str = "parallel",
@@ -159,16 +165,13 @@ class ENorm:
                              balance_biases=balance_biases, eps=eps, backend=backend))
 
     def _configure(self, settings: dict) -> None:
-        c, p, eps = settings["c"], settings["p"], settings["eps"]
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise ValueError(f"c must be a finite number > 0, got {c!r}")
-        if not (isinstance(p, (int, float)) and p > 0 and not math.isnan(p)):
-            raise ValueError(f"p must be a number > 0 (math.inf allowed), got {p!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if settings["mode"] not in MODES:
-            raise ValueError(f"mode must be 'parallel' or 'sequential', got {settings['mode']!r}")
+        check_number("c", settings["c"], low=0, low_open=True)
+        check_number("p", settings["p"], low=0, low_open=True, high_open=False)
+        check_eps(settings["eps"])
+        check_choice("mode", settings["mode"], MODES)
         check_backend(settings["backend"])
+        for flag in ("balance_last", "scale_biases", "balance_biases"):
+            check_bool(flag, settings[flag])
         if settings["balance_biases"] and not settings["scale_biases"]:
             raise ValueError("balance_biases=True needs scale_biases=True (a bias in the norm must be scaled)")
         needed = 2 if settings["balance_last"] else 3
