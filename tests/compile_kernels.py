@@ -72,16 +72,19 @@ def named(cases):
 
 
 def enorm_cases():
-    common = {"DTYPE": tl.bfloat16, "ACC": tl.float32, "BLOCK_J": enorm.BLOCK_J, "BLOCK_R": enorm.BLOCK_R}
+    """Every norm's kernels on bf16 weights; the l2 ones and the rescale on fp32 and fp64
+    weights (norms and coefficients are fp64 for all)."""
     norm = {"p": "fp32", "c": "fp32", "eps": "fp32"}
-    for kind in ("l1", "l2", "linf", "lp"):
-        yield f"enorm._coefficients_kernel[{kind}]", enorm._coefficients_kernel, {
-            "entries": "*i64", "pairs": "*i64", "tiles": "*i32", "d_ptr": "*fp32", **norm}, {**common, "NORM": kind}
-        yield f"enorm._pair_kernel[{kind}]", enorm._pair_kernel, {
-            "entries": "*i64", "pairs": "*i64", "pair": "i32", "first_entry": "i32", "last_entry": "i32",
-            "d_ptr": "*fp32", **norm}, {**common, "NORM": kind}
-    yield "enorm._rescale_kernel", enorm._rescale_kernel, {"entries": "*i64", "tiles": "*i32", "d_ptr": "*fp32"}, {
-        **common, "ROW_CHUNK": enorm.ROW_CHUNK}
+    for dtype, kinds in ((tl.bfloat16, ("l1", "l2", "linf", "lp")), (tl.float32, ("l2",)), (tl.float64, ("l2",))):
+        common = {"DTYPE": dtype, "BLOCK_J": enorm.BLOCK_J, "BLOCK_R": enorm.BLOCK_R}
+        for kind in kinds:
+            yield f"enorm._coefficients_kernel[{dtype}, {kind}]", enorm._coefficients_kernel, {
+                "entries": "*i64", "pairs": "*i64", "tiles": "*i32", "d_ptr": "*fp64", **norm}, {**common, "NORM": kind}
+            yield f"enorm._pair_kernel[{dtype}, {kind}]", enorm._pair_kernel, {
+                "entries": "*i64", "pairs": "*i64", "pair": "i32", "first_entry": "i32", "last_entry": "i32",
+                "d_ptr": "*fp64", **norm}, {**common, "NORM": kind}
+        yield f"enorm._rescale_kernel[{dtype}]", enorm._rescale_kernel, {
+            "entries": "*i64", "tiles": "*i32", "d_ptr": "*fp64"}, {**common, "ROW_CHUNK": enorm.ROW_CHUNK}
 
 
 # (N, C, *) activations as the launchers see them: fp32 NCS (contiguous NCHW), bf16 NSC

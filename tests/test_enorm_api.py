@@ -112,6 +112,11 @@ def test_from_model_refuses(model, message):
         ENorm.from_model(model)
 
 
+def test_from_model_needs_a_module():
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got function"):
+        ENorm.from_model(lambda x: F.relu(x))
+
+
 def test_from_model_ignores_what_is_outside_the_chain():
     """Normalising the input and a softmax after the last layer do not matter."""
     model = nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(),
@@ -126,9 +131,16 @@ def chain():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(c=0.0), ValueError, r"c must be a finite number > 0, got 0.0"),
     (dict(c=math.inf), ValueError, r"c must be a finite number > 0"),
+    (dict(c=True), ValueError, r"c must be a finite number > 0, got True"),
     (dict(p=-1), ValueError, r"p must be a number > 0 \(math.inf allowed\), got -1"),
+    (dict(p=math.nan), ValueError, r"p must be a number > 0 \(math.inf allowed\), got nan"),
+    (dict(p=True), ValueError, r"p must be a number > 0 \(math.inf allowed\), got True"),
     (dict(eps=0), ValueError, r"eps must be a finite number > 0, got 0"),
-    (dict(mode="jacobi"), ValueError, r"mode must be 'parallel' or 'sequential', got 'jacobi'"),
+    (dict(eps=True), ValueError, r"eps must be a finite number > 0, got True"),
+    (dict(mode="jacobi"), ValueError, r"mode must be one of 'parallel', 'sequential', got 'jacobi'"),
+    (dict(balance_last=1), TypeError, r"balance_last must be True or False, got 1"),
+    (dict(scale_biases=0), TypeError, r"scale_biases must be True or False, got 0"),
+    (dict(balance_biases=None), TypeError, r"balance_biases must be True or False, got None"),
     (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
     (dict(balance_biases=True, scale_biases=False), ValueError, r"balance_biases=True needs scale_biases=True"),
 ])
@@ -220,3 +232,28 @@ def test_assigned_settings_are_checked_and_take_effect():
     assert enorm.c == 1.0
     with pytest.raises(ValueError, match=r"balance_biases=True needs scale_biases=True"):
         enorm.balance_biases = True
+
+
+def test_optimizer_must_hold_the_rescaled_parameters():
+    """The optimizer of another copy of the model, or one that misses a parameter the cycle
+    rescales, would leave that parameter's state behind: refused, naming the parameter.
+    Parameters the cycle does not touch, and frozen ones, need not be there."""
+    layers = chain()
+    other = chain()
+    with pytest.raises(ValueError, match=r"optimizer: layers\[0\].weight is not among the optimizer's parameters"):
+        ENorm(layers, torch.optim.SGD([p for layer in other for p in layer.parameters()], lr=0.1, momentum=0.9))
+
+    def without(*missing):
+        return torch.optim.Adam([p for layer in layers for p in layer.parameters() if all(p is not m for m in missing)])
+
+    with pytest.raises(ValueError, match=r"optimizer: layers\[1\].weight is not among the optimizer's parameters"):
+        ENorm(layers, without(layers[1].weight))
+    with pytest.raises(ValueError, match=r"optimizer: layers\[0\].bias is not among the optimizer's parameters"):
+        ENorm(layers, without(layers[0].bias))
+    ENorm(layers, without(layers[0].bias), scale_biases=False)
+    enorm = ENorm(layers, without(layers[2].weight, layers[2].bias))  # the last layer is left alone
+    with pytest.raises(ValueError, match=r"optimizer: layers\[2\].weight is not among"):
+        enorm.balance_last = True
+    assert not enorm.balance_last
+    layers[1].weight.requires_grad_(False)
+    ENorm(layers, without(layers[1].weight))

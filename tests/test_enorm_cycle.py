@@ -74,12 +74,13 @@ def tensors(model, optimizer):
     return out
 
 
-def assert_same(a, b, dtype):
+def assert_same(a, b, dtype, equal_nan=False):
     atol, rtol = TOL[dtype]
     ta, tb = tensors(*a), tensors(*b)
     assert ta.keys() == tb.keys()
     for name in ta:
-        torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=rtol, equal_nan=equal_nan,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def cycles(pair, n=2, **kwargs):
@@ -216,6 +217,59 @@ def test_zero_rows_and_columns_stay_finite(mode, backend, device):
     for p in model.parameters():
         assert torch.isfinite(p).all()
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # interpreter: |0|^p = 2^(p log2 0)
+@pytest.mark.parametrize("p", [2.0, 3.0, math.inf])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_non_finite_weight_is_left_alone(mode, value, p, device):
+    """A NaN or inf written into W_1[j, i] after construction makes r_j of pair 1 and s_i of
+    pair 0 non-finite: those units keep d = 1, so the entry stays where it is, alone, and
+    both paths agree.  In parallel mode every other entry is what the cycle of the clean
+    weights gives with those two coefficients set to 1."""
+    j, i = 3, 5
+    kwargs = dict(mode=mode, p=p, c=1.2, balance_last=True, balance_biases=True)
+    model = make("fc", bias=True, device=device)
+    twin, clean = copy.deepcopy(model), copy.deepcopy(model)
+    enorms = [ENorm(weight_layers(m), backend=backend, **kwargs) for m, backend in ((model, "torch"), (twin, "triton"))]
+    for m in (model, twin):
+        with torch.no_grad():
+            weight_layers(m)[1].weight[j, i] = value
+    finite = {name: t.isfinite() for name, t in tensors(model, None).items()}
+    for enorm in enorms:
+        enorm.step()
+    assert_same((model, None), (twin, None), torch.float32, equal_nan=True)
+    for name, t in tensors(model, None).items():
+        assert torch.equal(t.isfinite(), finite[name]), name
+    torch.testing.assert_close(weight_layers(model)[1].weight[j, i], torch.tensor(value), equal_nan=True)
+    if mode == "parallel":  # the clean entry enters only d_1[j] and d_0[i], which are set to 1
+        layers = weight_layers(clean)
+        weights = [layer.weight.detach()[:, :, None] for layer in layers]
+        biases = [layer.bias.detach() for layer in layers]
+        ds = ref.coefficients(weights, biases, pairs=3, c=1.2, p=p, eps=1e-8, sequential=False)
+        ds[1][j] = ds[0][i] = 1
+        with torch.no_grad():
+            ref.rescale_(weights + biases, 2 * (ds + [None]), [None, *ds] + [None] * 4, [1] * 8)
+            layers[1].weight[j, i] = value
+        assert_same((model, None), (clean, None), torch.float32, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_huge_weights_stay_finite(mode, backend, device):
+    """fp32 weights and biases of about 1e20 in one layer: their squares overflow fp32, not
+    the fp64 norms, so a cycle keeps every entry finite and the function."""
+    model = make("fc", bias=True, device=device)
+    with torch.no_grad():
+        for param in weight_layers(model)[1].parameters():
+            param.mul_(1e20)
+    x = sample("fc", device=device)
+    before = model(x)
+    cycles((model, None), n=1, mode=mode, balance_last=True, backend=backend)
+    for name, param in model.named_parameters():
+        assert param.isfinite().all(), name
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5 * before.abs().max().item())
 
 
 @pytest.mark.parametrize("name", sorted(cls.__name__ for cls in OPTIMIZER_STATE))

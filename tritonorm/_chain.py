@@ -81,6 +81,8 @@ def _flatten_keeps_batch(node: fx.Node) -> bool:
 
 def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Module]:
     """The Linear / Conv modules of ``model``'s single path, checked (module docstring)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
         graph = Tracer((*LAYER_TYPES, *BATCH_NORMS_ANY, _EquiNorm)).trace(model)
     except Exception as err:  # fx raises many types; the message says what to do instead

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_choice, check_eps, check_number
 from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
 
@@ -48,6 +49,22 @@ def _state_powers(optimizer) -> dict[str, int] | None:
         f"optimizer: ENorm does not know how the state of {type(optimizer).__name__} moves when weights are "
         f"rescaled; supported: {names} (or pass optimizer=None for an optimizer without per-parameter state)"
     )
+
+
+def _check_optimizer_holds(optimizer, layers: list[nn.Module], *, scale_biases: bool) -> None:
+    """Every parameter the cycle rescales (the layers' weights, their biases with
+    ``scale_biases``) is in the optimizer's param_groups, or frozen (requires_grad=False: no
+    state to keep in step); else a ValueError naming the first one missing."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for k, layer in enumerate(layers):
+        for name in ("weight", "bias") if scale_biases else ("weight",):
+            param = getattr(layer, name)
+            if param is not None and param.requires_grad and id(param) not in held:
+                raise ValueError(
+                    f"optimizer: layers[{k}].{name} is not among the optimizer's parameters, but the cycle rescales "
+                    "it and would leave its optimizer state behind; pass the optimizer of the chain's parameters "
+                    "(a frozen parameter, requires_grad=False, may be left out)"
+                )
 
 
 def _column_block(prev: nn.Module, layer: nn.Module, index: int) -> int:
@@ -104,6 +121,10 @@ class ENorm:
 
     and multiplies row j of W_q (and its bias) by d_j and column j of W_{q+1} by 1/d_j: a
     ReLU network then computes the same function with a smaller sum_k c^(-p k) ||W_k||_p^p.
+    Norms and coefficients are float64 on both paths.  A unit whose coefficient is not
+    finite (not a finite number > 0: a NaN or inf in its row or column, an overflow) is left
+    alone, d_j = 1, so a non-finite entry never spreads; step() does not check weights for
+    non-finite values, which would cost a host sync on CUDA.
 
     Args:
         layers: the chain's nn.Linear / nn.Conv1d/2d/3d modules, input to output, joined by
@@ -111,9 +132,12 @@ class ENorm:
             after a convolution of C channels reads a flatten: in_features = C * S, channel c
             feeding features c*S .. c*S+S-1.  ``ENorm.from_model`` finds and checks the chain.
         optimizer: the optimizer of these parameters, whose per-parameter state is rescaled
-            with them (``OPTIMIZER_STATE`` lists the supported ones), or None.
-        c: the depth penalty (> 0); c > 1 moves norm towards later layers (the paper: 1.2
-            for deep MLPs).
+            with them (``OPTIMIZER_STATE`` lists the supported ones), or None.  It must hold
+            every parameter the cycle rescales (each touched layer's weight, and its bias with
+            scale_biases) unless the parameter is frozen (requires_grad=False): ValueError
+            otherwise, at construction and when a setting changes the touched set.
+        c: the depth penalty (a finite number > 0); c > 1 moves norm towards later layers
+            (the paper: 1.2 for deep MLPs).
         p: the norm (> 0, ``math.inf`` allowed).
         mode: "parallel" (every coefficient from the weights at the start of the cycle, as
             the authors' code; two Triton launches) or "sequential" (the paper's algorithm:
@@ -122,8 +146,13 @@ class ENorm:
         scale_biases: scale each bias with its row, which keeps the function (the authors'
             code does not).
         balance_biases: count each bias in its row's norm (needs scale_biases).
-        eps: norms below eps count as eps, so zero rows and columns stay finite.
+        eps: norms below eps count as eps, so zero rows and columns stay finite (a finite
+            number > 0).
         backend: "auto" (Triton for CUDA weights), "triton" or "torch".
+
+    The settings are checked here and when assigned (``tritonorm._checks``): a bad number or
+    choice is a ValueError (a bool is not a number), a flag that is not True or False (1, 0,
+    None) a TypeError.
     """
 
     def __init__(self, layers, optimizer=None, *, c: float = 1.0, p: float = 2.0, mode: str = "parallel",
@@ -136,16 +165,13 @@ class ENorm:
                              balance_biases=balance_biases, eps=eps, backend=backend))
 
     def _configure(self, settings: dict) -> None:
-        c, p, eps = settings["c"], settings["p"], settings["eps"]
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise ValueError(f"c must be a finite number > 0, got {c!r}")
-        if not (isinstance(p, (int, float)) and p > 0 and not math.isnan(p)):
-            raise ValueError(f"p must be a number > 0 (math.inf allowed), got {p!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if settings["mode"] not in MODES:
-            raise ValueError(f"mode must be 'parallel' or 'sequential', got {settings['mode']!r}")
+        check_number("c", settings["c"], low=0, low_open=True)
+        check_number("p", settings["p"], low=0, low_open=True, high_open=False)
+        check_eps(settings["eps"])
+        check_choice("mode", settings["mode"], MODES)
         check_backend(settings["backend"])
+        for flag in ("balance_last", "scale_biases", "balance_biases"):
+            check_bool(flag, settings[flag])
         if settings["balance_biases"] and not settings["scale_biases"]:
             raise ValueError("balance_biases=True needs scale_biases=True (a bias in the norm must be scaled)")
         needed = 2 if settings["balance_last"] else 3
@@ -154,6 +180,9 @@ class ENorm:
                 f"layers: ENorm needs at least {needed} layers with balance_last={settings['balance_last']} "
                 f"(got {len(self.layers)}): there is no pair to balance"
             )
+        if self.optimizer is not None:
+            touched = self.layers if settings["balance_last"] else self.layers[:-1]
+            _check_optimizer_holds(self.optimizer, touched, scale_biases=settings["scale_biases"])
         self.__dict__.update(settings)
         self._cache_key = None
 
@@ -171,7 +200,8 @@ class ENorm:
         Refuses, naming the node, what it cannot prove keeps the function: a branch or
         residual add, a map between two weights that is not positively homogeneous, and a
         BatchNorm between two weights unless ``allow_batchnorm=True`` (the paper's ENorm + BN:
-        the cycle then changes what the network computes).  Keyword arguments go to ENorm."""
+        the cycle then changes what the network computes); a model that is not an nn.Module
+        is a TypeError.  Keyword arguments go to ENorm."""
         from ._chain import find_chain
 
         return cls(find_chain(model, allow_batchnorm=allow_batchnorm), optimizer, **kwargs)

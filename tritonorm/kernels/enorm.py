@@ -25,6 +25,10 @@ Sequential cycle, one launch per pair and one for the last columns:
                           s, d_q; then every tensor of layer q by d_q (rows) and d_{q-1}
                           (columns), in the same program (its rows are its own)
     _rescale_kernel       the tensors of the layer after the last pair (columns only)
+
+Norms, coefficients and the rescale's products are float64 whatever the tensors' dtype, a
+coefficient that is not a finite number > 0 is 1 (the reference's rule), and every max
+keeps a NaN, as torch's does.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_reduce import accumulator_dtype, triton_dtype
+from .channel_reduce import triton_dtype
 
 # Columns of the entry table (read by _entry) and of the pair table (read by _pair).
 ENTRY_FIELDS = ("ptr", "O", "I", "K", "SO", "SI", "SK", "ROW", "COL", "POWER")
@@ -67,6 +71,12 @@ def _pair(pairs, q):
 
 
 @triton.jit
+def _max(a, b):
+    """max(a, b), NaN if either is (tl.maximum and tl.max drop a NaN by default)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _accumulate(acc, x, p, NORM: tl.constexpr):
     a = tl.abs(x)
     if NORM == "l1":
@@ -74,9 +84,17 @@ def _accumulate(acc, x, p, NORM: tl.constexpr):
     elif NORM == "l2":
         return acc + a * a
     elif NORM == "linf":
-        return tl.maximum(acc, a)
+        return _max(acc, a)
     else:
         return acc + tl.exp2(p * tl.log2(a))
+
+
+@triton.jit
+def _reduce(acc, axis: tl.constexpr, NORM: tl.constexpr):
+    """What _accumulate gathered along ``axis``, combined."""
+    if NORM == "linf":
+        return tl.reduce(acc, axis, _max)
+    return tl.sum(acc, axis)
 
 
 @triton.jit
@@ -98,67 +116,70 @@ def _power(d, a):
 
 @triton.jit
 def _row_sums(entries, e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS: tl.constexpr, NORM: tl.constexpr,
-              DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+              DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """Accumulated |W[j, :, :] / d_col|^p (BLOCK_J,) of rows j, plus the bias entry's."""
     ptr, n_o, n_i, n_k, so, si, sk, _, col, _ = _entry(entries, e, DTYPE)
     j_mask = j < n_o
-    acc = tl.zeros([BLOCK_J, BLOCK_R], ACC)
+    acc = tl.zeros([BLOCK_J, BLOCK_R], tl.float64)
     for r0 in range(0, n_i * n_k, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         i = r // n_k
         mask = j_mask[:, None] & (r < n_i * n_k)[None, :]
-        x = tl.load(ptr + j[:, None] * so + (i * si + (r % n_k) * sk)[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(ptr + j[:, None] * so + (i * si + (r % n_k) * sk)[None, :], mask=mask, other=0.0).to(tl.float64)
         if DIVIDE_COLUMNS:
             if col >= 0:
                 x = x / tl.load(d_ptr + col + i, mask=r < n_i * n_k, other=1.0)[None, :]
         acc = _accumulate(acc, x, p, NORM)
-    if NORM == "linf":
-        total = tl.max(acc, 1)
-    else:
-        total = tl.sum(acc, 1)
+    total = _reduce(acc, 1, NORM)
     if bias_e >= 0:
         b_ptr, _, _, _, b_so, _, _, _, _, _ = _entry(entries, bias_e, DTYPE)
-        b = tl.load(b_ptr + j * b_so, mask=j_mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + j * b_so, mask=j_mask, other=0.0).to(tl.float64)
         total = _accumulate(total, b, p, NORM)
     return total
 
 
 @triton.jit
-def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-              BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
+              BLOCK_R: tl.constexpr):
     """Accumulated |W[:, j, :]|^p (BLOCK_J,) of input channels j."""
     ptr, n_o, n_i, n_k, so, si, sk, _, _, _ = _entry(entries, e, DTYPE)
-    acc = tl.zeros([BLOCK_R, BLOCK_J], ACC)
+    acc = tl.zeros([BLOCK_R, BLOCK_J], tl.float64)
     for r0 in range(0, n_o * n_k, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < n_o * n_k)[:, None] & (j < n_i)[None, :]
         offs = ((r // n_k) * so + (r % n_k) * sk)[:, None] + j[None, :] * si
-        acc = _accumulate(acc, tl.load(ptr + offs, mask=mask, other=0.0).to(ACC), p, NORM)
-    if NORM == "linf":
-        return tl.max(acc, 0)
-    return tl.sum(acc, 0)
+        acc = _accumulate(acc, tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64), p, NORM)
+    return _reduce(acc, 0, NORM)
 
 
 @triton.jit
 def _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, DIVIDE_COLUMNS: tl.constexpr,
-                       NORM: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
-    """d (BLOCK_J,) of hidden units j of pair ``pair``, stored at W_q's row offset in d;
-    returned with ones past the last unit."""
+                       NORM: tl.constexpr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """d (BLOCK_J,) of hidden units j of pair ``pair``, 1 where it is not a finite number > 0,
+    stored at W_q's row offset in d; returned with ones past the last unit."""
     row_e, bias_e, col_e = _pair(pairs, pair)
-    r = _row_sums(entries, row_e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
-    s = _col_sums(entries, col_e, j, p, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
-    r = tl.maximum(_finish(r, p, NORM), eps)
-    s = tl.maximum(_finish(s, p, NORM), eps)
-    d = tl.sqrt(s / (c * r))
+    r = _row_sums(entries, row_e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS, NORM, DTYPE, BLOCK_J, BLOCK_R)
+    s = _col_sums(entries, col_e, j, p, NORM, DTYPE, BLOCK_J, BLOCK_R)
+    d = tl.sqrt(_max(_finish(s, p, NORM), eps) / (c * _max(_finish(r, p, NORM), eps)))
+    d = tl.where((d > 0) & (d < float("inf")), d, 1.0)
     _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, row_e, DTYPE)
     tl.store(d_ptr + row + j, d, mask=j < n_o)
     return tl.where(j < n_o, d, 1.0)
 
 
 @triton.jit
-def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+def _cast(x, DTYPE: tl.constexpr):
+    """float64 x as DTYPE, through float32 for the narrower types, as torch converts a double
+    (the interpreter's direct float64 -> bfloat16 cast is wrong)."""
+    if DTYPE == tl.float64:
+        return x
+    return x.to(tl.float32).to(DTYPE)
+
+
+@triton.jit
+def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_R: tl.constexpr):
     """t[j, i, k] *= row_d[j]^a * d[COL + i]^-a for the rows j of entry e, row elements
     r = i K + k from r_start up to r_end (clipped to the row).
 
@@ -173,44 +194,44 @@ def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr
         r_mask = r < r_end
         mask = j_mask[:, None] & r_mask[None, :]
         offs = j[:, None] * so + (i * si + (r % n_k) * sk)[None, :]
-        x = tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
-        col_factor = tl.full([BLOCK_R], 1.0, ACC)
+        x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        col_factor = tl.full([BLOCK_R], 1.0, tl.float64)
         if col >= 0:
             col_factor = _power(tl.load(d_ptr + col + i, mask=r_mask, other=1.0), -a)
-        tl.store(ptr + offs, (x * row_factor[:, None] * col_factor[None, :]).to(DTYPE), mask=mask)
+        tl.store(ptr + offs, _cast(x * row_factor[:, None] * col_factor[None, :], DTYPE), mask=mask)
 
 
 @triton.jit
 def _coefficients_kernel(entries, pairs, tiles, d_ptr, p, c, eps, NORM: tl.constexpr, DTYPE: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+                         BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0)
     j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
-    _pair_coefficients(entries, pairs, tl.load(tiles + 3 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, ACC,
-                       BLOCK_J, BLOCK_R)
+    _pair_coefficients(entries, pairs, tl.load(tiles + 3 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, BLOCK_J,
+                       BLOCK_R)
 
 
 @triton.jit
-def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
-                    BLOCK_R: tl.constexpr, ROW_CHUNK: tl.constexpr):
+def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+                    ROW_CHUNK: tl.constexpr):
     t = tl.program_id(0)
     e = tl.load(tiles + 3 * t)
     j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
     r_start = tl.load(tiles + 3 * t + 2)
     _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, e, DTYPE)
-    row_d = tl.full([BLOCK_J], 1.0, ACC)
+    row_d = tl.full([BLOCK_J], 1.0, tl.float64)
     if row >= 0:
         row_d = tl.load(d_ptr + row + j, mask=j < n_o, other=1.0)
-    _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_start + ROW_CHUNK, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_start + ROW_CHUNK, DTYPE, BLOCK_J, BLOCK_R)
 
 
 @triton.jit
 def _pair_kernel(entries, pairs, pair, first_entry, last_entry, d_ptr, p, c, eps, NORM: tl.constexpr,
-                 DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+                 DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, ACC, BLOCK_J, BLOCK_R)
+    d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, BLOCK_J, BLOCK_R)
     for e in range(first_entry, last_entry):
         _, _, n_i, n_k, _, _, _, _, _, _ = _entry(entries, e, DTYPE)
-        _scale_rows(entries, e, j, d, d_ptr, 0, n_i * n_k, DTYPE, ACC, BLOCK_J, BLOCK_R)
+        _scale_rows(entries, e, j, d, d_ptr, 0, n_i * n_k, DTYPE, BLOCK_J, BLOCK_R)
 
 
 class Plan:
@@ -247,7 +268,7 @@ class Plan:
         shapes = [(e, r[1], r[2] * r[3]) for e, r in enumerate(rows)]
         self.all_tiles = _tiles(shapes, device, ROW_CHUNK)
         self.last_tiles = _tiles(shapes[slice(*self.layer_entries[pairs])], device, ROW_CHUNK)
-        self.d = torch.empty(sum(sizes), dtype=accumulator_dtype(layers[0][0][0].dtype), device=device)
+        self.d = torch.empty(sum(sizes), dtype=torch.float64, device=device)
         self.dtype = layers[0][0][0].dtype
 
 
@@ -261,8 +282,7 @@ def _tiles(items: list[tuple[int, int, int]], device, chunk: int | None = None) 
 
 def cycle(plan: Plan, *, c: float, p: float, eps: float, sequential: bool) -> torch.Tensor:
     """One cycle over the plan's tensors, in place; returns the coefficients d (flat)."""
-    common = dict(DTYPE=triton_dtype(plan.dtype), ACC=triton_dtype(plan.d.dtype), BLOCK_J=BLOCK_J,
-                  BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+    common = dict(DTYPE=triton_dtype(plan.dtype), BLOCK_J=BLOCK_J, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
     norm = dict(p=float(p), c=float(c), eps=float(eps), NORM=norm_kind(p))
     if sequential:
         for q, n in enumerate(plan.sizes):

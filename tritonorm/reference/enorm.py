@@ -16,6 +16,11 @@ the rest fixed, and the network computes the same function (rows and bias of a R
 scaled by d > 0, its outgoing weights by 1 / d).  The eps floor keeps a zero row or column
 finite: it is the scale below which a norm counts as zero.
 
+Norms and coefficients are float64 whatever the weights' dtype (a weight of 1e20 squares to
+1e40, past float32), and a unit whose d_j is not a finite number > 0 (a NaN or inf in its
+row or column, an overflow) is left alone: d_j = 1.  The cycle then never spreads a
+non-finite entry to other entries, and finite weights give finite coefficients.
+
 Modes.  *Parallel* takes every r and s from the weights at the start of the cycle (the
 authors' code: one reduction over all layers, then one rescale).  *Sequential* is the
 paper's algorithm: pair q sees W_q after its columns were divided by d_{q-1}.
@@ -32,14 +37,12 @@ from __future__ import annotations
 
 import torch
 
-from . import accumulator_dtype
-
 
 def row_norms(weight: torch.Tensor, p: float, bias: torch.Tensor | None = None,
               col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """r (O,): the p-norm of each row of an (O, I, K) weight, its columns divided by
-    ``col_scale`` (I,) first, its bias entry appended."""
-    w = weight.to(accumulator_dtype(weight.dtype))
+    """r (O,) in float64: the p-norm of each row of an (O, I, K) weight, its columns divided
+    by ``col_scale`` (I,) first, its bias entry appended."""
+    w = weight.to(torch.float64)
     if col_scale is not None:
         w = w / col_scale[None, :, None]
     rows = w.flatten(1)
@@ -49,13 +52,15 @@ def row_norms(weight: torch.Tensor, p: float, bias: torch.Tensor | None = None,
 
 
 def col_norms(weight: torch.Tensor, p: float) -> torch.Tensor:
-    """s (I,): the p-norm of each input channel's (O, K) slice of an (O, I, K) weight."""
-    return torch.linalg.vector_norm(weight.to(accumulator_dtype(weight.dtype)), ord=p, dim=(0, 2))
+    """s (I,) in float64: the p-norm of each input channel's (O, K) slice of an (O, I, K)
+    weight."""
+    return torch.linalg.vector_norm(weight.to(torch.float64), ord=p, dim=(0, 2))
 
 
 def pair_coefficients(r: torch.Tensor, s: torch.Tensor, c: float, eps: float) -> torch.Tensor:
-    """d = sqrt(max(s, eps) / (c max(r, eps)))."""
-    return torch.sqrt(s.clamp_min(eps) / (c * r.clamp_min(eps)))
+    """d = sqrt(max(s, eps) / (c max(r, eps))), or 1 where that is not a finite number > 0."""
+    d = torch.sqrt(s.clamp_min(eps) / (c * r.clamp_min(eps)))
+    return torch.where(d.isfinite() & (d > 0), d, 1.0)
 
 
 def coefficients(weights: list[torch.Tensor], biases: list[torch.Tensor | None], *, pairs: int,
