@@ -138,9 +138,9 @@ def chain():
     (dict(eps=0), ValueError, r"eps must be a finite number > 0, got 0"),
     (dict(eps=True), ValueError, r"eps must be a finite number > 0, got True"),
     (dict(mode="jacobi"), ValueError, r"mode must be one of 'parallel', 'sequential', got 'jacobi'"),
-    (dict(balance_last=1), TypeError, r"balance_last must be True or False, got 1"),
-    (dict(scale_biases=0), TypeError, r"scale_biases must be True or False, got 0"),
-    (dict(balance_biases=None), TypeError, r"balance_biases must be True or False, got None"),
+    (dict(balance_last=1), TypeError, r"balance_last must be a bool, got 1"),
+    (dict(scale_biases=0), TypeError, r"scale_biases must be a bool, got 0"),
+    (dict(balance_biases=None), TypeError, r"balance_biases must be a bool, got None"),
     (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
     (dict(balance_biases=True, scale_biases=False), ValueError, r"balance_biases=True needs scale_biases=True"),
 ])
