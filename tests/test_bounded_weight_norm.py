@@ -352,3 +352,11 @@ def test_slice_norms_match_the_layer():
 def test_corrected_lr_errors(args, error, message):
     with pytest.raises(error, match=message):
         tritonorm.corrected_lr(*args)
+
+
+def test_meta_module_is_refused_with_a_clear_error():
+    """rho and the gain come from the weight's values, which a meta module does not have."""
+    linear = nn.Linear(3, 4, device="meta")
+    with pytest.raises(ValueError, match=r"weight: Linear.weight is on the meta device; .* materialize the module"):
+        tritonorm.bounded_weight_norm(linear)
+    assert not parametrize.is_parametrized(linear)

@@ -461,3 +461,11 @@ def test_nothing_to_convert(norm, message):
     model = nn.Sequential(nn.LayerNorm(4), nn.ReLU()) if norm == "bounded_wn" else nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=message):
         tritonorm.convert(model, norm)
+
+
+def test_lp_conversion_of_an_unusable_batchnorm_names_it():
+    """A BatchNorm with momentum 1.5 would become a layer that fails every forward: refused at
+    conversion, naming the module."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=1.5))
+    with pytest.raises(ValueError, match=r"model.1 \(BatchNorm2d\): momentum must be a number in \[0, 1\] or None, got 1.5"):
+        tritonorm.convert(model, "l1")

@@ -1,6 +1,8 @@
 """EquiNorm layers: the paper's invariants, eval mode, folding, initialisation, state_dict,
 the guard and bad input.  Every test runs on both paths where the path matters."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -457,3 +459,53 @@ def test_fold_equinorm_model(backend, device):
         tritonorm.fold_equinorm(model, {"2.0": (8, 8), "1": (8, 8)})
     single = tritonorm.EquiNormLinear(5, 3)
     assert type(tritonorm.fold_equinorm(single)) is nn.Linear
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make, shape", [
+    (lambda backend: tritonorm.EquiNormConv2d(3, 4, 3, padding=1, backend=backend), (4, 3, 8, 8)),
+    (lambda backend: tritonorm.EquiNormLinear(6, 4, backend=backend), (16, 6)),
+], ids=["conv", "linear"])
+def test_float16_gradients_of_a_large_input_are_finite(backend, make, shape, device):
+    """EquiNorm's w'' is about 1 / (input magnitude x fan-in), so dL/dw'' = sum x dy is
+    about the input's magnitude times a normal layer's and overflows float16 at 1e4; the
+    layer computes it on the input scaled by a power of two, so every gradient is finite
+    and matches the float64 computation."""
+    torch.manual_seed(0)
+    layer = make(backend).to(device)
+    x = positive_input(shape, device=device) * 1e4
+    dy = torch.randn(layer(x).shape, device=device)
+    grads = {}
+    for dtype in (torch.float16, torch.float64):
+        half = copy.deepcopy(layer).to(dtype)
+        xd = x.to(dtype).requires_grad_()
+        y = half(xd)
+        y.backward(dy.to(dtype))
+        assert torch.isfinite(y).all()
+        grads[dtype] = [xd.grad, *(p.grad for p in half.parameters())]
+    for got, expected in zip(grads[torch.float16], grads[torch.float64], strict=True):
+        assert torch.isfinite(got).all()
+        scale = expected.abs().max().item()
+        assert (got.double() - expected).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: torch.rand(2, 3, 6, 6, device="meta"), ValueError, r"input is on meta but weight is on cpu"),
+    (lambda: torch.rand(2, 3, 2, 2), ValueError, r"too small for kernel size \(3, 3\)"),
+    (lambda: torch.rand(2, 3, 6, 6).double(), TypeError, r"input \(torch.float64\) and weight \(torch.float32\)"),
+], ids=["device", "too-small", "dtype"])
+def test_bad_input_changes_nothing(backend, bad, error, match):
+    """The checks, the device's included, run before the running mean or the batch count
+    moves."""
+    layer = tritonorm.EquiNormConv2d(3, 4, 3, backend=backend)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=match):
+        layer(bad())
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_balance_signs_needs_floating_point_weights():
+    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor of shape \(C_out, C_in, \*\)"):
+        tritonorm.balance_signs_(torch.ones(4, 3, 3, 3, dtype=torch.int64))

@@ -97,3 +97,67 @@ def test_non_finite_input_gives_non_finite_output_not_garbage(backend):
     x[0, 0, 0] = float("nan")
     y = tritonorm.functional.l1_batch_norm(x, training=True, backend=backend)
     assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1]).all()
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+@pytest.mark.parametrize("layer", [tritonorm.L1BatchNorm2d, tritonorm.LinfBatchNorm1d, tritonorm.TopkBatchNorm3d])
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(momentum=1.5), ValueError, r"momentum must be a number in \[0, 1\] or None, got 1.5"),
+    (dict(momentum=True), ValueError, r"momentum must be a number in \[0, 1\] or None, got True"),
+    (dict(eps=-1e-5), ValueError, r"eps must be a finite number >= 0, got -1e-05"),
+    (dict(eps=float("nan")), ValueError, r"eps must be a finite number >= 0, got nan"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
+    (dict(backend=None), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got None"),
+    (dict(affine=1), TypeError, r"affine must be a bool, got 1"),
+    (dict(normalized="yes"), TypeError, r"normalized must be a bool, got 'yes'"),
+], ids=["momentum", "momentum-bool", "eps", "eps-nan", "backend", "backend-none", "affine", "normalized"])
+def test_constructor_checks_its_arguments(layer, kwargs, error, match):
+    """At construction, as EquiNorm does, not at the first forward."""
+    with pytest.raises(error, match=match):
+        layer(3, **kwargs)
+
+
+def test_topk_k_is_an_int():
+    with pytest.raises(ValueError, match=r"k must be a positive integer, got True"):
+        tritonorm.TopkBatchNorm2d(3, k=True)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_bool_is_not_a_number(norm, backend):
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got True"):
+        call(norm, torch.randn(4, 3), backend=backend, training=True, eps=True)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_eps_zero_is_refused_in_training_and_defined_in_eval(norm, backend):
+    """As nn.BatchNorm: a batch's dispersion can be 0, so training needs eps > 0; in eval the
+    running dispersion is the user's, and eps=0 gives the same result on both paths."""
+    x = torch.randn(6, 3, 4)
+    x[:, 0] = 2.0  # a constant channel: sigma = 0
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got 0"):
+        call(norm, x, backend=backend, training=True, eps=0.0, k=2)
+    rm, rd = torch.tensor([0.5, 0.1, -0.2]), torch.tensor([2.0, 0.5, 1.5])
+    y = call(norm, x, backend=backend, running_mean=rm, running_dev=rd, eps=0.0, k=2)
+    torch.testing.assert_close(y, (x - rm.view(1, 3, 1)) / rd.view(1, 3, 1))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_nothing_changes_before_the_checks_pass(norm, backend):
+    """A layer in training counts the batch and updates its statistics only for a call that
+    passes every check, including the checks of attributes reassigned after construction."""
+    layer = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d,
+             "topk": lambda c, **kw: tritonorm.TopkBatchNorm2d(c, k=10, **kw)}[norm](3, backend=backend)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad_inputs = [torch.ones(2, 3, 2, 2, dtype=torch.int32), torch.randn(1, 3, 1, 1)]
+    if norm == "topk":
+        bad_inputs.append(torch.randn(2, 3, 2, 2))  # 8 values per channel < k
+    for bad in bad_inputs:
+        with pytest.raises((TypeError, ValueError)):
+            layer(bad)
+    layer.eps = -1.0
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got -1.0"):
+        layer(torch.randn(2, 3, 3, 3))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key

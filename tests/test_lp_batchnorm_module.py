@@ -166,3 +166,20 @@ def test_low_precision_module(norm, dtype, device):
     assert y.dtype == dtype and m.running_dev.dtype == dtype
     torch.testing.assert_close(y.float(), ref(x.float()), atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(m.running_dev.float(), ref.running_dev, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e4 + 0.1), (torch.float32, -3.3e6),
+                                           (torch.float16, 1000.5), (torch.bfloat16, 3.0e5)], ids=str)
+def test_constant_channel_with_a_large_offset_gives_its_bias(norm, backend, dtype, offset, device):
+    """sigma = 0 and x - mu = 0 exactly, whatever the offset (the mean is taken about one of
+    the channel's values): y is the bias, not rounding noise divided by rounding noise."""
+    layer = make(norm, backend=backend).to(device)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.25, -1.0, 0.5, 2.0]))
+    x = torch.randn(INPUT_SHAPES[2], device=device)
+    x[:, 0] = offset
+    y = layer(x.to(dtype))
+    assert (y[:, 0] == 0.25).all(), y[:, 0].unique()
+    assert torch.isfinite(y).all()
