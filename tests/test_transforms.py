@@ -239,8 +239,9 @@ def test_vmap_in_training_with_running_statistics_is_refused(name, backend):
     _assert_all_close(layer.state_dict().values(), before.values())
 
 
-def test_vmap_in_training_without_running_statistics():
-    layer = tritonorm.LinfBatchNorm1d(4, track_running_stats=False, backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_in_training_without_running_statistics(backend):
+    layer = tritonorm.LinfBatchNorm1d(4, track_running_stats=False, backend=backend)
     xs = torch.stack([_input(5, (4,), seed) for seed in range(3)])
     torch.testing.assert_close(torch.func.vmap(layer)(xs), torch.stack([layer(x) for x in xs]))
 
