@@ -467,5 +467,6 @@ def test_lp_conversion_of_an_unusable_batchnorm_names_it():
     """A BatchNorm with momentum 1.5 would become a layer that fails every forward: refused at
     conversion, naming the module."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=1.5))
-    with pytest.raises(ValueError, match=r"model.1 \(BatchNorm2d\): momentum must be a number in \[0, 1\] or None, got 1.5"):
+    message = r"model.1 \(BatchNorm2d\): momentum must be a number in \[0, 1\] or None, got 1.5"
+    with pytest.raises(ValueError, match=message):
         tritonorm.convert(model, "l1")

@@ -136,7 +136,8 @@ LP_FUNCTIONS = {"l1": F.l1_batch_norm, "linf": F.linf_batch_norm, "topk": F.topk
 def test_lp_batch_norm_any_layout(backend, case):
     g = torch.Generator().manual_seed(case["seed"])
     dtype, c = case["dtype"], case["shape"][1]
-    x = torch.randn(case["shape"], generator=g) * 2 + torch.randn(c, generator=g).view(1, c, *[1] * (len(case["shape"]) - 2))
+    offsets = torch.randn(c, generator=g).view(1, c, *[1] * (len(case["shape"]) - 2))
+    x = torch.randn(case["shape"], generator=g) * 2 + offsets
     x = layout_input(x.to(device, dtype), case["layout"]).detach().requires_grad_()
     values = {"weight": torch.rand(c, generator=g) + 0.5, "bias": torch.randn(c, generator=g),
               "running_mean": torch.randn(c, generator=g), "running_dev": torch.rand(c, generator=g) + 0.5}
@@ -198,8 +199,8 @@ def test_equinorm_weight_any_layout(backend, case):
                                  case["vectors"]["gain"]).leaf()
     options = dict(groups=groups, single_pass=case["single_pass"])
     got = run(F.equinorm_weight, tensors, case["seed"], dtype, backend=backend, **options)
-    exp = run(F.equinorm_weight, {k: reference_copy(t) for k, t in tensors.items()}, case["seed"], dtype, backend="torch",
-              **options)
+    ref_tensors = {k: reference_copy(t) for k, t in tensors.items()}
+    exp = run(F.equinorm_weight, ref_tensors, case["seed"], dtype, backend="torch", **options)
     row = w[0].numel()
     assert_close(got["y"], exp["y"], dtype, "w''")
     assert_close(got["dweight"], exp["dweight"], dtype, "dweight")
@@ -246,7 +247,8 @@ def test_equinorm_layer_any_layout(backend, case):
     tensors = {"input": x, "weight": w,
                **{k: (vec.leaf() if k != "running_mean" else vec.tensor) for k, vec in vectors.items()}}
     options = dict(training=case["training"], momentum=case["momentum"],
-                   num_batches_tracked=torch.tensor(3, device=device), single_pass=case["single_pass"], stats_fraction=case["stats_fraction"])
+                   num_batches_tracked=torch.tensor(3, device=device), single_pass=case["single_pass"],
+                   stats_fraction=case["stats_fraction"])
     if case["nd"] is None:
         fn = F.equinorm_linear
     else:
@@ -292,8 +294,8 @@ def test_bounded_weight_any_layout(backend, case):
         rho = (torch.rand((), generator=g) + 0.5).to(device, dtype).requires_grad_()
     tensors = {"v": v, "rho": rho}
     got = run(F.bounded_weight, tensors, case["seed"], dtype, backend=backend, dim=dim)
-    exp = run(F.bounded_weight, {k: reference_copy(t) for k, t in tensors.items()}, case["seed"], dtype, backend="torch",
-              dim=dim)
+    ref_tensors = {k: reference_copy(t) for k, t in tensors.items()}
+    exp = run(F.bounded_weight, ref_tensors, case["seed"], dtype, backend="torch", dim=dim)
     slice_size = v.numel() // shape[dim]
     assert_close(got["y"], exp["y"], dtype, "w")
     assert_close(got["dv"], exp["dv"], dtype, "dv", reduced=slice_size)

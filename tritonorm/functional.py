@@ -123,7 +123,7 @@ def _lp_batch_norm(
     )
     if update:
         _running_ops.update_running_stats(
-            running_mean, running_dev, mean=mean, dev=dev,
+            running_mean=running_mean, running_dev=running_dev, mean=mean, dev=dev,
             num_batches_tracked=num_batches_tracked if momentum is None else None,
             momentum=None if momentum is None else torch.sym_float(momentum),
         )
@@ -315,7 +315,7 @@ def _input_mass(
     mean = v / (stats.numel() // c_in)
     if update and triton:
         _running_ops.update_running_mean(
-            running_mean, mean=mean.detach(), num_batches_tracked=num_batches_tracked if momentum is None else None,
+            running_mean=running_mean, mean=mean.detach(), num_batches_tracked=num_batches_tracked if momentum is None else None,
             momentum=None if momentum is None else torch.sym_float(momentum),
         )
     elif update:
@@ -530,7 +530,9 @@ def bounded_weight(
     elif not isinstance(rho, Tensor) or not rho.is_floating_point():
         raise TypeError(f"rho must be a number or a floating-point tensor, got {rho!r:.80}")
     if rho.shape not in ((), (v.shape[dim],)):
-        raise ValueError(f"rho must have shape () or ({v.shape[dim]},) (one per slice along dim={dim}), got {tuple(rho.shape)}")
+        raise ValueError(
+            f"rho must have shape () or ({v.shape[dim]},) (one per slice along dim={dim}), got {tuple(rho.shape)}"
+        )
     if rho.device != v.device:
         raise ValueError(f"rho is on {rho.device} but v is on {v.device}")
     if rho.dim() == 0 and _host_readable(rho):

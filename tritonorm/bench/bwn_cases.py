@@ -184,11 +184,13 @@ class Ops(nn.Module):
         self.norm = None
 
     def forward(self) -> torch.Tensor:
-        w, self.norm = torch.ops.tritonorm.bounded_weight(self.v, self.rho, 0, EPS)
+        w, self.norm = torch.ops.tritonorm.bounded_weight(self.v, rho=self.rho, dim=0, eps=EPS)
         return w
 
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.tritonorm.bounded_weight_backward(grad, self.v, self.rho, self.norm, 0, EPS)
+        return torch.ops.tritonorm.bounded_weight_backward(
+            grad, v=self.v, rho=self.rho, norm=self.norm, dim=0, eps=EPS
+        )
 
 
 def build(name: str, case: WeightCase, dtype: torch.dtype, device, seed: int = 0) -> nn.Module:

@@ -1,5 +1,6 @@
-"""EquiNorm layers (Equilibrium Normalization, Defazio & Bottou 2019): convolution and linear layers whose weight is normalized by
-the statistics of their input, then a per-output-channel affine (gain, bias).
+"""EquiNorm layers (Equilibrium Normalization, Defazio & Bottou 2019): convolution and
+linear layers whose weight is normalized by the statistics of their input, then a
+per-output-channel affine (gain, bias).
 
 In training the input mass comes from the batch (the first ``stats_fraction`` of it) and
 ``running_mean``, the per-channel mean of the input, is updated with torch's momentum

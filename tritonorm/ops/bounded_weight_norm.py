@@ -20,7 +20,7 @@ from ..kernels.channel_reduce import accumulator_dtype
 
 @torch.library.custom_op("tritonorm::bounded_weight", mutates_args=())
 def bounded_weight(v: Tensor, rho: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
-    return kernels.forward(v, rho, dim, eps)
+    return kernels.forward(v, rho=rho, dim=dim, eps=eps)
 
 
 @bounded_weight.register_fake
@@ -32,7 +32,7 @@ def _(v, rho, dim, eps):
 def bounded_weight_backward(
     grad: Tensor, v: Tensor, rho: Tensor, norm: Tensor, dim: int, eps: float
 ) -> tuple[Tensor, Tensor]:
-    return kernels.backward(grad, v, rho, norm, dim, eps)
+    return kernels.backward(grad, v=v, rho=rho, norm=norm, dim=dim, eps=eps)
 
 
 @bounded_weight_backward.register_fake
@@ -45,12 +45,12 @@ def _setup(ctx, inputs, output):
     _, norm = output
     ctx.mark_non_differentiable(norm)
     ctx.save_for_backward(v, rho, norm)
-    ctx.options = (dim, eps)
+    ctx.options = dict(dim=dim, eps=eps)
 
 
 def _backward(ctx, grad, _grad_norm):
     v, rho, norm = ctx.saved_tensors
-    dv, drho = bounded_weight_backward(grad, v, rho, norm, *ctx.options)
+    dv, drho = bounded_weight_backward(grad, v=v, rho=rho, norm=norm, **ctx.options)
     need_v, need_rho = ctx.needs_input_grad[:2]
     if need_rho:
         drho = (drho if rho.dim() else drho.sum()).to(rho.dtype)

@@ -47,7 +47,7 @@ input_sums.register_autograd(_input_sums_backward, setup_context=_input_sums_set
 def equinorm_weight(
     weight: Tensor, mass: Tensor, gain: Optional[Tensor], groups: int, single_pass: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.weight_forward(weight, mass, gain, groups, single_pass)
+    return kernels.weight_forward(weight, mass=mass, gain=gain, groups=groups, single_pass=single_pass)
 
 
 @equinorm_weight.register_fake
@@ -61,7 +61,9 @@ def equinorm_weight_backward(
     grad: Tensor, weight: Tensor, mass: Tensor, gain: Optional[Tensor], s: Tensor, b: Tensor,
     groups: int, single_pass: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels.weight_backward(grad, weight, mass, gain, s, b, groups, single_pass)
+    return kernels.weight_backward(
+        grad, weight=weight, mass=mass, gain=gain, s=s, b=b, groups=groups, single_pass=single_pass
+    )
 
 
 @equinorm_weight_backward.register_fake
@@ -78,12 +80,12 @@ def _weight_setup(ctx, inputs, output):
     _, s, b = output
     ctx.mark_non_differentiable(s, b)
     ctx.save_for_backward(weight, mass, gain, s, b)
-    ctx.options = (groups, single_pass)
+    ctx.options = dict(groups=groups, single_pass=single_pass)
 
 
 def _weight_backward(ctx, grad, _grad_s, _grad_b):
     weight, mass, gain, s, b = ctx.saved_tensors
-    dw, dmass, dgain = equinorm_weight_backward(grad, weight, mass, gain, s, b, *ctx.options)
+    dw, dmass, dgain = equinorm_weight_backward(grad, weight=weight, mass=mass, gain=gain, s=s, b=b, **ctx.options)
     need_w, need_m, need_g = ctx.needs_input_grad[:3]
     return (
         dw if need_w else None,

@@ -35,7 +35,8 @@ def lp_batch_norm(
     normalized: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return kernels.lp_batch_norm_forward(
-        x, weight, bias, running_mean, running_dev, batch_stats, eps, norm, k, normalized,
+        x, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=batch_stats,
+        eps=eps, norm=norm, k=k, normalized=normalized,
     )
 
 
@@ -69,8 +70,8 @@ def lp_batch_norm_backward(
     normalized: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return kernels.lp_batch_norm_backward(
-        grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign,
-        batch_stats, param_grads, eps, norm, k, normalized,
+        grad_y, x=x, weight=weight, mean=mean, dev=dev, wbar=wbar, sel_i=sel_index, sel_sign=sel_sign,
+        batch_stats=batch_stats, param_grads=param_grads, eps=eps, norm=norm, k=k, normalized=normalized,
     )
 
 
@@ -85,19 +86,18 @@ def _setup_context(ctx, inputs, output):
     _y, mean, dev, wbar, sel_index, sel_sign = output
     ctx.mark_non_differentiable(mean, dev, wbar, sel_index, sel_sign)
     ctx.save_for_backward(x, weight, mean, dev, wbar, sel_index, sel_sign)
-    ctx.options = (batch_stats, eps, norm, k, normalized)
+    ctx.options = dict(batch_stats=batch_stats, eps=eps, norm=norm, k=k, normalized=normalized)
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, grad_y, *_unused):
     x, weight, mean, dev, wbar, sel_index, sel_sign = ctx.saved_tensors
-    batch_stats, eps, norm, k, normalized = ctx.options
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_y is None:
         grad_y = torch.zeros_like(x)
     dx, dw, db = lp_batch_norm_backward(
-        grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign,
-        batch_stats, need_w or need_b, eps, norm, k, normalized,
+        grad_y, x=x, weight=weight, mean=mean, dev=dev, wbar=wbar, sel_index=sel_index, sel_sign=sel_sign,
+        param_grads=need_w or need_b, **ctx.options,
     )
     w_dtype, b_dtype = ctx.param_dtypes
     return (

@@ -22,7 +22,9 @@ def update_running_stats(
 ) -> None:
     """running = (1 - m) * running + m * batch for both buffers; m = momentum, or
     1 / num_batches_tracked when momentum is None."""
-    update_running(((running_mean, mean), (running_dev, dev)), num_batches_tracked, momentum)
+    update_running(
+        ((running_mean, mean), (running_dev, dev)), num_batches_tracked=num_batches_tracked, momentum=momentum
+    )
 
 
 @update_running_stats.register_fake
@@ -35,7 +37,7 @@ def update_running_mean(
     running_mean: Tensor, mean: Tensor, num_batches_tracked: Optional[Tensor], momentum: Optional[float]
 ) -> None:
     """running = (1 - m) * running + m * batch for one buffer (EquiNorm's input mean)."""
-    update_running(((running_mean, mean),), num_batches_tracked, momentum)
+    update_running(((running_mean, mean),), num_batches_tracked=num_batches_tracked, momentum=momentum)
 
 
 @update_running_mean.register_fake
