@@ -62,6 +62,23 @@ def _assert_same_state(a: nn.Module, b: nn.Module):
 # ----------------------------------------------------------------------------- torch.compile
 
 
+def _compiled_frames(name: str, backend: str, batches, *, training: bool = True, **options) -> int:
+    """The frames torch.compile(fullgraph=True, **options) compiles for a loop over
+    ``batches`` (forward and backward), each step and the final state checked against the
+    eager layer."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, sample = _make(name, backend)
+    eager.train(training)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager", **options)
+    for batch in batches:
+        x = _input(batch, sample)
+        _assert_all_close(_step(compiled, x), _step(eager, x))
+    _assert_same_state(compiled_layer, eager)
+    return counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", [*LAYERS, "equinorm_fraction"])
@@ -70,16 +87,8 @@ def test_compile_over_batch_sizes(name, backend):
     one dynamic graph), as nn.BatchNorm2d does, and matches eager at every size.  (With
     stats_fraction=0.5 the sizes start at 4: a batch whose statistics come from one sample
     gets a frame of its own, torch specializing sizes of 1.)"""
-    torch._dynamo.reset()
-    counters.clear()
-    eager, sample = _make(name, backend)
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
-    for batch in BATCH_SIZES if name != "equinorm_fraction" else range(4, 16):
-        x = _input(batch, sample)
-        _assert_all_close(_step(compiled, x), _step(eager, x))
-    assert counters["stats"]["unique_graphs"] <= 2
-    _assert_same_state(compiled_layer, eager)
+    batches = BATCH_SIZES if name != "equinorm_fraction" else range(4, 16)
+    assert _compiled_frames(name, backend, batches) <= 2
 
 
 @pytest.mark.slow
@@ -88,18 +97,9 @@ def test_compile_over_batch_sizes(name, backend):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compile_dynamic(name, backend, training):
     """fullgraph=True with dynamic=True: one frame for every batch size (module floats
-    such as eps and momentum arrive symbolic)."""
-    torch._dynamo.reset()
-    counters.clear()
-    eager, sample = _make(name, backend)
-    eager.train(training)
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, fullgraph=True, dynamic=True, backend="aot_eager")
-    for batch in (6, 9):  # sizes no other dim has (torch would guard on the equality)
-        x = _input(batch, sample)
-        _assert_all_close(_step(compiled, x), _step(eager, x))
-    assert counters["stats"]["unique_graphs"] == 1
-    _assert_same_state(compiled_layer, eager)
+    such as eps and momentum arrive symbolic).  The sizes are ones no other dim has (torch
+    would guard on the equality)."""
+    assert _compiled_frames(name, backend, (6, 9), training=training, dynamic=True) == 1
 
 
 # ----------------------------------------------------------------------------- torch.export
