@@ -228,6 +228,12 @@ def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
     return total
 
 
+@triton.jit
+def shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC: tl.constexpr):
+    """mu = x_0 + inv_n * (the per-split partial sums of x - x_0, combined)."""
+    return channel_shift(x_ptr, c, c_mask, stride_c, ACC) + combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n
+
+
 # What _partial_sums_kernel reduces (its QUANTITY); the launcher takes the names.
 SUM = tl.constexpr(0)  # out0 = sum(x), or sum(x - x_0) with SHIFTED
 ABS_DEV = tl.constexpr(1)  # out0 = sum(|x - m|), out1 = sum(sign(x - m))
@@ -251,12 +257,13 @@ def _partial_sums_kernel(
     SHIFTED: the sums are about x_0 (SUM subtracts it, the centre adds it back)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    if SHIFTED:
-        x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
-    if QUANTITY != SUM:
-        center = (combine_splits(center_ptr, center_splits, C, c, c_mask, ACC) * center_scale)[:, None]
+    if QUANTITY == SUM:
         if SHIFTED:
-            center += x0
+            x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
+    elif SHIFTED:
+        center = shifted_mean(x_ptr, stride_c, center_ptr, center_splits, C, c, c_mask, center_scale, ACC)[:, None]
+    else:
+        center = (combine_splits(center_ptr, center_splits, C, c, c_mask, ACC) * center_scale)[:, None]
     acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(first, last):

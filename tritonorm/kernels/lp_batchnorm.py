@@ -51,6 +51,7 @@ from .channel_reduce import (
     contiguous,
     partial_sums,
     plan,
+    shifted_mean,
     tile,
     tile_range,
     triton_dtype,
@@ -220,7 +221,7 @@ def _extremes_finalize_kernel(
 ):
     """mu, then the K largest |x - mu| among the 2K candidates (ties: lowest index), sigma."""
     c, c_mask = channel_block(BLOCK_C, C)
-    mean = channel_shift(x_ptr, c, c_mask, stride_c, ACC) + combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n
+    mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
     hi_v, hi_i = _combine_candidates(hi_v_ptr, hi_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
     lo_v, lo_i = _combine_candidates(lo_v_ptr, lo_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
     hi_abs = tl.where(hi_i != NO_INDEX, tl.abs(hi_v - mean[:, None]), float("-inf"))
@@ -251,7 +252,7 @@ def _l1_finalize_kernel(
     c, c_mask = channel_block(BLOCK_C, C)
     _finish_statistics(
         c, c_mask,
-        channel_shift(x_ptr, c, c_mask, stride_c, ACC) + combine_splits(sum_ptr, splits, C, c, c_mask, ACC) * inv_n,
+        shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC),
         combine_splits(abs_ptr, splits, C, c, c_mask, ACC),
         combine_splits(sign_ptr, splits, C, c, c_mask, ACC),
         coef, inv_n, eps,

@@ -123,13 +123,15 @@ def _lp_batch_norm_layer(
     buffers (batch statistics in training or without running statistics; the running ones
     updated in training, num_batches_tracked counted once every check has passed).  A
     ``torch.fx.wrap`` leaf, so that torch.fx records the layer's call, not its checks."""
-    if isinstance(input, Tensor) and input.dim() not in ndims:
-        expected = " or ".join(f"{d}-d" for d in ndims)
-        raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
-    if isinstance(input, Tensor) and input.shape[1] != num_features:
-        raise ValueError(
-            f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape {tuple(input.shape)}"
-        )
+    if isinstance(input, Tensor):  # anything else: F._lp_batch_norm's TypeError
+        if input.dim() not in ndims:
+            expected = " or ".join(f"{d}-d" for d in ndims)
+            raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
+        if input.shape[1] != num_features:
+            raise ValueError(
+                f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape "
+                f"{tuple(input.shape)}"
+            )
     tracked = not training or track_running_stats
     return F._lp_batch_norm(
         input, running_mean=running_mean if tracked else None, running_dev=running_dev if tracked else None,
