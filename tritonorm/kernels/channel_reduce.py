@@ -49,8 +49,11 @@ NUM_WARPS = 4
 # Programs per SM that a reduction (REDUCE) or an elementwise pass (ELEMENTWISE) aims for.
 REDUCE_WAVES = 4
 ELEMENTWISE_WAVES = 8
-# Index that marks "no element" in top-k candidate lists; larger than any reduction index.
-NO_INDEX = 2**62
+# Largest row alignment (elements) that tile() asserts: 16 bf16 or fp32 elements cover a
+# 128-bit access.
+MAX_ALIGN = 16
+# Rows of partials [rows, BLOCK_C] that combine_splits sums per step: about 1024 elements.
+COMBINE_ELEMENTS = tl.constexpr(1024)
 
 
 def triton_dtype(dtype: torch.dtype):
@@ -133,19 +136,20 @@ def channel_view(x: torch.Tensor) -> ChannelView:
 
 @dataclass(frozen=True)
 class Plan:
-    """Tile shape and grid of one pass over a ChannelView."""
+    """Tile shape and grid of one pass over a ChannelView; ``align``: see ``row_align``."""
 
     block_c: int
     block_s: int
     tiles_per_program: int
     grid: tuple[int, int]
+    align: int = 1
 
     @property
     def splits(self) -> int:
         return self.grid[1]
 
     def meta(self):
-        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=NUM_WARPS)
+        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, ALIGN=self.align, num_warps=NUM_WARPS)
 
 
 def _row_block(s: int) -> int:
@@ -158,6 +162,16 @@ def _row_block(s: int) -> int:
     waste = {w: triton.cdiv(s, w) * w - s for w in widths}
     good = [w for w in widths if 16 * waste[w] <= s]
     return max(good) if good else min(reversed(widths), key=waste.get)
+
+
+def row_align(view: ChannelView) -> int:
+    """The largest power of two, at most MAX_ALIGN, that divides the row length S of an NCS
+    view (1 for NSC, whose rows run along C and need no hint).  Triton proves 16-byte
+    alignment only for integer arguments divisible by 16, so rows of 196 (14x14) would
+    load one element at a time without it; see ``tile``."""
+    if view.channels_last:
+        return 1
+    return min(MAX_ALIGN, view.s & -view.s)
 
 
 def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
@@ -174,7 +188,8 @@ def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
     target = waves * _num_programs_per_wave(view.tensor.device)
     splits = max(1, min(tiles, triton.cdiv(target, c_blocks)))
     tiles_per_program = triton.cdiv(tiles, splits)
-    return Plan(block_c, block_s, tiles_per_program, (c_blocks, triton.cdiv(tiles, tiles_per_program)))
+    grid = (c_blocks, triton.cdiv(tiles, tiles_per_program))
+    return Plan(block_c, block_s, tiles_per_program, grid, row_align(view))
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -196,11 +211,17 @@ def tile_range(N, S, tiles_per_program, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+         ALIGN: tl.constexpr = 1):
     """Offsets [BLOCK_C, BLOCK_S] of tile t, its mask and its reduction indices r = n*S + s.
 
     The tile's base offset is int64 (tensors may pass 2**31 elements); offsets inside a
-    tile stay int32."""
+    tile stay int32.  ALIGN (NCS only, from ``row_align``) divides S = stride_c: written
+    as (S // ALIGN) * ALIGN, which is S, Triton can prove that rows start ALIGN-aligned
+    and load them in 128-bit vectors."""
+    if ALIGN > 1:
+        S = S // ALIGN * ALIGN
+        stride_c = stride_c // ALIGN * ALIGN
     s_tiles = tl.cdiv(S, BLOCK_S)
     n = t // s_tiles
     s0 = (t - n * s_tiles) * BLOCK_S
@@ -214,6 +235,15 @@ def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, B
 
 
 @triton.jit
+def tile_first_index(t, S, BLOCK_S: tl.constexpr):
+    """The reduction index r (int64) of tile t's first element; tiles t, t+1, ... cover
+    consecutive r, so [tile_first_index(first), tile_first_index(last)) is a split's range."""
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    n = t // s_tiles
+    return n.to(tl.int64) * S + (t - n * s_tiles) * BLOCK_S
+
+
+@triton.jit
 def channel_shift(x_ptr, c, c_mask, stride_c, ACC: tl.constexpr):
     """x_0 of each channel of the block: its element at reduction index 0."""
     return tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
@@ -221,10 +251,15 @@ def channel_shift(x_ptr, c, c_mask, stride_c, ACC: tl.constexpr):
 
 @triton.jit
 def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
-    """Stage 2: sum the per-split partials ptr[split, c] of a channel block."""
+    """Stage 2: sum the per-split partials ptr[split, c] of a channel block, a
+    [ROWS, BLOCK_C] block of splits per step (independent loads, one tree reduction each)."""
+    ROWS: tl.constexpr = COMBINE_ELEMENTS // c.shape[0]
+    rows = tl.arange(0, ROWS)[:, None]
     total = tl.zeros(c.shape, ACC)
-    for i in range(splits):
-        total += tl.load(ptr + i * C + c, mask=c_mask, other=0.0).to(ACC)
+    for first in range(0, splits, ROWS):
+        split = first + rows
+        part = tl.load(ptr + split * C + c[None, :], mask=(split < splits) & c_mask[None, :], other=0.0)
+        total += tl.sum(part.to(ACC), 0)
     return total
 
 
@@ -247,7 +282,7 @@ def _partial_sums_kernel(
     N, C, S, stride_n, stride_c, stride_s,
     tiles_per_program, center_splits, center_scale,
     QUANTITY: tl.constexpr, SHIFTED: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Stage 1 of a per-channel reduction: out[split, c] for the QUANTITY above.
 
@@ -267,7 +302,7 @@ def _partial_sums_kernel(
     acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(first, last):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if QUANTITY == SUM:
             if SHIFTED:
