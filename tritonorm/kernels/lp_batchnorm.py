@@ -7,6 +7,7 @@ normalize pass computes (x - mu) * scale + beta, not x * scale + shift: the latt
 the digits of x - mu when |mu| >> sigma.
 
     L1           _partial_sums_kernel("sum")      read x     partial sum(x - x_0)
+                 [_mean_kernel]                              mu, once (see below)
                  _partial_sums_kernel("abs_dev")  read x     partial sum|a|, sum sign(a)
                  _l1_finalize_kernel                         mean, sigma, wbar
                  _channel_affine_kernel           read x, write y
@@ -19,8 +20,19 @@ then, with running statistics, ``running_stats.update_running`` (a separate op: 
 mutates its inputs cannot carry an autograd formula).  Eval: _running_coeffs_kernel and
 _channel_affine_kernel.
 
-The second read of L1 cannot be avoided: mean |x - mu| needs mu first.  L-inf and Top-k
+The second read of L1 cannot be avoided: mean |x - mu| needs mu first.  Its programs
+recombine mu from the partial sums (splits x BLOCK_C values each) unless that re-read, over
+all programs, costs more than a launch (channels_last with few channels: 526 splits at
+C=64); then _mean_kernel computes it once, at the price of a fifth launch.  L-inf and Top-k
 need one read because the K largest |x - mu| are among the K largest and the K smallest x.
+
+Top-K state.  Each program keeps, per channel, the K best (value, index) pairs it has seen
+(K=1: one per lane).  A tile costs one tile-wide max when nothing in it outranks the
+state's worst entry, and otherwise one step (two tile-wide reductions) per entry it
+replaces, at most K: O(n) work whatever the order of the data.  Indices are int32 and
+relative to the split's first element; the K slots of every (channel, split) list are
+stored at [c, split, :K], so a channel's lists are contiguous for the finalize, which turns
+them into absolute int64 indices (``tile_first_index``) as it folds them.
 
 Backward, with g = dy * gamma, d = sigma + eps, w_i = d sigma / d a_i and wbar = mean(w):
 
@@ -28,9 +40,9 @@ Backward, with g = dy * gamma, d = sigma + eps, w_i = d sigma / d a_i and wbar =
 
     _partial_sums_kernel("grad")   read x, dy   partial sum(dy), sum(dy * a)
     _grad_finalize_kernel                       dgamma, dbeta, per-channel coefficients
-    _channel_affine_kernel         read dy (and x for L1: w_i = C1/n sign(a_i)), write dx
-    _selected_grad_kernel          L-inf/Top-k: w_i = Cinf/k sign(a_i) at the k selected
-                                   elements, a scatter of C*k values
+    _channel_affine_kernel         read dy (and x for L1: w_i = C1/n sign(a_i)), write dx;
+                                   for L-inf / Top-k, w_i = Cinf/k sign(a_i) at the k selected
+                                   elements: each program adds it to those in its own range
 """
 
 from __future__ import annotations
