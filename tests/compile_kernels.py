@@ -51,7 +51,9 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -141,11 +143,12 @@ def launches():
 @dataclass(frozen=True)
 class Workload:
     """Launchers run on one activation or weight: ``run()`` makes the launches; ``subject``
-    is the number of elements of a big tensor (None: the tensors behind ENorm's pointer
-    table); ``budgeted``: the budgets of tests/test_kernels_compile.py apply."""
+    is its number of elements, which makes an argument a big tensor (None: the tensors
+    behind ENorm's pointer table are); ``budgeted``: tests/test_kernels_compile.py's budgets
+    apply to the kernels it reaches."""
 
     label: str
-    run: object
+    run: Callable[[], object]
     subject: int | None
     budgeted: bool = True
 
@@ -157,7 +160,8 @@ LAYOUTS = {torch.contiguous_format: "nchw", torch.channels_last: "nhwc"}
 RESNET50_ACTIVATIONS = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
 RESNET50_BATCHES = (32, 256)
 TOPK = 10
-EPS = 1e-5
+# (batch_stats, param_grads) of a training step and of an eval forward with a backward.
+TRAIN_AND_EVAL = ((True, True), (False, True))
 
 
 def resnet50_weights() -> list[tuple[int, ...]]:
@@ -171,14 +175,14 @@ def resnet50_weights() -> list[tuple[int, ...]]:
     return sorted(shapes) + [(1000, 2048)]
 
 
-def _lp_batch_norm(x: torch.Tensor, norm: str, k: int, *, affine: bool = True, modes=((True, True), (False, True))):
-    """Forward and backward of one norm, for each (batch_stats, param_grads) of ``modes``,
-    and the running-statistics update of a training forward."""
+def _lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, affine: bool = True, modes=TRAIN_AND_EVAL):
+    """Forward and backward of one norm for each (batch_stats, param_grads) of ``modes``,
+    and the running statistics' update after a training forward."""
     c = x.shape[1]
     weight, bias = (torch.empty(c, dtype=x.dtype) if affine else None for _ in range(2))
     running_mean, running_dev = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
     dy = torch.empty_like(x)
-    common = dict(eps=EPS, norm=norm, k=k, normalized=True)
+    common = dict(eps=1e-5, norm=norm, k=k, normalized=True)
     for batch_stats, param_grads in modes:
         y, mean, dev, wbar, sel_i, sel_sign = lp_batchnorm.lp_batch_norm_forward(
             x, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev,
@@ -192,13 +196,14 @@ def _lp_batch_norm(x: torch.Tensor, norm: str, k: int, *, affine: bool = True, m
 
 
 def _equinorm_input(x: torch.Tensor):
-    """The input sums of a training forward, and the running mean's update (one buffer)."""
+    """The input sums of a training forward, and the running mean's update."""
     mean = equinorm.input_sums(x)
     running_stats.update_running([(torch.empty(x.shape[1], dtype=x.dtype), mean)], num_batches_tracked=None,
                                  momentum=0.1)
 
 
 def _equinorm_weight(weight: torch.Tensor, *, single_pass: bool, groups: int = 1, has_gain: bool = True):
+    """The weight transform, forward and backward."""
     mass = torch.empty(weight.shape[1] * groups, dtype=channel_reduce.accumulator_dtype(weight.dtype))
     gain = torch.empty(weight.shape[0], dtype=weight.dtype) if has_gain else None
     out, s, b = equinorm.weight_forward(weight, mass=mass, gain=gain, groups=groups, single_pass=single_pass)
@@ -206,13 +211,22 @@ def _equinorm_weight(weight: torch.Tensor, *, single_pass: bool, groups: int = 1
                              single_pass=single_pass)
 
 
-def _bounded_weight_norm(v: torch.Tensor, *, rho_shape: tuple[int, ...], dim: int = 0):
-    rho = torch.empty(rho_shape, dtype=v.dtype)
+def _bounded_weight_norm(v: torch.Tensor, *, per_slice_rho: bool = False, dim: int = 0):
+    """Forward and backward, with one fixed rho or one per slice (the learnable gain's)."""
+    rho = torch.empty(v.shape[dim] if per_slice_rho else (), dtype=v.dtype)
     w, norm = bounded_weight_norm.forward(v, rho=rho, dim=dim, eps=1e-12)
     bounded_weight_norm.backward(w, v=v, rho=rho, norm=norm, dim=dim, eps=1e-12)
 
 
-def _enorm_cycles(layers: list[torch.Tensor], *, dtype: torch.dtype, norms=(2.0,)):
+def _cumulative_average(running: torch.Tensor):
+    """The running statistics' update with momentum=None, of one buffer and of two."""
+    batch = torch.empty_like(running, dtype=channel_reduce.accumulator_dtype(running.dtype))
+    num_batches_tracked = torch.ones((), dtype=torch.int64)
+    for pairs in ([(running, batch)], [(running, batch)] * 2):
+        running_stats.update_running(pairs, num_batches_tracked=num_batches_tracked, momentum=None)
+
+
+def _enorm_cycles(layers: list[tuple[int, int, int]], *, dtype: torch.dtype, norms=(2.0,)):
     """Both ENorm cycles over a bias-free chain of (O, I, K) weights, each with an SGD
     momentum buffer (power -1), every pair balanced but the last."""
     tensors = [[(torch.empty(shape, dtype=dtype), 1), (torch.empty(shape, dtype=dtype), -1)] for shape in layers]
@@ -222,22 +236,15 @@ def _enorm_cycles(layers: list[torch.Tensor], *, dtype: torch.dtype, norms=(2.0,
             enorm.cycle(plan, c=1.2, p=p, eps=1e-12, sequential=sequential)
 
 
-def _cumulative_average(dtype: torch.dtype):
-    """The running-statistics update with momentum=None: one buffer (EquiNorm's mean) and two."""
-    running = torch.empty(64, dtype=dtype)
-    batch = torch.empty(64, dtype=channel_reduce.accumulator_dtype(dtype))
-    num_batches_tracked = torch.ones((), dtype=torch.int64)
-    for pairs in ([(running, batch)], [(running, batch)] * 2):
-        running_stats.update_running(pairs, num_batches_tracked=num_batches_tracked, momentum=None)
-
-
-def _oik(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    return shape[0], shape[1], math.prod(shape[2:])
-
-
-def _tag(shape, dtype, memory_format=None) -> str:
+def _on(label: str, fn, shape: tuple[int, ...], dtype: torch.dtype, memory_format=None, budgeted: bool = True,
+        **kwargs) -> Workload:
+    """``fn(x, **kwargs)`` on an empty x (allocated when the workload runs), the subject."""
     layout = f" {LAYOUTS[memory_format]}" if memory_format is not None else ""
-    return f"{'x'.join(map(str, shape))}{layout} {DTYPES[dtype]}"
+
+    def run():
+        fn(torch.empty(shape, dtype=dtype, memory_format=memory_format or torch.contiguous_format), **kwargs)
+
+    return Workload(f"{label} {'x'.join(map(str, shape))}{layout} {DTYPES[dtype]}", run, math.prod(shape), budgeted)
 
 
 def resnet50_workloads():
@@ -246,78 +253,58 @@ def resnet50_workloads():
         for chw in RESNET50_ACTIVATIONS:
             for memory_format in LAYOUTS:
                 for dtype in (torch.float32, torch.bfloat16):
-                    shape = (n, *chw)
-                    tag = _tag(shape, dtype, memory_format)
-
-                    def x(shape=shape, dtype=dtype, memory_format=memory_format):
-                        return torch.empty(shape, dtype=dtype, memory_format=memory_format)
-
-                    numel = math.prod(shape)
+                    x = dict(shape=(n, *chw), dtype=dtype, memory_format=memory_format)
                     for norm, k in (("l1", 1), ("linf", 1), ("topk", TOPK)):
-                        yield Workload(f"{norm} {tag}", lambda x=x, norm=norm, k=k: _lp_batch_norm(x(), norm, k), numel)
-                    yield Workload(f"equinorm input {tag}", lambda x=x: _equinorm_input(x()), numel)
+                        yield _on(norm, _lp_batch_norm, **x, norm=norm, k=k)
+                    yield _on("equinorm input", _equinorm_input, **x)
     for shape in resnet50_weights():
         for dtype in (torch.float32, torch.bfloat16):
-            tag = _tag(shape, dtype)
-
-            def v(shape=shape, dtype=dtype):
-                return torch.empty(shape, dtype=dtype)
-
-            yield Workload(f"bwn {tag}", lambda v=v: _bounded_weight_norm(v(), rho_shape=()), math.prod(shape))
+            yield _on("bwn", _bounded_weight_norm, shape, dtype)
             if len(shape) == 4:
-                yield Workload(f"equinorm weight {tag}", lambda v=v: _equinorm_weight(v(), single_pass=True),
-                               math.prod(shape))
+                yield _on("equinorm weight", _equinorm_weight, shape, dtype, single_pass=True)
     for net in STUDY_NETS:
-        layers = [_oik(layer.weight.shape) for layer in build(net, "cpu").layers]
-        yield Workload(f"enorm {net.name} fp32", lambda layers=layers: _enorm_cycles(layers, dtype=torch.float32),
-                       None)
+        layers = [(w.shape[0], w.shape[1], w[0, 0].numel()) for w in (m.weight for m in build(net, "meta").layers)]
+        yield Workload(f"enorm {net.name} fp32", partial(_enorm_cycles, layers, dtype=torch.float32), None)
 
 
 def coverage_workloads():
     """Variants that must compile but carry no budget: fp64, a 2-d (N, C) input, Top-k at
     k = 3 and MAX_K, every (batch_stats, param_grads) without affine parameters, the
-    cumulative running average, exact and grouped EquiNorm, a linear one without gain,
-    bounded weight norm with per-slice rho (the learnable gain) and along the last dim,
-    every ENorm norm on bf16 and l2 on fp64."""
+    cumulative average, exact and grouped EquiNorm, a linear one without gain, bounded
+    weight norm in fp64 and with a per-slice rho (also along the last dim), every ENorm norm
+    on bf16 and l2 on fp64."""
     every_mode = ((True, True), (True, False), (False, True), (False, False))
     for shape, dtype, memory_format in (((32, 64, 56, 56), torch.float32, torch.contiguous_format),
                                         ((32, 64, 56, 56), torch.bfloat16, torch.channels_last),
                                         ((65536, 96), torch.float64, torch.contiguous_format)):
-        tag, numel = _tag(shape, dtype, memory_format), math.prod(shape)
-
-        def x(shape=shape, dtype=dtype, memory_format=memory_format):
-            return torch.empty(shape, dtype=dtype, memory_format=memory_format)
-
+        x = dict(shape=shape, dtype=dtype, memory_format=memory_format, budgeted=False)
         for norm, k in (("l1", 1), ("linf", 1), ("topk", 3), ("topk", lp_batchnorm.MAX_K)):
-            yield Workload(f"{norm} k={k} {tag}", lambda x=x, norm=norm, k=k: _lp_batch_norm(x(), norm, k), numel,
-                           False)
+            yield _on(f"{norm} k={k}", _lp_batch_norm, **x, norm=norm, k=k)
             if dtype == torch.float32:
-                yield Workload(f"{norm} k={k} no affine {tag}",
-                               lambda x=x, norm=norm, k=k: _lp_batch_norm(x(), norm, k, affine=False, modes=every_mode),
-                               numel, False)
-        yield Workload(f"equinorm input {tag}", lambda x=x: _equinorm_input(x()), numel, False)
+                yield _on(f"{norm} k={k} no affine", _lp_batch_norm, **x, norm=norm, k=k, affine=False,
+                          modes=every_mode)
+        yield _on("equinorm input", _equinorm_input, **x)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        yield Workload(f"running average {DTYPES[dtype]}", lambda d=dtype: _cumulative_average(d), 64, False)
-        for shape, groups in (((64, 32, 3, 3), 2), ((256, 64, 1, 1), 1)):
-            yield Workload(f"equinorm weight exact groups={groups} {_tag(shape, dtype)}",
-                           lambda s=shape, d=dtype, g=groups: _equinorm_weight(
-                               torch.empty(s, dtype=d), single_pass=False, groups=g), math.prod(shape), False)
+        common = dict(dtype=dtype, budgeted=False)
+        yield _on("cumulative average", _cumulative_average, (64,), **common)
+        yield _on("equinorm weight exact groups=2", _equinorm_weight, (64, 32, 3, 3), **common, single_pass=False,
+                  groups=2)
+        yield _on("equinorm weight exact", _equinorm_weight, (256, 64, 1, 1), **common, single_pass=False)
         for shape in ((512, 512, 3, 3), (64, 3, 7, 7)):
-            yield Workload(f"bwn gain {_tag(shape, dtype)}",
-                           lambda s=shape, d=dtype: _bounded_weight_norm(torch.empty(s, dtype=d), rho_shape=(s[0],)),
-                           math.prod(shape), False)
-    yield Workload("equinorm weight groups=2 64x32x3x3 fp64",
-                   lambda: _equinorm_weight(torch.empty((64, 32, 3, 3), dtype=torch.float64), single_pass=True,
-                                            groups=2), 64 * 32 * 9, False)
-    yield Workload("equinorm weight linear 128x256 fp32, no gain",
-                   lambda: [_equinorm_weight(torch.empty(128, 256), single_pass=p, has_gain=False)
-                            for p in (True, False)], 128 * 256, False)
-    yield Workload("bwn gain dim=1 4096x1000 fp32",
-                   lambda: _bounded_weight_norm(torch.empty(4096, 1000), rho_shape=(1000,), dim=1), 4096 * 1000, False)
+            for per_slice_rho in (False, True):
+                yield _on(f"bwn per_slice_rho={per_slice_rho}", _bounded_weight_norm, shape, **common,
+                          per_slice_rho=per_slice_rho)
+    common = dict(dtype=torch.float32, budgeted=False)
+    yield _on("equinorm weight groups=2", _equinorm_weight, (64, 32, 3, 3), torch.float64, budgeted=False,
+              single_pass=True, groups=2)
+    for single_pass in (True, False):
+        yield _on(f"equinorm weight linear, no gain, single_pass={single_pass}", _equinorm_weight, (128, 256),
+                  **common, single_pass=single_pass, has_gain=False)
+    yield _on("bwn per-slice rho dim=1", _bounded_weight_norm, (4096, 1000), **common, per_slice_rho=True, dim=1)
     for dtype, norms in ((torch.bfloat16, (1.0, 2.0, float("inf"), 3.0)), (torch.float64, (2.0,))):
         yield Workload(f"enorm mlp 48-16-16-10 {DTYPES[dtype]}",
-                       lambda d=dtype, p=norms: _enorm_cycles([(16, 48, 1), (16, 16, 1), (10, 16, 1)], dtype=d,
-                                                             norms=p), None, False)
+                       partial(_enorm_cycles, [(16, 48, 1), (16, 16, 1), (10, 16, 1)], dtype=dtype, norms=norms),
+                       None, False)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -333,8 +320,11 @@ def _operands(text: str) -> list[str]:
     """The comma-separated operands of an instruction, braces and brackets kept whole."""
     out, depth, start = [], 0, 0
     for i, ch in enumerate(text):
-        depth += ch in "{[" and 1 or ch in "}]" and -1 or 0
-        if ch == "," and depth == 0:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == "," and depth == 0:
             out.append(text[start:i])
             start = i + 1
     return out + [text[start:]]
