@@ -420,6 +420,7 @@ def _probe_kernel(x_ptr, y_ptr, table_ptr, n, BLOCK: tl.constexpr):
 
 
 def probe_launch() -> Launch:
+    """The launch of _probe_kernel, recorded as the launchers' are."""
     with launches() as recorded:
         _probe_kernel[(1,)](torch.empty(1536), torch.empty(1025), torch.empty(1, dtype=torch.int64), 1024, BLOCK=512)
     return recorded[0]
