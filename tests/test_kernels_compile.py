@@ -11,6 +11,7 @@ the budgets.  The table behind a failure:
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -54,6 +55,16 @@ NARROW_ACCESSES_ALLOWED = {
     "enorm._coefficients_kernel",
     "enorm._pair_kernel",
     "enorm._rescale_kernel",
+}
+# Configurations of a kernel allowed narrow accesses: kernel -> a pattern its name (with the
+# constexprs) matches.
+NARROW_CONFIGS_ALLOWED = {
+    # Top-k's extremes pass (K > 1) folds each tile into a per-channel top-K state, with
+    # reductions along each channel's row.  Rows of 7x7 (and of 14x14 in bf16) are not a
+    # multiple of 16 bytes; the grouped view that aligns them for every other pass (L-inf's
+    # K = 1 included) puts GROUP channels in a row, which would turn each fold step into GROUP
+    # segmented reductions.  Coalescing is unaffected: a warp still reads whole lines.
+    "lp_batchnorm._extremes_kernel": r"\bK=(?!1,)\d+,",
 }
 
 
@@ -122,7 +133,7 @@ def test_no_spills(compiled):
 def test_big_tensors_move_in_128_bit_accesses(compiled):
     narrow = []
     for row in compiled.budgeted():
-        if row["kernel"] in NARROW_ACCESSES_ALLOWED:
+        if row["kernel"] in NARROW_ACCESSES_ALLOWED or _narrow_config_allowed(row):
             continue
         widths = sorted({(a["arg"], a["op"], a["bytes"]) for a in row["big_accesses"] if a["bytes"] < VECTOR_BYTES})
         if widths:
@@ -131,9 +142,18 @@ def test_big_tensors_move_in_128_bit_accesses(compiled):
         "\n".join(narrow)
 
 
+def _narrow_config_allowed(row) -> bool:
+    pattern = NARROW_CONFIGS_ALLOWED.get(row["kernel"])
+    return pattern is not None and re.search(pattern, row["name"]) is not None
+
+
 def test_every_exemption_names_a_budgeted_kernel(compiled):
     stale = NARROW_ACCESSES_ALLOWED - {row["kernel"] for row in compiled.budgeted()}
     assert not stale, f"exempt from VECTOR_BYTES but not compiled by any budgeted workload: {sorted(stale)}"
+    narrow = {row["kernel"] for row in compiled.budgeted() if _narrow_config_allowed(row)
+              and any(a["bytes"] < VECTOR_BYTES for a in row["big_accesses"])}
+    stale = set(NARROW_CONFIGS_ALLOWED) - narrow
+    assert not stale, f"configurations exempt from VECTOR_BYTES that no longer move narrow accesses: {sorted(stale)}"
 
 
 def test_every_access_is_traced_to_one_argument(compiled):

@@ -118,6 +118,25 @@ def test_extremes_whatever_the_order(norm, order, channels_last, device, monkeyp
     compare(norm, x.to(device), k=10)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    "shape,dtype,group",
+    [((5, 8, 7, 7), torch.float32, 4), ((3, 8, 7, 7), torch.bfloat16, 8), ((3, 4, 14, 14), torch.bfloat16, 2)],
+    ids=["7x7-fp32", "7x7-bf16", "14x14-bf16"],
+)
+def test_grouped_rows(norm, shape, dtype, group, device, monkeypatch):
+    """Rows that are not a multiple of 16 bytes are read as rows of `group` channels (the
+    per-lane channel, the per-segment sums and maxima, the reduction indices, the selected
+    elements' gradient), over several splits."""
+    from tritonorm.kernels import channel_reduce
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 4)
+    x = random_input(shape, dtype, device)
+    pl = channel_reduce.plan(channel_reduce.channel_view(x), grouped=True)
+    assert pl.group == group and pl.splits > 1
+    compare(norm, x, k=3)
+
+
 @pytest.mark.parametrize("mean_once", [False, True], ids=["mean-in-every-program", "mean-kernel"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_l1_mean_paths(mean_once, channels_last, device, monkeypatch):

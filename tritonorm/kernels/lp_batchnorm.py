@@ -62,8 +62,10 @@ from .channel_reduce import (
     channel_view,
     combine_splits,
     contiguous,
+    lane_channel,
     partial_sums,
     plan,
+    row_sums,
     shifted_mean,
     tile,
     tile_first_index,
@@ -76,6 +78,9 @@ MAX_K = 64
 # Most channels per program in the per-channel (finalize) kernels; fewer when C is small,
 # so that the grid has a program per SM where there are channels for it.
 FINALIZE_BLOCK_C = 128
+# Elements of a Top-k (K > 1) extremes tile: the fold's state and its reductions hold
+# registers besides the tile, and at 2048 some configurations spill.
+TOPK_TILE = 1024
 # Candidates the extremes finalize folds per step (a channel's lists are contiguous).
 CANDIDATE_CHUNK = 256
 # Split-relative candidate indices are int32; "no element" is the largest, and the empty
@@ -197,19 +202,21 @@ def _extremes_kernel(
     x_ptr, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
     K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Stage 1 of L-inf / Top-k, one read of x: per (split, channel) the sum of x - x_0
     and the K largest x ("hi") and the K largest -x ("lo"), each with its index relative
     to the split's first element (int32), stored at [c, split, :K].
 
     K == 1 keeps one running best per lane (no reduction per tile; a later index never
-    wins a tie since a lane's indices grow); K > 1 folds each tile into a top-K state per
-    channel (``_fold_top``)."""
+    wins a tie since a lane's indices grow), also on a grouped plan; K > 1 folds each
+    tile into a top-K state per channel (``_fold_top``; one channel per row)."""
+    tl.static_assert(K == 1 or GROUP == 1, "Top-k (K > 1) folds tiles of one channel per row")
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    base = tile_first_index(first, S, BLOCK_S)
-    x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
+    base = tile_first_index(first, S, BLOCK_S) // GROUP
+    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
+    x0 = channel_shift(x_ptr, lane_c, lane_c < C * GROUP, stride_c // GROUP, ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     if K == 1:
         hi_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
@@ -223,6 +230,9 @@ def _extremes_kernel(
         offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         acc += tl.where(mask, x - x0, 0.0)
+        if GROUP > 1:  # r of the grouped row n * (GROUP * S') + s is n * S' + s % S'
+            s = tl.arange(0, BLOCK_S)[None, :]
+            r = (r - s) // GROUP + s % (S // GROUP)
         r = tl.where(mask, (r - base).to(tl.int32), NO_INDEX)
         up = tl.where(mask, x, float("-inf"))
         down = tl.where(mask, -x, float("-inf"))
@@ -234,32 +244,57 @@ def _extremes_kernel(
         else:
             hi_v, hi_i = _fold_top(hi_v, hi_i, up, r, NO_INDEX)
             lo_v, lo_i = _fold_top(lo_v, lo_i, down, r, NO_INDEX)
-    tl.store(sum_ptr + tl.program_id(1) * C + c, tl.sum(acc, 1), mask=c_mask)
-    row = (c * tl.num_programs(1) + tl.program_id(1)) * K
-    _store_top(hi_v_ptr, hi_i_ptr, hi_v, hi_i, row, c_mask, K, K_PAD)
-    _store_top(lo_v_ptr, lo_i_ptr, lo_v, lo_i, row, c_mask, K, K_PAD)
+    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    tl.store(sum_ptr + tl.program_id(1) * C * GROUP + out_c, row_sums(acc, S, GROUP), mask=out_mask)
+    if K == 1:
+        row = out_c * tl.num_programs(1) + tl.program_id(1)
+        _store_best(hi_v_ptr, hi_i_ptr, hi_v, hi_i, row, out_mask, S, GROUP)
+        _store_best(lo_v_ptr, lo_i_ptr, lo_v, lo_i, row, out_mask, S, GROUP)
+    else:
+        row = (c * tl.num_programs(1) + tl.program_id(1)) * K
+        _store_top(hi_v_ptr, hi_i_ptr, hi_v, hi_i, row, c_mask, K, K_PAD)
+        _store_top(lo_v_ptr, lo_i_ptr, lo_v, lo_i, row, c_mask, K, K_PAD)
+
+
+@triton.jit
+def _store_best(v_ptr, i_ptr, lane_v, lane_i, row, mask, S, GROUP: tl.constexpr):
+    """Store each channel's best of the per-lane states (the largest value, the lowest
+    index among equals): over a row, or over each of a grouped row's GROUP segments."""
+    if GROUP == 1:
+        best = tl.max(lane_v, 1)
+        index = tl.min(tl.where(lane_v == best[:, None], lane_i, NO_INDEX), 1)
+    else:
+        segment = (tl.arange(0, lane_v.shape[1]) // (S // GROUP))[None, :]
+        part = tl.arange(0, GROUP)[None, :]
+        best = tl.full([lane_v.shape[0], GROUP], float("-inf"), lane_v.dtype)
+        index = tl.full([lane_v.shape[0], GROUP], NO_INDEX, tl.int32)
+        for g in tl.static_range(GROUP):
+            v = tl.where(segment == g, lane_v, float("-inf"))
+            m = tl.max(v, 1)[:, None]
+            i = tl.min(tl.where(v == m, lane_i, NO_INDEX), 1)[:, None]
+            best = tl.where(part == g, m, best)
+            index = tl.where(part == g, i, index)
+        best = tl.reshape(best, [lane_v.shape[0] * GROUP])
+        index = tl.reshape(index, [lane_v.shape[0] * GROUP])
+    tl.store(v_ptr + row, best, mask=mask)
+    tl.store(i_ptr + row, index, mask=mask)
 
 
 @triton.jit
 def _store_top(v_ptr, i_ptr, top_v, top_i, row, c_mask, K: tl.constexpr, K_PAD: tl.constexpr):
-    """Store a top-K state at v_ptr[row:row + K]; for K == 1 the state is per lane, and
-    its best (lowest index among the largest) is the one stored."""
-    if K == 1:
-        best = tl.max(top_v, 1)
-        tl.store(v_ptr + row, best, mask=c_mask)
-        tl.store(i_ptr + row, tl.min(tl.where(top_v == best[:, None], top_i, NO_INDEX), 1), mask=c_mask)
-    else:
-        slot = tl.arange(0, K_PAD)[None, :]
-        mask = c_mask[:, None] & (slot < K)
-        tl.store(v_ptr + row[:, None] + slot, top_v, mask=mask)
-        tl.store(i_ptr + row[:, None] + slot, top_i, mask=mask)
+    """Store a per-channel top-K state at v_ptr[row:row + K]."""
+    slot = tl.arange(0, K_PAD)[None, :]
+    mask = c_mask[:, None] & (slot < K)
+    tl.store(v_ptr + row[:, None] + slot, top_v, mask=mask)
+    tl.store(i_ptr + row[:, None] + slot, top_i, mask=mask)
 
 
 @triton.jit
-def _combine_candidates(v_ptr, i_ptr, c, splits, S, tiles_per_program,
-                        K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+def _combine_candidates(v_ptr, i_ptr, c, splits, S, tiles_per_program, K: tl.constexpr, K_PAD: tl.constexpr,
+                        BLOCK_S: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
     """Stage 2 of a top-K: fold channel c's per-split lists [splits, K] (contiguous) into
-    one top-K state with absolute (int64) indices, CHUNK candidates per step."""
+    one top-K state with absolute (int64) indices, CHUNK candidates per step.  (S,
+    BLOCK_S, GROUP: the extremes pass's plan, which places each split's first element.)"""
     best_v, best_i = _empty_top(1, K, K_PAD, v_ptr.dtype.element_ty, NO_INDEX64, tl.int64)
     j = tl.arange(0, CHUNK)[None, :]
     for first in range(0, splits * K, CHUNK):
@@ -268,7 +303,7 @@ def _combine_candidates(v_ptr, i_ptr, c, splits, S, tiles_per_program,
         offs = c.to(tl.int64) * splits * K + flat
         v = tl.load(v_ptr + offs, mask=mask, other=float("-inf"))
         rel = tl.load(i_ptr + offs, mask=mask, other=NO_INDEX)
-        split_base = tile_first_index((flat // K) * tiles_per_program, S, BLOCK_S)
+        split_base = tile_first_index((flat // K) * tiles_per_program, S, BLOCK_S) // GROUP
         r = tl.where(rel != NO_INDEX, split_base + rel, NO_INDEX64)
         best_v, best_i = _fold_top(best_v, best_i, v, r, NO_INDEX64)
     return best_v, best_i
@@ -292,14 +327,16 @@ def _extremes_finalize_kernel(
     inv_n, coef, eps, sel_i_ptr, sel_sign_ptr,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
     K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """One channel per program: mu, then the K largest |x - mu| among the 2K candidates
-    (ties: lowest index), sigma.  (BLOCK_S: the tile width of the extremes pass, which
-    places each split's first element.)"""
+    (ties: lowest index), sigma.  (S, BLOCK_S, GROUP: the extremes pass's plan.)"""
     c, c_mask = channel_block(1, C)
     mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
-    hi_v, hi_i = _combine_candidates(hi_v_ptr, hi_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, CHUNK)
-    lo_v, lo_i = _combine_candidates(lo_v_ptr, lo_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, CHUNK)
+    hi_v, hi_i = _combine_candidates(
+        hi_v_ptr, hi_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, GROUP, CHUNK)
+    lo_v, lo_i = _combine_candidates(
+        lo_v_ptr, lo_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, GROUP, CHUNK)
     slot = tl.arange(0, K_PAD)[None, :]
     hi_ok = (slot < K) & (hi_v > float("-inf"))
     lo_ok = (slot < K) & (lo_v > float("-inf"))
@@ -386,7 +423,7 @@ def _channel_affine_kernel(
     x_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, src_ptr, gain_ptr, sel_i_ptr, sel_sign_ptr,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
     CENTER_X: tl.constexpr, SIGN_TERM: tl.constexpr, SELECTED: tl.constexpr, SELECTED_PAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out = (x [- center_c]) * scale_c + shift_c [+ gain_c * sign(src - center_c)].
 
@@ -396,12 +433,14 @@ def _channel_affine_kernel(
     SELECTED elements only, which each program adds into the dx it has just written."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)[:, None]
+    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
+    lane_mask = lane_c < C * GROUP
+    scale = tl.load(scale_ptr + lane_c, mask=lane_mask, other=0.0)
+    shift = tl.load(shift_ptr + lane_c, mask=lane_mask, other=0.0)
     if CENTER_X or SIGN_TERM:
-        center = tl.load(center_ptr + c, mask=c_mask, other=0.0)[:, None]
+        center = tl.load(center_ptr + lane_c, mask=lane_mask, other=0.0)
     if SIGN_TERM:
-        gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
+        gain = tl.load(gain_ptr + lane_c, mask=lane_mask, other=0.0)
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -414,10 +453,11 @@ def _channel_affine_kernel(
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if SELECTED > 0:
         tl.debug_barrier()  # this program's stores above are visible to all its threads
+        out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
         _add_selected(
-            out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, c, c_mask,
-            tile_first_index(first, S, BLOCK_S), tile_first_index(last, S, BLOCK_S),
-            S, stride_n, stride_c, stride_s, SELECTED, SELECTED_PAD, ACC,
+            out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, out_c, out_mask,
+            tile_first_index(first, S, BLOCK_S) // GROUP, tile_first_index(last, S, BLOCK_S) // GROUP,
+            S // GROUP, stride_n, stride_c // GROUP, stride_s, SELECTED, SELECTED_PAD, ACC,
         )
 
 
@@ -471,13 +511,13 @@ def _finalize_grid(c: int, device: torch.device) -> tuple[tuple[int], int]:
 def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None, selected=None):
     """Launch _channel_affine_kernel over ``view`` into ``out`` (same layout); ``selected``:
     (sel_index, sel_sign, gain) of L-inf / Top-k's backward."""
-    pl = plan(view, ELEMENTWISE_WAVES)
+    pl = plan(view, ELEMENTWISE_WAVES, grouped=True)
     src, gain = sign_term or (None, None)
     sel_i, sel_sign, sel_gain = selected or (None, None, None)
     count = 0 if selected is None else sel_i.shape[1]
     _channel_affine_kernel[pl.grid](
         view.tensor, out, center, scale, shift, src, gain if sign_term else sel_gain, sel_i, sel_sign,
-        *view.args(), pl.tiles_per_program,
+        *pl.args(view), pl.tiles_per_program,
         CENTER_X=center_x, SIGN_TERM=sign_term is not None, SELECTED=count, SELECTED_PAD=_k_pad(count),
         ACC=triton_dtype(scale.dtype), **pl.meta(),
     )
@@ -513,10 +553,11 @@ def lp_batch_norm_forward(
 
     coef = dispersion_coefficient(norm, n, k, normalized)
     stats = (mean, dev, wbar, weight, bias, scale, shift)
-    pl = plan(view)
+    # Top-k folds tiles of one channel per row, in smaller tiles
+    pl = plan(view, grouped=True) if count <= 1 else plan(view, max_tile=TOPK_TILE)
     if norm == "l1":
         sums, _ = partial_sums(view, "sum", shifted=True, pl=pl)
-        mean_once = _mean_once(pl, c)
+        mean_once = pl.group > 1 or _mean_once(pl, c)
         if mean_once:
             _mean_kernel[grid](view.tensor, view.stride_c, sums, pl.splits, c, 1.0 / n, mean, ACC=acc_t,
                                BLOCK_C=block_c)
@@ -535,13 +576,14 @@ def lp_batch_norm_forward(
         hi_v, lo_v = (torch.empty((c, pl.splits, count), device=x.device, dtype=acc) for _ in range(2))
         hi_i, lo_i = (torch.empty((c, pl.splits, count), device=x.device, dtype=torch.int32) for _ in range(2))
         _extremes_kernel[pl.grid](
-            view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *view.args(), pl.tiles_per_program,
+            view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *pl.args(view), pl.tiles_per_program,
             K=count, K_PAD=_k_pad(count), ACC=acc_t, **pl.meta(),
         )
         _extremes_finalize_kernel[(c,)](
-            view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, view.s, pl.tiles_per_program,
-            1.0 / n, coef, eps, sel_i, sel_sign, *stats,
-            K=count, K_PAD=_k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, num_warps=NUM_WARPS,
+            view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, pl.args(view)[2],
+            pl.tiles_per_program, 1.0 / n, coef, eps, sel_i, sel_sign, *stats,
+            K=count, K_PAD=_k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
+            num_warps=NUM_WARPS,
         )
     _affine(view, y, mean, scale, shift, center_x=True)
     return y, mean, dev, wbar, sel_i, sel_sign
@@ -563,7 +605,7 @@ def lp_batch_norm_backward(
     dw = torch.empty(c if param_grads else 0, device=x.device, dtype=acc if weight is None else weight.dtype)
     db = torch.empty_like(dw)
     if batch_stats or param_grads:
-        pl = plan(view)
+        pl = plan(view, grouped=True)
         dy_sum, dya_sum = partial_sums(view, "grad", other=dy_view, center=mean, pl=pl)
         splits = pl.splits
     else:  # eval without affine parameters: dx = dy / (sigma + eps), nothing to reduce
