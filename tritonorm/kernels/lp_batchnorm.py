@@ -52,10 +52,10 @@ import triton
 import triton.language as tl
 
 from ..reference.lp_batchnorm import dispersion_coefficient, selected_count
+from . import channel_reduce
 from .channel_reduce import (
     ELEMENTWISE_WAVES,
     NUM_WARPS,
-    _num_programs_per_wave,
     accumulator_dtype,
     channel_block,
     channel_shift,
@@ -503,7 +503,7 @@ def _k_pad(count: int) -> int:
 def _finalize_grid(c: int, device: torch.device) -> tuple[tuple[int], int]:
     """Grid and BLOCK_C of a per-channel kernel: a program per SM where there are channels
     for it (C=64 on 132 SMs: 64 programs of one channel), at most FINALIZE_BLOCK_C each."""
-    sms = _num_programs_per_wave(device)
+    sms = channel_reduce._num_programs_per_wave(device)
     block_c = min(FINALIZE_BLOCK_C, triton.next_power_of_2(triton.cdiv(c, sms)))
     return (triton.cdiv(c, block_c),), block_c
 
