@@ -40,9 +40,11 @@ cdiv(S, BLOCK_S) tiles), but the splits of a channel each hold a different share
 partial tiles, which makes a small error: tests/test_traffic.py bounds it against the full
 count.  A launch that ran every program and iteration is ``counted``, the others are
 extrapolated.  Skipped programs and iterations store nothing, so the values computed from
-their outputs are garbage: the traffic must not depend on data (the masks of every kernel
-here come from indices only), and in a sampled launch an access outside its tensor
-arguments, which only garbage can produce, is counted but not made.
+their outputs are garbage: in a sampled count the memory allocated inside starts zeroed,
+and an access outside the launch's tensor arguments, which only such values can produce, is
+counted but not made.  Traffic that depends on data (the selected elements that L-inf and
+Top-k add in their backward elementwise pass) differs between the programs of a class: the
+programs that did not run take the mean of the sampled ones, an approximation (``averaged``).
 """
 
 from __future__ import annotations
@@ -82,9 +84,9 @@ _FILLS = {"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "fill
           "new_ones", "new_full", "scalar_tensor"}
 _COPIES = {"copy", "copy_", "_to_copy", "clone", "_copy_from", "_copy_from_and_resize"}
 _SYNCS = {"_local_scalar_dense"}
-# Ops that only allocate or re-describe memory: no launch on a GPU.
-_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided", "resize_",
-                "set_"}
+# Ops that only allocate or re-describe memory (no launch on a GPU); those that return new memory.
+_NEW_MEMORY = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+_ALLOCATIONS = _NEW_MEMORY | {"resize_", "set_"}
 _READ, _WRITTEN = 0, 1
 _ABSENT = object()
 
@@ -422,17 +424,18 @@ class _LaunchCounter:
 
     def totals(self) -> tuple[Counter, int]:
         """The launch's bytes by (argument, kind), and how many programs that did not run
-        took the mean of their class instead of a prediction.
+        were averaged rather than predicted.
 
         A class is the programs at the same position (first, interior, last) along every
-        axis.  Its sampled programs split into loops with a pattern (used, or matched by
-        every iteration) and the rest.  A program that did not run is predicted when the
-        sampled programs of its class move the same bytes read and written outside those
-        loops and have the same loops (line of code, step, length, pattern), and the start
-        of each loop is one affine function of the program index over every sampled program:
-        it moves their mean bytes outside the loops (the split among arguments can differ
-        when addresses come from values the skipped programs did not store), plus its loops'
-        over its own ranges.  Otherwise it takes the mean of its class."""
+        axis.  A sampled program's bytes split into its loops with a pattern (the one that
+        predicted its middle, or one all its iterations match) and the rest.  A program that
+        did not run takes the mean of the rest of its class's sampled programs, and the
+        bytes of their loops over its own ranges when the class's programs have the same
+        loops (line of code, step, length, pattern) and the start of each is one affine
+        function of the program index over every sampled program.  It is predicted, not
+        averaged, when besides the rest of its class's programs move the same bytes read and
+        written (their split among arguments can differ where addresses come from values
+        that programs which did not run never stored)."""
         total: Counter = Counter()
         for program in self.programs.values():
             total.update(program.bytes)
@@ -446,29 +449,35 @@ class _LaunchCounter:
             for key, values, pattern in loops:
                 rest.subtract(pattern.total(values))
                 starts.setdefault(key, []).append((index, values.start))
-            position = tuple(_position(i, size) for i, size in zip(index, self.grid, strict=True))
-            classes.setdefault(position, []).append((rest, loops))
+            classes.setdefault(self._position(index), []).append((rest, loops))
         start_of = {key: _affine(points) for key, points in starts.items()}
+
+        def signature(loops):
+            return [(key, values.step, len(values), id(pattern)) for key, values, pattern in loops]
+
         averaged = 0
         for index in np.ndindex(*self.grid):
             if index in self.programs:
                 continue
-            members = classes[tuple(_position(i, size) for i, size in zip(index, self.grid, strict=True))]
+            members = classes[self._position(index)]
             rest, loops = members[0]
-            shape = (_per_kind(rest), [(key, values.step, len(values), id(p)) for key, values, p in loops])
-            predicted = all(start_of[key] for key, _, _ in loops) and all(
-                (_per_kind(r), [(k, v.step, len(v), id(p)) for k, v, p in ls]) == shape for r, ls in members)
-            averaged += not predicted
-            for rest, loops in members:
-                for key, nbytes in rest.items():
-                    total[key] += Fraction(nbytes, len(members))
-                for key, values, pattern in loops:
-                    if predicted:
-                        first = start_of[key](index)
-                        values = range(first, first + len(values) * values.step, values.step)
-                    for name, nbytes in pattern.total(values).items():
-                        total[name] += Fraction(nbytes, len(members))
+            own_ranges = all(start_of[key] for key, _, _ in loops) and all(
+                signature(ls) == signature(loops) for _, ls in members)
+            averaged += not own_ranges or any(_per_kind(r) != _per_kind(rest) for r, _ in members)
+            share = Fraction(1, len(members))
+            for member_rest, member_loops in members:
+                for key, nbytes in member_rest.items():
+                    total[key] += share * nbytes
+                for _, values, pattern in [] if own_ranges else member_loops:
+                    for key, nbytes in pattern.total(values).items():
+                        total[key] += share * nbytes
+            for key, values, pattern in loops if own_ranges else ():
+                first = start_of[key](index)
+                total.update(pattern.total(range(first, first + len(values) * values.step, values.step)))
         return total, averaged
+
+    def _position(self, index) -> tuple[int, ...]:
+        return tuple(_position(i, size) for i, size in zip(index, self.grid, strict=True))
 
     # --- loops
 
@@ -606,15 +615,17 @@ def _torch_op(func, args, kwargs, out) -> TorchOp | None:
 
 class _OutsideOps(TorchDispatchMode):
     """Records the torch ops outside the kernels; looks inside custom ops (their impl runs
-    with this mode pushed again), pauses while a kernel runs."""
+    with this mode pushed again), pauses while a kernel runs.  With ``zero_allocations``
+    the memory allocated inside starts zeroed (unrecorded)."""
 
     _BELOW_PYTHON = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
-    def __init__(self):
+    def __init__(self, zero_allocations: bool):
         super().__init__()
         self.ops: list[TorchOp] = []
         self.custom: list[str] = []
         self.paused = False
+        self.zero_allocations = zero_allocations
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -625,6 +636,8 @@ class _OutsideOps(TorchDispatchMode):
             with self:
                 return func.redispatch(self._BELOW_PYTHON, *args, **kwargs)
         out = func(*args, **kwargs)
+        if self.zero_allocations and func._schema.name.split("::")[-1] in _NEW_MEMORY:
+            out.zero_()  # this mode is off inside its own dispatch: not recorded
         op = _torch_op(func, args, kwargs, out)
         if op is not None:
             self.ops.append(op)
@@ -640,7 +653,7 @@ class _Session:
     def __init__(self, sampling: Sampling | None):
         self.sampling = sampling
         self.launches: list[Launch] = []
-        self.outside = _OutsideOps()
+        self.outside = _OutsideOps(zero_allocations=sampling is not None)
         self.current: _LaunchCounter | None = None
 
     def launch(self, kernel, args, kwargs, grid):

@@ -296,6 +296,6 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
 
     def line(values: list[str]) -> str:
         return "  ".join(v.ljust(w) if spec is None else v.rjust(w)
-                         for v, w, (_, _, spec) in zip(values, widths, columns)).rstrip()
+                         for v, w, (_, _, spec) in zip(values, widths, columns, strict=True)).rstrip()
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
