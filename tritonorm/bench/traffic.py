@@ -655,6 +655,7 @@ class _Session:
         self.launches: list[Launch] = []
         self.outside = _OutsideOps(zero_allocations=sampling is not None)
         self.current: _LaunchCounter | None = None
+        self.patched_languages: set[int] = set()  # the triton.language modules patched for this launch
 
     def launch(self, kernel, args, kwargs, grid):
         from triton.runtime.interpreter import GridExecutor
@@ -668,7 +669,7 @@ class _Session:
                 GridExecutor(counter.wrap(kernel.rewrite()), kernel.arg_names, grid, kernel.pre_run_hooks)(
                     *args, **kwargs)
         finally:
-            self.current, self.outside.paused = None, False
+            self.current, self.outside.paused, self.patched_languages = None, False, set()
         self.launches.append(counter.record())
 
     def access(self, ptrs, mask, kinds: tuple[int, ...]):
@@ -682,11 +683,26 @@ class _Session:
 
     def patches(self, sms: int):
         """The patches of the interpreter and of the planners that counting needs."""
+        import triton.language as tl
+        from triton.runtime import interpreter
         from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
 
         session = self
         load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
         rmw, cas = InterpreterBuilder.create_atomic_rmw, InterpreterBuilder.create_atomic_cas
+        patch_lang = interpreter._patch_lang
+
+        def patch_lang_once(fn):
+            """The interpreter patches triton.language before each call of a jit function and
+            restores it when the launch ends: within a launch, once per module is enough (a
+            third of the interpreter's time otherwise).  Nothing else changes."""
+            languages = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+            if session.current is None or not languages <= session.patched_languages:
+                scope = patch_lang(fn)
+                if session.current is not None:
+                    session.patched_languages |= languages
+                return scope
+            return None  # only a launch restores its scope, and the launch's own call patched
 
         def run(kernel, *args, grid, warmup, **kwargs):
             if not warmup:
@@ -709,6 +725,7 @@ class _Session:
         return [
             mock.patch.object(channel_reduce, "_num_programs_per_wave", lambda device: sms),
             mock.patch.object(InterpretedFunction, "run", run),
+            mock.patch.object(interpreter, "_patch_lang", patch_lang_once),
             mock.patch.object(InterpreterBuilder, "create_masked_load", masked_load),
             mock.patch.object(InterpreterBuilder, "create_masked_store", masked_store),
             mock.patch.object(InterpreterBuilder, "create_atomic_rmw", atomic_rmw),
