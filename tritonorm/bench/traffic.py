@@ -20,31 +20,33 @@ The launch plans are made for ``sms`` streaming multiprocessors (``H100_SMS`` by
 H100 or H200), so the grids are those of a GPU run, not of the interpreter's.
 
 Sampling.  The interpreter runs a few hundred tiles a second, far too few for full-size
-activations (one L1 forward at 32x256x56x56 takes minutes).  With ``sampling=Sampling()``
-a launch runs a subset of its work and extrapolates:
+activations (an L1 forward at 32x256x56x56 takes minutes).  With ``sampling=Sampling()`` a
+launch runs part of its work and predicts the rest:
 
-* programs: along each grid axis the first, the last and ``Sampling.programs`` evenly spaced
-  interior ones run (all of them when the axis is that short); an interior one stands for
-  (size - 2) / programs programs of the axis;
-* loops (a ``range`` in the kernel or in a jit function it calls): the first time a loop
-  line runs in a launch it runs ``Sampling.window`` iterations, and the shortest period of
-  their traffic (bytes per argument, as a function of the loop value) that repeats at least
-  twice is its pattern; the iterations after those are predicted from the pattern, except
-  the last ``Sampling.ends``, which run.  Later runs of the line run their first ``ends``
-  iterations and use a pattern they match (else learn another).  A loop with no period in
-  its window, or with at most ``window + ends`` iterations, runs in full.
+* programs: along each grid axis the first, the last and ``Sampling.programs`` evenly
+  spaced interior ones run (all of them when the axis is that short);
+* loops (a ``range`` in the kernel or in a jit function it calls): the traffic of an
+  iteration (bytes by argument and kind) is taken to be periodic in the loop value.  A loop
+  of more than ``window + ends`` iterations runs its first ``ends``, then uses a pattern of
+  its line of code that these match, or runs ``window`` and learns from them the shortest
+  period that repeats at least twice; the middle is predicted, the last ``ends`` run.  A
+  shorter loop runs in full, and learns its pattern from the loops of consecutive programs
+  that continue each other: while it has none, the next program of the first line of the
+  grid (along its innermost axis of more than one program) runs too;
+* a program that did not run is predicted from the sampled programs of its class (the same
+  position, first, interior or last, along every axis): their bytes outside their pattern
+  loops, plus those loops over its own ranges, whose starts must be one affine function of
+  the program index over all the sampled programs (``_LaunchCounter.totals``).
 
-This is exact when the interior programs of an axis move the same bytes and loop traffic is
-periodic in the loop value.  Tile loops are (a row's partial last tile recurs every
-cdiv(S, BLOCK_S) tiles), but the splits of a channel each hold a different share of those
-partial tiles, which makes a small error: tests/test_traffic.py bounds it against the full
-count.  A launch that ran every program and iteration is ``counted``, the others are
-extrapolated.  Skipped programs and iterations store nothing, so the values computed from
-their outputs are garbage: in a sampled count the memory allocated inside starts zeroed,
-and an access outside the launch's tensor arguments, which only such values can produce, is
-counted but not made.  Traffic that depends on data (the selected elements that L-inf and
-Top-k add in their backward elementwise pass) differs between the programs of a class: the
-programs that did not run take the mean of the sampled ones, an approximation (``averaged``).
+A launch is ``counted`` when everything ran, ``predicted`` when these checks held: exact
+unless the traffic depends on data, and equal to the full count in tests/test_traffic.py.
+It is ``averaged`` when the sampled programs of a class moved different bytes outside
+their loops (data-dependent traffic, such as the selected elements that L-inf and Top-k
+add in their backward elementwise pass): the programs that did not run take the class's
+mean, an approximation whose error the tests bound.  Skipped programs and iterations store
+nothing, so values computed from their outputs are not the real ones: in a sampled count
+the memory allocated inside starts zeroed, and an access outside the launch's tensor
+arguments, which only such values produce, is counted but not made.
 """
 
 from __future__ import annotations
@@ -235,7 +237,10 @@ def _position(index: int, size: int) -> int:
 
 def _affine(points: list[tuple[tuple[int, ...], int]]) -> Callable[[tuple[int, ...]], int] | None:
     """The affine function of the program index through ``points`` ((index, value) pairs),
-    or None when no affine function passes through all of them."""
+    or None when no affine function passes through all of them, or fewer than 3 points (a
+    line and one check) give it."""
+    if len(points) < 3:
+        return None
     a = np.array([(*index, 1) for index, _ in points], dtype=np.float64)
     coefficients = np.linalg.lstsq(a, np.array([value for _, value in points], dtype=np.float64), rcond=None)[0]
 
@@ -283,9 +288,9 @@ class _Pattern(NamedTuple):
 
 
 class _Loop(NamedTuple):
-    """A top-level loop of a sampled program: its ``key`` (line, run of that line in the
-    program), its ``values``, the (value, bytes) of the iterations that ran, and the pattern
-    that predicted the others (None when every iteration ran)."""
+    """A top-level loop of a sampled program: its ``key`` (line of code, run of that line in
+    the program), its ``values``, the (value, bytes) of the iterations that ran, and the
+    pattern that predicted the others when every iteration that ran matches it (else None)."""
 
     key: tuple
     values: range
@@ -408,7 +413,7 @@ class _LaunchCounter:
                 pending = True
                 continue
             pattern = _Pattern.learn(chain[:window], loop.values.step)
-            if pattern is not None and pattern.matches(range(chain[0][0], chain[-1][0] + 1, loop.values.step), chain):
+            if pattern is not None and pattern.matches(loop.values, chain):
                 self.patterns.setdefault(site, []).append(pattern)
             del self.chains[line, site]
         if pending and position + 1 < min(self.grid[self.axis], window):
