@@ -134,22 +134,22 @@ def test_count_errors():
 # NCHW rows with a partial last tile (20x20: 6 tiles of 64, then 16), odd channel counts (a
 # partial channel block), channels_last, several splits; loops long enough to learn their
 # period within a program (16x6x20x20 on one SM) and short ones learnt along a line of
-# programs.  Sampling with small windows so that it engages at these sizes.
-SAMPLING = Sampling(programs=1, window=16, ends=2)
-SAMPLED_CASES = [  # (norm, shape, memory format, SMs, whether loop iterations get predicted)
-    ("l1", (16, 6, 20, 20), torch.contiguous_format, 1, True),
-    ("l1", (3, 70, 33, 9), torch.channels_last, 3, False),
-    ("topk", (24, 40, 7, 7), torch.contiguous_format, 2, False),
-    pytest.param("topk", (16, 6, 20, 20), torch.contiguous_format, 1, True, marks=pytest.mark.slow),
-    pytest.param("topk", (3, 70, 33, 9), torch.channels_last, 3, False, marks=pytest.mark.slow),
+# programs.  Sampling with a small window so that it engages at these sizes.
+SAMPLING = Sampling(programs=1, window=16)
+SAMPLED_CASES = [  # (norm, shape, memory format, SMs)
+    ("l1", (16, 6, 20, 20), torch.contiguous_format, 1),
+    ("l1", (3, 70, 33, 9), torch.channels_last, 3),
+    ("topk", (24, 40, 7, 7), torch.contiguous_format, 2),
+    pytest.param("topk", (16, 6, 20, 20), torch.contiguous_format, 1, marks=pytest.mark.slow),
+    pytest.param("topk", (3, 70, 33, 9), torch.channels_last, 3, marks=pytest.mark.slow),
 ]
 # The bound on an averaged launch (data-dependent traffic: the selected elements that L-inf
 # and Top-k add in the backward elementwise pass), relative to its bytes; measured: 3e-4.
 AVERAGED_BOUND = 5e-3
 
 
-@pytest.mark.parametrize("norm, shape, memory_format, sms, predicts", SAMPLED_CASES)
-def test_sampled_count_equals_the_full_count(norm, shape, memory_format, sms, predicts):
+@pytest.mark.parametrize("norm, shape, memory_format, sms", SAMPLED_CASES)
+def test_sampled_count_equals_the_full_count(norm, shape, memory_format, sms):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(memory_format=memory_format)
     x.requires_grad_()
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
@@ -167,7 +167,7 @@ def test_sampled_count_equals_the_full_count(norm, shape, memory_format, sms, pr
                 assert (s.read, s.written) == (f.read, f.written), (s, f)
     launches = [launch for step in steps[1] for launch in step.launches]
     assert sum(launch.programs for launch in launches) < sum(launch.grid[0] * launch.grid[1] for launch in launches)
-    assert any(launch.iterations_predicted for launch in launches) == predicts
+    assert any(launch.iterations_predicted for launch in launches)
 
 
 # ----------------------------------------------------------------------------- budgets

@@ -27,12 +27,13 @@ launch runs part of its work and predicts the rest:
   spaced interior ones run (all of them when the axis is that short);
 * loops (a ``range`` in the kernel or in a jit function it calls): the traffic of an
   iteration (bytes by argument and kind) is taken to be periodic in the loop value.  A loop
-  of more than ``window + ends`` iterations runs its first ``ends``, then uses a pattern of
-  its line of code that these match, or runs ``window`` and learns from them the shortest
-  period that repeats at least twice; the middle is predicted, the last ``ends`` run.  A
-  shorter loop runs in full, and learns its pattern from the loops of consecutive programs
-  that continue each other: while it has none, the next program of the first line of the
-  grid (along its innermost axis of more than one program) runs too;
+  runs its first ``ends`` iterations and uses a pattern of its line of code that these
+  match; without one, a loop of more than ``window + ends`` iterations runs ``window`` and
+  learns from them the shortest period that repeats at least twice.  With a pattern the
+  middle is predicted and the last ``ends`` run; without, every iteration runs.  A shorter
+  loop learns its pattern from the loops of consecutive programs that continue each other:
+  while it has none, the next program of the first line of the grid (along its innermost
+  axis of more than one program) runs too;
 * a program that did not run is predicted from the sampled programs of its class (the same
   position, first, interior or last, along every axis): their bytes outside their pattern
   loops, plus those loops over its own ranges, whose starts must be one affine function of
@@ -99,7 +100,7 @@ class Sampling:
 
     programs: int = 2  # interior programs per grid axis
     window: int = 32  # iterations a loop runs to learn its period (periods up to window // 2)
-    ends: int = 2  # iterations run at each end of a loop that follows a pattern
+    ends: int = 1  # iterations run at each end of a loop that follows a pattern
 
 
 @dataclass(frozen=True)
@@ -508,30 +509,26 @@ class _LaunchCounter:
             yield values[j]
             seen.append((values[j], self.bytes - before))
 
-        pattern = None
-        if len(values) <= window + ends:
-            for j in range(len(values)):
+        head = min(ends, len(values))
+        for j in range(head):
+            yield from run(j)
+        pattern = next((p for p in self.patterns.get(site, ()) if p.matches(values, seen)), None)
+        start = head
+        if pattern is None and len(values) > window + ends:
+            for j in range(head, window):
+                yield from run(j)
+            start, pattern = window, _Pattern.learn(seen, values.step)
+            if pattern is not None:
+                self.patterns.setdefault(site, []).append(pattern)
+        if pattern is None or len(values) - ends <= start:
+            for j in range(start, len(values)):
                 yield from run(j)
         else:
-            for j in range(ends):
+            middle = values[start:len(values) - ends]
+            self.bytes.update(pattern.total(middle))
+            self.predicted += len(middle)
+            for j in range(len(values) - ends, len(values)):
                 yield from run(j)
-            pattern = next((p for p in self.patterns.get(site, ()) if p.matches(values, seen)), None)
-            start = ends
-            if pattern is None:
-                for j in range(ends, window):
-                    yield from run(j)
-                start, pattern = window, _Pattern.learn(seen, values.step)
-                if pattern is not None:
-                    self.patterns.setdefault(site, []).append(pattern)
-            if pattern is None:
-                for j in range(window, len(values)):
-                    yield from run(j)
-            else:
-                middle = values[start:len(values) - ends]
-                self.bytes.update(pattern.total(middle))
-                self.predicted += len(middle)
-                for j in range(len(values) - ends, len(values)):
-                    yield from run(j)
         self.depth -= 1
         if self.depth == 0:
             if pattern is not None and not pattern.matches(values, seen):
