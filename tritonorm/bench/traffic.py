@@ -776,16 +776,19 @@ def count_step(forward: Callable[[], torch.Tensor], inputs, grad: torch.Tensor, 
     return Step(forward_traffic, backward_traffic)
 
 
-def describe(counted: Traffic, tensor_bytes: int) -> str:
-    """A line per launch and per torch op of ``counted``: bytes read and written, in passes
-    over a tensor of ``tensor_bytes`` too; then the totals."""
+def describe(counted: Traffic, tensor_bytes: int, arguments: bool = False) -> str:
+    """A line per launch (with ``arguments``, and per pointer argument) and per torch op of
+    ``counted``: bytes read and written, also in passes over a tensor of ``tensor_bytes``;
+    then the totals."""
 
     def moved(read: int, written: int) -> str:
         return (f"read {read / 1e6:.3f} MB ({read / tensor_bytes:.3f}), "
                 f"written {written / 1e6:.3f} MB ({written / tensor_bytes:.3f})")
 
-    lines = [f"  {launch.kernel}{list(launch.grid)}: {moved(launch.read, launch.written)}, {launch.method}"
-             for launch in counted.launches]
+    lines = []
+    for launch in counted.launches:
+        lines.append(f"  {launch.kernel}{list(launch.grid)}: {moved(launch.read, launch.written)}, {launch.method}")
+        lines += [f"    {name}: {moved(*rw)}" for name, rw in launch.arguments.items()] if arguments else []
     lines += [f"  torch {op.name} ({op.kind}, numel {op.numel}): {moved(op.read, op.written)}"
               for op in counted.torch_ops]
     lines.append(f"  total: {counted.launch_count} launches, {counted.bytes / 1e6:.3f} MB, "

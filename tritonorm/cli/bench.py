@@ -82,7 +82,8 @@ def add_parser(subparsers) -> None:
                         help="with --traffic: plan the launches for this many SMs (default: %(default)s, H100/H200)")
     parser.add_argument("--shape", action="append", type=_shape, metavar="NxCxHxW",
                         help="with --traffic: this activation instead of ResNet-50's (repeatable)")
-    parser.add_argument("--launches", action="store_true", help="with --traffic: list every launch and torch op")
+    parser.add_argument("--launches", action="store_true",
+                        help="with --traffic: list every launch (and its bytes per argument) and torch op")
     parser.set_defaults(run=run)
 
 
@@ -232,7 +233,7 @@ def run_traffic(args: argparse.Namespace) -> int:
     if args.launches:
         for row, counted in results:
             print(f"\n{row['norm']} {row['shape']} {row['layout']} {row['dtype']} {row['pass']}:")
-            print(traffic.describe(counted, round(traffic_cases.activation_bytes(row))))
+            print(traffic.describe(counted, round(traffic_cases.activation_bytes(row)), arguments=True))
     if args.out is not None:
         stem = args.out / f"traffic-{meta['date']}"
         args.out.mkdir(parents=True, exist_ok=True)
