@@ -121,6 +121,16 @@ def test_launches_planned_for_the_sm_count(monkeypatch):
     assert grids[1][1] < grids[traffic.H100_SMS][1]  # fewer splits for one SM
 
 
+def test_every_reference_to_the_planners_sm_count_is_patched():
+    """A kernel module that imported the function by name plans with the SM count too."""
+    from tritonorm.kernels import lp_batchnorm
+
+    cpu = torch.device("cpu")
+    result, _ = count(lambda: (channel_reduce._num_programs_per_wave(cpu), lp_batchnorm._num_programs_per_wave(cpu)),
+                      sms=77)
+    assert result == (77, 77)
+
+
 def test_count_errors():
     for sms in (0, True, 1.5):
         with pytest.raises(ValueError, match="sms must be a positive int"):
