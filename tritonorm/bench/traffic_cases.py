@@ -86,9 +86,10 @@ def estimate_us(nbytes: float, launches: int) -> float:
     return (nbytes / BANDWIDTH + launches * LAUNCH_SECONDS) * 1e6
 
 
-def outside_summary(ops: tuple[traffic.TorchOp, ...]) -> str:
-    """The torch ops outside the kernels as "name xcount, ...", e.g. "zeros x3, add_"."""
-    counts = Counter(op.name.removeprefix("aten.") for op in ops)
+def outside_summary(ops: tuple[traffic.TorchOp, ...], activation_numel: int) -> str:
+    """The torch ops outside the kernels as "name xcount, ...", an op on a tensor of at least
+    ``activation_numel`` elements marked "*": e.g. "zeros x3, add*"."""
+    counts = Counter(op.name.removeprefix("aten.") + "*" * (op.numel >= activation_numel) for op in ops)
     return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items()) or "-"
 
 
@@ -110,7 +111,7 @@ def count_input(case: Input, norms=NORMS, *, sms: int = traffic.H100_SMS,
                 "norm": norm, "shape": shape_name(case.shape), "layout": case.layout, "dtype": dtype_name(case.dtype),
                 "pass": direction, "launches": counted.launch_count, "bytes": counted.bytes,
                 "passes": counted.passes(x_bytes), "floor": FLOOR_PASSES[direction], "cudnn_passes": passes,
-                "method": counted.method, "outside": outside_summary(counted.torch_ops), "time_us": time_us,
+                "method": counted.method, "outside": outside_summary(counted.torch_ops, x.numel()), "time_us": time_us,
                 "cudnn_us": cudnn_us, "vs_cudnn": time_us / cudnn_us,
             }, counted))
     return results

@@ -197,11 +197,12 @@ TRAFFIC_COLUMNS = (
 ESTIMATE_COLUMNS = (("est. us", "time_us", ".1f"), ("cuDNN est. us", "cudnn_us", ".1f"), ("/ cuDNN", "vs_cudnn", ".2f"))
 TRAFFIC_LEGEND = (
     "Counted in Triton's interpreter, not measured: bytes read and written by the kernels' unmasked lanes, plus the "
-    "torch ops outside them (their bytes modelled from their tensors). launches: Triton launches and torch ops, the "
-    "running-statistics update included. passes: bytes / bytes of x. floor: any batch norm (forward: read x, write "
-    "y; backward: read x, dy, write dx). cuDNN: cuDNN BatchNorm's passes. bytes: counted (every program and loop "
-    "iteration ran), predicted (sampled, the rest predicted exactly from loop patterns and affine loop bounds, see "
-    "tritonorm.bench.traffic) or averaged (some programs took their class mean: approximate)."
+    "torch ops outside them (their bytes modelled from their tensors; * marks an op on an x-sized tensor). launches: "
+    "Triton launches and torch ops, the running-statistics update included. passes: bytes / bytes of x. floor: any "
+    "batch norm (forward: read x, write y; backward: read x, dy, write dx). cuDNN: cuDNN BatchNorm's passes. bytes: "
+    "counted (every program and loop iteration ran), predicted (sampled, the rest predicted exactly from loop "
+    "patterns and affine loop bounds, see tritonorm.bench.traffic) or averaged (some programs took their class mean: "
+    "approximate)."
 )
 ESTIMATE_LEGEND = (
     "est. us: a MODEL, not a measurement: bytes / (0.85 x 3.35 TB/s) + launches x 4 us, an H100 SXM at 85% of its "
