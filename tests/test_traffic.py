@@ -137,6 +137,9 @@ def test_count_errors():
             count(lambda: None, sms=sms)
     with pytest.raises(RuntimeError, match="do not nest"):
         count(lambda: count(lambda: None))
+    for field, value in (("programs", 0), ("window", 1), ("ends", 0), ("ends", 1.0)):
+        with pytest.raises(ValueError, match=f"Sampling.{field} must be an int"):
+            Sampling(**{field: value})
 
 
 # Sampled counts against full ones: L1 (two reduction passes, an elementwise one) and Top-k

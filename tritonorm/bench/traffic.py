@@ -102,6 +102,12 @@ class Sampling:
     window: int = 32  # iterations a loop runs to learn its period (periods up to window // 2)
     ends: int = 1  # iterations run at each end of a loop that follows a pattern
 
+    def __post_init__(self):
+        for name, low in (("programs", 1), ("window", 2), ("ends", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Sampling.{name} must be an int >= {low}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -750,8 +756,8 @@ def count(fn: Callable[[], T], *, sms: int = H100_SMS, sampling: Sampling | None
     """Run ``fn()`` and count what it moves: (its result, its ``Traffic``).
 
     The Triton launches run in Triton's interpreter (``TRITON_INTERPRET=1`` before tritonorm
-    is imported; CPU tensors), planned for ``sms`` SMs; with ``sampling``, large launches
-    are sampled and extrapolated (module docstring)."""
+    is imported; CPU tensors), planned for ``sms`` SMs; with ``sampling``, each launch runs a
+    sample of its programs and loop iterations and predicts the rest (module docstring)."""
     global _counting
     if not channel_reduce.INTERPRETED:
         raise RuntimeError("the traffic counter runs Triton's interpreter: set TRITON_INTERPRET=1 before importing "
