@@ -121,14 +121,13 @@ def test_launches_planned_for_the_sm_count(monkeypatch):
     assert grids[1][1] < grids[traffic.H100_SMS][1]  # fewer splits for one SM
 
 
-def test_every_reference_to_the_planners_sm_count_is_patched():
-    """A kernel module that imported the function by name plans with the SM count too."""
+def test_the_per_channel_grids_plan_with_the_sm_count():
+    """The per-channel (finalize) kernels' grids plan with the SM count too: 1000 channels
+    on 77 SMs take blocks of 16 (13 per SM, rounded up to a power of two)."""
     from tritonorm.kernels import lp_batchnorm
 
-    cpu = torch.device("cpu")
-    result, _ = count(lambda: (channel_reduce._num_programs_per_wave(cpu), lp_batchnorm._num_programs_per_wave(cpu)),
-                      sms=77)
-    assert result == (77, 77)
+    result, _ = count(lambda: lp_batchnorm._finalize_grid(1000, torch.device("cpu")), sms=77)
+    assert result == ((63,), 16)
 
 
 def test_count_errors():
