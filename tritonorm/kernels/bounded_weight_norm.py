@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import channel_reduce
 from .channel_reduce import (
+    MAX_TILE,
     NUM_WARPS,
     ChannelView,
     accumulator_dtype,
@@ -107,16 +108,18 @@ def slice_view(v: torch.Tensor, dim: int) -> ChannelView:
 
 
 def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
-    """Grid and tile shape: ``channel_reduce.plan``'s tile along the contiguous axis, with
-    BLOCK_C halved while there are fewer than WAVES programs per SM."""
-    pl = plan(view)
-    block_c, block_s = pl.block_c, pl.block_s
+    """Grid and tile shape: ``channel_reduce.plan``'s BLOCK_C, halved while there are fewer
+    than WAVES programs per SM, and a tile of about MAX_TILE elements whatever BLOCK_C
+    became: BLOCK_S = MAX_TILE / BLOCK_C, at most the slice length rounded up to a power of
+    two.  A program walks its slices' tiles one after the other, each pass a chain of
+    dependent loads, so fewer, wider tiles (a 4608-element 3x3 slice in 3 tiles of 2048,
+    not 9 of 512) beat unmasked lanes."""
+    block_c = plan(view).block_c
     target = WAVES * channel_reduce._num_programs_per_wave(view.tensor.device)
     floor = MIN_BLOCK_C_CONTIGUOUS if view.channels_last else 1
     while block_c > floor and triton.cdiv(view.c, block_c) < target:
         block_c //= 2
-        if view.channels_last:
-            block_s = min(2 * block_s, triton.next_power_of_2(view.s))
+    block_s = min(MAX_TILE // block_c, triton.next_power_of_2(view.s))
     meta = dict(ACC=triton_dtype(accumulator_dtype(view.tensor.dtype)), BLOCK_C=block_c, BLOCK_S=block_s,
                 num_warps=NUM_WARPS)
     return (triton.cdiv(view.c, block_c),), meta

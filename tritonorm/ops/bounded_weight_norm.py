@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import refuse_double_backward
 from ..kernels import bounded_weight_norm as kernels
 from ..kernels.channel_reduce import accumulator_dtype
+from . import refuse_double_backward
 
 
 @torch.library.custom_op("tritonorm::bounded_weight", mutates_args=())
@@ -25,7 +25,8 @@ def bounded_weight(v: Tensor, rho: Tensor, dim: int, eps: float) -> tuple[Tensor
 
 @bounded_weight.register_fake
 def _(v, rho, dim, eps):
-    return torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty(v.shape[dim], dtype=accumulator_dtype(v.dtype))
+    norm = v.new_empty(v.shape[dim], dtype=accumulator_dtype(v.dtype))
+    return torch.empty_like(v, memory_format=torch.contiguous_format), norm
 
 
 @torch.library.custom_op("tritonorm::bounded_weight_backward", mutates_args=())
@@ -43,12 +44,15 @@ def _(grad, v, rho, norm, dim, eps):
 def _setup(ctx, inputs, output):
     v, rho, dim, eps = inputs
     _, norm = output
+    ctx.set_materialize_grads(False)  # the norm never has a gradient: None, not zeros
     ctx.mark_non_differentiable(norm)
     ctx.save_for_backward(v, rho, norm)
     ctx.options = dict(dim=dim, eps=eps)
 
 
 def _backward(ctx, grad, _grad_norm):
+    if grad is None:
+        return None, None, None, None
     v, rho, norm = ctx.saved_tensors
     dv, drho = bounded_weight_backward(grad, v=v, rho=rho, norm=norm, **ctx.options)
     need_v, need_rho = ctx.needs_input_grad[:2]
