@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 import tritonorm
+from dispatch_utils import backward_ops, data_ops, fills_and_copies
 from training import assert_compiled_matches_eager
 from tritonorm import functional as F
 from tritonorm.ops import bounded_weight_norm as bwn_ops
@@ -128,6 +130,74 @@ def test_zero_slice_guard_gives_zeros_not_nan(device):
         assert torch.isfinite(w).all() and torch.isfinite(leaf.grad).all()
         assert torch.equal(w[2], torch.zeros(6, device=device))
         torch.testing.assert_close(w[[0, 1, 3]].norm(dim=1), torch.full((3,), 1.5, device=device))
+
+
+# ----------------------------------------------------------------------------- what the Triton path runs
+
+
+@pytest.mark.parametrize("rho_kind", ["buffer", "scalar", "per_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_dispatches_its_op_alone(rho_kind, dtype, device):
+    """The norm output (never differentiated) costs no aten.zeros, and dL/drho comes out
+    of the kernel in rho's dtype: besides the backward op, only the sum of the per-slice
+    dL/drho of a () rho that needs a gradient (and its one-element cast in bf16)."""
+    v, rho, grad = _inputs((6, 4, 3), 0, dtype, device, rho_kind == "per_slice", seed=4)
+    v.requires_grad_()
+    rho.requires_grad_(rho_kind != "buffer")
+    w = F.bounded_weight(v, rho, backend="triton")
+    ops = backward_ops(w, [v] + ([rho] if rho.requires_grad else []), grad)
+    expected = ["tritonorm.bounded_weight_backward"]
+    if rho_kind == "scalar":
+        expected += ["aten.sum"] + (["aten._to_copy"] if dtype == torch.bfloat16 else [])
+    assert data_ops(ops) == expected
+
+
+@pytest.mark.parametrize("learnable_gain", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_backward_has_no_fill_or_copy(learnable_gain, dtype, device):
+    """A BoundedWNConv2d's backward: the convolution's backward and the weight's op (with
+    the gain, plus its few (S,)-sized autograd ops); no zero-fill, no copy."""
+    torch.manual_seed(0)
+    layer = tritonorm.BoundedWNConv2d(3, 5, 3, padding=1, learnable_gain=learnable_gain, backend="triton")
+    layer = layer.to(device, dtype)
+    x = torch.randn(2, 3, 6, 6, device=device, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    ops = backward_ops(y, [x, *layer.parameters()], torch.randn_like(y))
+    assert not fills_and_copies(ops), ops
+    assert data_ops(ops, min_numel=layer.weight.numel()) == ["aten.convolution_backward",
+                                                              "tritonorm.bounded_weight_backward"]
+    if not learnable_gain:
+        assert data_ops(ops) == ["aten.convolution_backward", "tritonorm.bounded_weight_backward"]
+
+
+# (weight, dim) -> (BLOCK_C, BLOCK_S, programs), planned for an H100's 132 SMs: 3x3 conv
+# rows (576 to 4608 weights) in one to three tiles of 1024 / 2048 per pass (they were 9
+# tiles of 64 to 512), a wide linear row, and slices along the contiguous last axis (16
+# neighbouring slices per tile row, 128 rows).
+PLANS = [
+    (((64, 64, 3, 3), 0), (1, 1024, 64)),
+    (((512, 512, 3, 3), 0), (1, 2048, 512)),
+    (((2048, 512, 1, 1), 0), (4, 512, 512)),
+    (((1000, 2048), 0), (1, 2048, 1000)),
+    (((4096, 1000), 1), (16, 128, 63)),
+]
+
+
+@pytest.mark.parametrize("case, plan", PLANS, ids=[str(case) for case, _ in PLANS])
+def test_tiles_keep_about_max_tile_elements(case, plan, monkeypatch):
+    """Halving BLOCK_C for grid fill doubles BLOCK_S in both layouts: a tile holds
+    min(MAX_TILE, BLOCK_C x the slice rounded up to a power of two) elements, so a program
+    walks a slice in few wide tiles, not many narrow ones (their loads are one chain)."""
+    from tritonorm.kernels import bounded_weight_norm as bwn_kernels
+    from tritonorm.kernels import channel_reduce
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 132)
+    shape, dim = case
+    view = bwn_kernels.slice_view(torch.empty(shape), dim)
+    (programs,), meta = bwn_kernels._launch_meta(view)
+    assert (meta["BLOCK_C"], meta["BLOCK_S"], programs) == plan
+    assert meta["BLOCK_C"] * meta["BLOCK_S"] == min(channel_reduce.MAX_TILE,
+                                                    meta["BLOCK_C"] * triton.next_power_of_2(view.s))
 
 
 # ----------------------------------------------------------------------------- the parametrization

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_reduce
+from . import channel_reduce, num_warps_for
 from .channel_reduce import (
     MAX_TILE,
     NUM_WARPS,
@@ -113,7 +113,8 @@ def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
     became: BLOCK_S = MAX_TILE / BLOCK_C, at most the slice length rounded up to a power of
     two.  A program walks its slices' tiles one after the other, each pass a chain of
     dependent loads, so fewer, wider tiles (a 4608-element 3x3 slice in 3 tiles of 2048,
-    not 9 of 512) beat unmasked lanes."""
+    not 9 of 512) beat unmasked lanes.  A small tile gets fewer warps (``num_warps_for``:
+    a 1x64 slice one warp), so that its loads stay vectors."""
     block_c = plan(view).block_c
     target = WAVES * channel_reduce._num_programs_per_wave(view.tensor.device)
     floor = MIN_BLOCK_C_CONTIGUOUS if view.channels_last else 1
@@ -121,13 +122,19 @@ def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
         block_c //= 2
     block_s = min(MAX_TILE // block_c, triton.next_power_of_2(view.s))
     meta = dict(ACC=triton_dtype(accumulator_dtype(view.tensor.dtype)), BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=NUM_WARPS)
+                num_warps=num_warps_for(block_c * block_s, NUM_WARPS))
     return (triton.cdiv(view.c, block_c),), meta
 
 
 def _rho_stride(rho: torch.Tensor) -> int:
     """rho_i is rho_ptr[i * stride]: 0 for one rho, the tensor's own stride for (S,)."""
     return rho.stride(0) if rho.dim() else 0
+
+
+def drho_dtype(rho: torch.Tensor) -> torch.dtype:
+    """The dtype of the backward's per-slice dL/drho: rho's own for a (S,) rho (no cast
+    after the kernel), the accumulator's for a () rho (summed over the slices first)."""
+    return rho.dtype if rho.dim() else accumulator_dtype(rho.dtype)
 
 
 def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,12 +150,13 @@ def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[t
 
 def backward(grad: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, norm: torch.Tensor, dim: int,
              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i in the accumulator
-    dtype (summed by the caller when one rho serves every slice)."""
+    """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i, in rho's dtype for a
+    per-slice rho, else in the accumulator dtype (summed by the caller when one rho serves
+    every slice)."""
     view = slice_view(v, dim)
     grad = grad.contiguous().view(view.tensor.shape)
     dv = torch.empty_like(view.tensor)
-    drho = torch.empty_like(norm)
+    drho = torch.empty_like(norm, dtype=drho_dtype(rho))
     grid, meta = _launch_meta(view)
     _backward_kernel[grid](
         grad, view.tensor, rho, norm.contiguous(), dv, drho, *view.args(), _rho_stride(rho), eps, **meta

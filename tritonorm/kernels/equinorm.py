@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from ..reference.equinorm import degenerate_rtol, transform_dtype
+from . import num_warps_for
 from .channel_reduce import (
     accumulator_dtype,
     channel_block,
@@ -59,11 +60,9 @@ from .channel_reduce import (
     triton_dtype,
 )
 
-# Weight positions of one tile (ELEMENTS_PER_THREAD per thread at NUM_WARPS), and the
-# channel multiple of a tile that keeps every tile of a 16-aligned row 16-aligned (K odd:
-# 16 channels).
+# Weight positions of one tile (8 per thread at NUM_WARPS), and the channel multiple of a
+# tile that keeps every tile of a 16-aligned row 16-aligned (K odd: 16 channels).
 WEIGHT_TILE = 1024
-ELEMENTS_PER_THREAD = 8
 NUM_WARPS = 4
 ALIGN_CI = 16
 # Channels per program of the combine kernel.
@@ -222,16 +221,14 @@ def _tiles(weight: torch.Tensor) -> dict:
     """Tile of BLOCK_CI whole channels of a row, about WEIGHT_TILE positions: the largest
     multiple of ALIGN_CI channels that fits (so that every tile of a 16-aligned row starts
     16-aligned), or, when the row is shorter or not even ALIGN_CI channels fit, as many
-    channels as fit, at least one.  BLOCK, the power of two that holds the tile, is spread
-    at ELEMENTS_PER_THREAD over up to NUM_WARPS warps (a short row gets fewer warps, not
-    threads holding one element each, so that its loads stay vectors)."""
+    channels as fit, at least one.  BLOCK is the power of two that holds the tile; a short
+    row gets fewer warps (``num_warps_for``), so that its loads stay vectors."""
     cpg, k = weight.shape[1], weight[0, 0].numel()
     block_ci = WEIGHT_TILE // k // ALIGN_CI * ALIGN_CI
     if cpg <= block_ci or block_ci == 0:
         block_ci = min(cpg, max(WEIGHT_TILE // k, 1))
     block = triton.next_power_of_2(block_ci * k)
-    num_warps = min(max(block // (32 * ELEMENTS_PER_THREAD), 1), NUM_WARPS)
-    return dict(K=k, BLOCK_CI=block_ci, BLOCK=block, num_warps=num_warps)
+    return dict(K=k, BLOCK_CI=block_ci, BLOCK=block, num_warps=num_warps_for(block, NUM_WARPS))
 
 
 def _geometry(weight: torch.Tensor, groups: int):

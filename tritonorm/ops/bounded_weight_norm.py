@@ -4,8 +4,11 @@ implementations and autograd.
 ``bounded_weight(v, rho, dim, eps)`` returns w = rho_i v_i / max(||v_i||, eps) (contiguous,
 v's dtype) and the slice norms (S,) in the accumulator dtype, which the backward reuses; it
 is differentiable in v and rho (() or (S,)).  The backward op returns dL/dv and the
-per-slice dL/drho_i (S,), accumulator dtype; the sum over slices for a single rho is left
-to autograd's wrapper, which skips it when rho (a fixed buffer) needs no gradient.
+per-slice dL/drho_i (S,), in rho's dtype for a (S,) rho and in the accumulator dtype for a
+() rho, whose sum over the slices is left to autograd's wrapper, which skips it when rho (a
+fixed buffer) needs no gradient.  The autograd formula runs with
+``set_materialize_grads(False)``: the norm, never differentiated, costs no zero-filled
+gradient.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def bounded_weight_backward(
 
 @bounded_weight_backward.register_fake
 def _(grad, v, rho, norm, dim, eps):
-    return torch.empty_like(v, memory_format=torch.contiguous_format), torch.empty_like(norm)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    return dv, torch.empty_like(norm, dtype=kernels.drho_dtype(rho))
 
 
 def _setup(ctx, inputs, output):
@@ -57,7 +61,7 @@ def _backward(ctx, grad, _grad_norm):
     dv, drho = bounded_weight_backward(grad, v=v, rho=rho, norm=norm, **ctx.options)
     need_v, need_rho = ctx.needs_input_grad[:2]
     if need_rho:
-        drho = (drho if rho.dim() else drho.sum()).to(rho.dtype)
+        drho = drho if rho.dim() else drho.sum().to(rho.dtype)
     return dv if need_v else None, drho if need_rho else None, None, None
 
 
