@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 import triton
+from dispatch_utils import backward_ops, data_ops, fills_and_copies
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
+from training import assert_compiled_matches_eager
 
 import tritonorm
-from dispatch_utils import backward_ops, data_ops, fills_and_copies
-from training import assert_compiled_matches_eager
 from tritonorm import functional as F
 from tritonorm.ops import bounded_weight_norm as bwn_ops
 from tritonorm.reference import bounded_weight_norm as ref
@@ -306,7 +306,7 @@ def test_state_dict_round_trip_and_removal(device):
         tritonorm.remove_bounded_weight_norm(m)
         assert not parametrize.is_parametrized(m)
     assert all(type(m.weight) is nn.Parameter for m in (model[0], model[2], model[6]))
-    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[2], model[6]), weights))
+    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[2], model[6]), weights, strict=True))
     torch.testing.assert_close(model(x), expected)
 
 
@@ -370,7 +370,8 @@ def test_twice_and_removal_errors():
         tritonorm.bounded_weight_norm(buffered, "scale")
     integer = nn.Module()
     integer.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
-    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor with one dim or more, got torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"weight must be a floating-point tensor with one dim or more, got torch.int64"):
         tritonorm.bounded_weight_norm(integer)
 
 

@@ -6,10 +6,10 @@ move")."""
 
 import pytest
 import torch
-
-import tritonorm
 from dispatch_utils import backward_ops, data_ops, fills_and_copies
 from equinorm_utils import positive_input, random_weight
+
+import tritonorm
 from tritonorm.ops import equinorm as equi_ops
 
 DTYPES = [torch.float32, torch.bfloat16]
