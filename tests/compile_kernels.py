@@ -73,16 +73,16 @@ def named(cases):
 
 def enorm_cases():
     """Every norm's kernels on bf16 weights; the l2 ones and the rescale on fp32 and fp64
-    weights (norms and coefficients are fp64 for all)."""
+    weights (norms and coefficients are fp64 for all); the fp32 ones as an MLP's (LINEAR)."""
     norm = {"p": "fp32", "c": "fp32", "eps": "fp32"}
     for dtype, kinds in ((tl.bfloat16, ("l1", "l2", "linf", "lp")), (tl.float32, ("l2",)), (tl.float64, ("l2",))):
-        common = {"DTYPE": dtype, "BLOCK_J": enorm.BLOCK_J, "BLOCK_R": enorm.BLOCK_R}
+        common = {"DTYPE": dtype, "LINEAR": dtype == tl.float32, "BLOCK_J": enorm.BLOCK_J, "BLOCK_R": enorm.BLOCK_R}
         for kind in kinds:
             yield f"enorm._coefficients_kernel[{dtype}, {kind}]", enorm._coefficients_kernel, {
                 "entries": "*i64", "pairs": "*i64", "tiles": "*i32", "d_ptr": "*fp64", **norm}, {**common, "NORM": kind}
             yield f"enorm._pair_kernel[{dtype}, {kind}]", enorm._pair_kernel, {
                 "entries": "*i64", "pairs": "*i64", "pair": "i32", "first_entry": "i32", "last_entry": "i32",
-                "d_ptr": "*fp64", **norm}, {**common, "NORM": kind}
+                "d_ptr": "*fp64", **norm}, {**common, "NORM": kind, "BLOCK_J": enorm.PAIR_BLOCK_J}
         yield f"enorm._rescale_kernel[{dtype}]", enorm._rescale_kernel, {
             "entries": "*i64", "tiles": "*i32", "d_ptr": "*fp64"}, {**common, "ROW_CHUNK": enorm.ROW_CHUNK}
 
