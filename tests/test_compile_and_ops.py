@@ -59,10 +59,29 @@ def test_opcheck_backward(norm, device):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_opcheck_running_update(momentum, device):
+@pytest.mark.parametrize("count", [False, True], ids=["", "count"])
+def test_opcheck_running_update(momentum, count, device):
     args = (torch.randn(5, device=device), torch.rand(5, device=device), torch.randn(5, device=device),
-            torch.rand(5, device=device), torch.tensor(4, device=device), momentum)
+            torch.rand(5, device=device), torch.tensor(4, device=device), momentum, count)
     torch.library.opcheck(running_ops.update_running_stats, args)
+
+
+@pytest.mark.parametrize("channels", [5, 5000], ids=["one-program", "several-programs"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_update_counts_the_batch(channels, momentum, device):
+    """count=True adds 1 to num_batches_tracked before the cumulative factor is taken, in
+    the same launch (one program) or by an add_ before it (several)."""
+    g = torch.Generator().manual_seed(0)
+    rm, rd, mean, dev = (torch.rand(channels, generator=g).to(device) for _ in range(4))
+    nbt = torch.tensor(4, device=device)
+    expected_rm, expected_rd = rm.clone(), rd.clone()
+    factor = 0.1 if momentum is not None else 1 / 5
+    expected_rm.lerp_(mean, factor)
+    expected_rd.lerp_(dev, factor)
+    running_ops.update_running_stats(rm, rd, mean, dev, nbt, momentum, True)
+    assert nbt.item() == 5
+    torch.testing.assert_close(rm, expected_rm)
+    torch.testing.assert_close(rd, expected_rd)
 
 
 @pytest.mark.parametrize("norm", NORMS)

@@ -97,6 +97,68 @@ def test_ties_pick_the_lowest_index(norm, device):
         assert_close(tri["y"], ref["y"], torch.float32, "y")
 
 
+@pytest.mark.parametrize("norm", ["linf", "topk"])
+@pytest.mark.parametrize("order", ["ascending", "descending", "few-levels"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_extremes_whatever_the_order(norm, order, channels_last, device, monkeypatch):
+    """The top-K state of each split holds the K best candidates in any data order: sorted
+    ascending (every element outranks the state: K fold steps a tile), descending (none
+    does after the first tile), and a few distinct levels (ties everywhere, decided by the
+    lowest index), over many splits whose lists are merged in several chunks."""
+    from tritonorm.kernels import channel_reduce
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 8)
+    n, c, h, w = 40, 3, 6, 7
+    r = torch.arange(n * h * w, dtype=torch.float32)
+    values = {"ascending": r, "descending": -r, "few-levels": (r * 7919 % 5) - 2.0}[order]
+    x = (values.view(n, 1, h, w) * (1.0 + torch.arange(c).view(1, c, 1, 1))).contiguous()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert channel_reduce.plan(channel_reduce.channel_view(x)).splits > 1
+    compare(norm, x.to(device), k=10)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize(
+    "shape,dtype,group",
+    [((5, 8, 7, 7), torch.float32, 4), ((3, 8, 7, 7), torch.bfloat16, 8), ((3, 4, 14, 14), torch.bfloat16, 2)],
+    ids=["7x7-fp32", "7x7-bf16", "14x14-bf16"],
+)
+def test_grouped_rows(norm, shape, dtype, group, device, monkeypatch):
+    """Rows that are not a multiple of 16 bytes are read as rows of `group` channels (the
+    per-lane channel, the per-segment sums and maxima, the reduction indices, the selected
+    elements' gradient), over several splits."""
+    from tritonorm.kernels import channel_reduce
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 4)
+    x = random_input(shape, dtype, device)
+    pl = channel_reduce.plan(channel_reduce.channel_view(x), grouped=True)
+    assert pl.group == group and pl.splits > 1
+    compare(norm, x, k=3)
+
+
+@pytest.mark.parametrize("mean_once", [False, True], ids=["mean-in-every-program", "mean-kernel"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_l1_mean_paths(mean_once, channels_last, device, monkeypatch):
+    """L1's abs-dev pass centres on the mean recombined in each program, or on the mean a
+    kernel computed once (chosen by the cost of the re-read; forced both ways here)."""
+    from tritonorm.kernels import channel_reduce, lp_batchnorm
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 8)
+    monkeypatch.setattr(lp_batchnorm, "LAUNCH_BYTES", -1 if mean_once else float("inf"))
+    launched = []
+    kernel = lp_batchnorm._mean_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(lp_batchnorm, "_mean_kernel", Spy())
+    compare("l1", random_input((6, 5, 4, 6), torch.float32, device, channels_last=channels_last))
+    assert len(launched) == (1 if mean_once else 0)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_float64_on_the_triton_path(norm, device):
     """fp64 input accumulates in fp64 on the Triton path too."""

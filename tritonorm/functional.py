@@ -112,9 +112,10 @@ def _lp_batch_norm(
             raise ValueError(f"backend='triton' takes k <= {_TRITON_MAX_K}, got k={k}; use backend='torch'")
         chosen = "torch"  # "auto": the kernels keep k candidates in registers
     check_transforms(chosen, input, (running_mean, running_dev) if update else ())
-    if count_batch:
+    triton = chosen == "triton" and input.numel() > 0
+    if count_batch and not (triton and update):  # else the running-statistics op counts it
         num_batches_tracked.add_(1)
-    if chosen == "torch" or input.numel() == 0:
+    if not triton:
         return _lp_ref.lp_batch_norm(
             input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
             momentum=momentum, eps=eps, norm=norm, k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
@@ -126,8 +127,8 @@ def _lp_batch_norm(
     if update:
         _running_ops.update_running_stats(
             running_mean=running_mean, running_dev=running_dev, mean=mean, dev=dev,
-            num_batches_tracked=num_batches_tracked if momentum is None else None,
-            momentum=None if momentum is None else torch.sym_float(momentum),
+            num_batches_tracked=num_batches_tracked if momentum is None or count_batch else None,
+            momentum=None if momentum is None else torch.sym_float(momentum), count=count_batch,
         )
     return y
 

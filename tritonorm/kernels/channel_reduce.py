@@ -18,7 +18,13 @@ Layouts.  The tensor is seen as (N, C, S) with element strides (sn, sc, ss):
 * NSC (channels_last, or 2-d (N, C) input): N is folded into S, so the view is
   (1, C, N*S) with strides (0, 1, C).
 
-In both, the element (n, c, s) has *reduction index* r = n*S + s, so a tie broken by the
+* grouped NCS: when an NCS row of S elements is not a multiple of 16 bytes (7x7 = 49, or
+  14x14 = 196 in bf16), a plan can read G consecutive channels as one row of G*S (a
+  multiple of 16 bytes, so Triton loads it in 128-bit vectors), the view (N, C/G, G*S);
+  each lane then belongs to channel row*G + s // S, and the per-channel results are sums
+  over segments of a row (``Plan.group``, ``lane_channel``, ``row_sums``).
+
+In all, the element (n, c, s) has *reduction index* r = n*S + s, so a tie broken by the
 lowest r is broken the same way whatever the memory format.  Anything else is copied to
 the contiguous format first (one extra read and write of the input).
 
@@ -49,8 +55,11 @@ NUM_WARPS = 4
 # Programs per SM that a reduction (REDUCE) or an elementwise pass (ELEMENTWISE) aims for.
 REDUCE_WAVES = 4
 ELEMENTWISE_WAVES = 8
-# Index that marks "no element" in top-k candidate lists; larger than any reduction index.
-NO_INDEX = 2**62
+# Largest row alignment (elements) that tile() asserts: 16 bf16 or fp32 elements cover a
+# 128-bit access.
+MAX_ALIGN = 16
+# Rows of partials [rows, BLOCK_C] that combine_splits sums per step: about 1024 elements.
+COMBINE_ELEMENTS = tl.constexpr(1024)
 
 
 def triton_dtype(dtype: torch.dtype):
@@ -133,19 +142,32 @@ def channel_view(x: torch.Tensor) -> ChannelView:
 
 @dataclass(frozen=True)
 class Plan:
-    """Tile shape and grid of one pass over a ChannelView."""
+    """Tile shape and grid of one pass over a ChannelView; ``align``: see ``row_align``;
+    ``group``: channels per tile row (see the module docstring), whose tiles and grid are
+    those of the grouped view."""
 
     block_c: int
     block_s: int
     tiles_per_program: int
     grid: tuple[int, int]
+    align: int = 1
+    group: int = 1
 
     @property
     def splits(self) -> int:
         return self.grid[1]
 
     def meta(self):
-        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=NUM_WARPS)
+        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, ALIGN=self.align, GROUP=self.group,
+                    num_warps=NUM_WARPS)
+
+    def args(self, view: ChannelView):
+        """The (N, C, S, stride_n, stride_c, stride_s) the kernels walk: ``view``'s, or
+        those of its grouped view."""
+        if self.group == 1:
+            return view.args()
+        row = self.group * view.s
+        return (view.n, view.c // self.group, row, view.stride_n, row, 1)
 
 
 def _row_block(s: int) -> int:
@@ -160,21 +182,52 @@ def _row_block(s: int) -> int:
     return max(good) if good else min(reversed(widths), key=waste.get)
 
 
-def plan(view: ChannelView, waves: int = REDUCE_WAVES) -> Plan:
-    """Tile so that loads run along the contiguous axis, and split each channel's tiles
-    over enough programs to fill ``waves`` programs per SM."""
+def row_align(view: ChannelView) -> int:
+    """The largest power of two, at most MAX_ALIGN, that divides the row length S of an NCS
+    view (1 for NSC, whose rows run along C and need no hint).  Triton proves 16-byte
+    alignment only for integer arguments divisible by 16, so rows of 196 (14x14) would
+    load one element at a time without it; see ``tile``."""
     if view.channels_last:
-        block_c = min(triton.next_power_of_2(view.c), MAX_BLOCK_C_NSC)
-        block_s = min(MAX_TILE // block_c, triton.next_power_of_2(view.s))
+        return 1
+    return min(MAX_ALIGN, view.s & -view.s)
+
+
+def row_group(view: ChannelView) -> int:
+    """Channels per row of the grouped view (1: none): the fewest, a power of two, whose
+    row of group * S elements is a multiple of 16 bytes, if they divide C and the row fits
+    one tile; for NCS rows that are not already such a multiple."""
+    row_bytes = view.s * view.tensor.element_size()
+    if view.channels_last or view.s == 1 or row_bytes % 16 == 0:
+        return 1
+    group = 16 // math.gcd(row_bytes, 16)
+    if view.c % group or triton.next_power_of_2(group * view.s) > MAX_TILE:
+        return 1
+    return group
+
+
+def plan(view: ChannelView, waves: int = REDUCE_WAVES, *, grouped: bool = False, max_tile: int = MAX_TILE) -> Plan:
+    """Tile so that loads run along the contiguous axis (at most ``max_tile`` elements),
+    and split each channel's tiles over enough programs to fill ``waves`` programs per SM.
+    ``grouped``: the kernel takes a grouped plan (see the module docstring), used where
+    ``row_group`` finds one."""
+    group = row_group(view) if grouped else 1
+    if group > 1:  # one tile spans a whole row of the grouped view
+        view = ChannelView(view.tensor, *Plan(0, 0, 0, (0, 0), group=group).args(view))
+        block_s = triton.next_power_of_2(view.s)
+        block_c = min(max_tile // block_s, triton.next_power_of_2(view.c))
+    elif view.channels_last:
+        block_c = min(triton.next_power_of_2(view.c), MAX_BLOCK_C_NSC, max_tile)
+        block_s = min(max_tile // block_c, triton.next_power_of_2(view.s))
     else:
-        block_s = _row_block(view.s)
-        block_c = min(MAX_TILE // block_s, triton.next_power_of_2(view.c))
+        block_s = min(_row_block(view.s), max_tile)
+        block_c = min(max_tile // block_s, triton.next_power_of_2(view.c))
     c_blocks = triton.cdiv(view.c, block_c)
     tiles = view.n * triton.cdiv(view.s, block_s)
     target = waves * _num_programs_per_wave(view.tensor.device)
     splits = max(1, min(tiles, triton.cdiv(target, c_blocks)))
     tiles_per_program = triton.cdiv(tiles, splits)
-    return Plan(block_c, block_s, tiles_per_program, (c_blocks, triton.cdiv(tiles, tiles_per_program)))
+    grid = (c_blocks, triton.cdiv(tiles, tiles_per_program))
+    return Plan(block_c, block_s, tiles_per_program, grid, row_align(view), group)
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -196,11 +249,17 @@ def tile_range(N, S, tiles_per_program, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+         ALIGN: tl.constexpr = 1):
     """Offsets [BLOCK_C, BLOCK_S] of tile t, its mask and its reduction indices r = n*S + s.
 
     The tile's base offset is int64 (tensors may pass 2**31 elements); offsets inside a
-    tile stay int32."""
+    tile stay int32.  ALIGN (NCS only, from ``row_align``) divides S = stride_c: written
+    as (S // ALIGN) * ALIGN, which is S, Triton can prove that rows start ALIGN-aligned
+    and load them in 128-bit vectors."""
+    if ALIGN > 1:
+        S = S // ALIGN * ALIGN
+        stride_c = stride_c // ALIGN * ALIGN
     s_tiles = tl.cdiv(S, BLOCK_S)
     n = t // s_tiles
     s0 = (t - n * s_tiles) * BLOCK_S
@@ -214,6 +273,43 @@ def tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C: tl.constexpr, B
 
 
 @triton.jit
+def tile_first_index(t, S, BLOCK_S: tl.constexpr):
+    """The reduction index r (int64) of tile t's first element; tiles t, t+1, ... cover
+    consecutive r, so [tile_first_index(first), tile_first_index(last)) is a split's range."""
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    n = t // s_tiles
+    return n.to(tl.int64) * S + (t - n * s_tiles) * BLOCK_S
+
+
+@triton.jit
+def lane_channel(c, S, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The channel of each lane of a [BLOCK_C, BLOCK_S] tile of rows c, broadcastable to
+    the tile: the row itself, or in a grouped view (rows of GROUP channels of S // GROUP
+    elements) channel c * GROUP + s // (S // GROUP)."""
+    if GROUP == 1:
+        lane = c[:, None]
+    else:
+        lane = c[:, None] * GROUP + tl.minimum(tl.arange(0, BLOCK_S) // (S // GROUP), GROUP - 1)[None, :]
+    return lane
+
+
+@triton.jit
+def row_sums(acc, S, GROUP: tl.constexpr):
+    """Per-channel sums, [BLOCK_C * GROUP], of a tile-shaped accumulator [BLOCK_C, BLOCK_S]
+    (in a grouped view, over each row's GROUP segments)."""
+    if GROUP == 1:
+        sums = tl.sum(acc, 1)
+    else:
+        segment = (tl.arange(0, acc.shape[1]) // (S // GROUP))[None, :]
+        part = tl.arange(0, GROUP)[None, :]
+        out = tl.zeros([acc.shape[0], GROUP], acc.dtype)
+        for g in tl.static_range(GROUP):
+            out = tl.where(part == g, tl.sum(tl.where(segment == g, acc, 0.0), 1)[:, None], out)
+        sums = tl.reshape(out, [acc.shape[0] * GROUP])
+    return sums
+
+
+@triton.jit
 def channel_shift(x_ptr, c, c_mask, stride_c, ACC: tl.constexpr):
     """x_0 of each channel of the block: its element at reduction index 0."""
     return tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(ACC)
@@ -221,10 +317,15 @@ def channel_shift(x_ptr, c, c_mask, stride_c, ACC: tl.constexpr):
 
 @triton.jit
 def combine_splits(ptr, splits, C, c, c_mask, ACC: tl.constexpr):
-    """Stage 2: sum the per-split partials ptr[split, c] of a channel block."""
+    """Stage 2: sum the per-split partials ptr[split, c] of a channel block, a
+    [ROWS, BLOCK_C] block of splits per step (independent loads, one tree reduction each)."""
+    ROWS: tl.constexpr = COMBINE_ELEMENTS // c.shape[0]
+    rows = tl.arange(0, ROWS)[:, None]
     total = tl.zeros(c.shape, ACC)
-    for i in range(splits):
-        total += tl.load(ptr + i * C + c, mask=c_mask, other=0.0).to(ACC)
+    for first in range(0, splits, ROWS):
+        split = first + rows
+        part = tl.load(ptr + split * C + c[None, :], mask=(split < splits) & c_mask[None, :], other=0.0)
+        total += tl.sum(part.to(ACC), 0)
     return total
 
 
@@ -247,19 +348,24 @@ def _partial_sums_kernel(
     N, C, S, stride_n, stride_c, stride_s,
     tiles_per_program, center_splits, center_scale,
     QUANTITY: tl.constexpr, SHIFTED: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Stage 1 of a per-channel reduction: out[split, c] for the QUANTITY above.
 
     The centre m of a channel is center_scale * sum of center_ptr[i, c] over
     center_splits rows, so it can be a saved mean (1 row, scale 1) or the mean
-    straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n).
-    SHIFTED: the sums are about x_0 (SUM subtracts it, the centre adds it back)."""
+    straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n; not
+    with a grouped plan).  SHIFTED: the sums are about x_0 (SUM subtracts it, the centre
+    adds it back).  (N, C, S, strides) are those of the plan (``Plan.args``)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
+    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
+    lane_mask = lane_c < C * GROUP
     if QUANTITY == SUM:
         if SHIFTED:
-            x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
+            x0 = channel_shift(x_ptr, lane_c, lane_mask, stride_c // GROUP, ACC)
+    elif GROUP > 1:
+        center = tl.load(center_ptr + lane_c, mask=lane_mask, other=0.0).to(ACC) * center_scale
     elif SHIFTED:
         center = shifted_mean(x_ptr, stride_c, center_ptr, center_splits, C, c, c_mask, center_scale, ACC)[:, None]
     else:
@@ -267,7 +373,7 @@ def _partial_sums_kernel(
     acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(first, last):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if QUANTITY == SUM:
             if SHIFTED:
@@ -281,10 +387,11 @@ def _partial_sums_kernel(
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
             acc0 += y
             acc1 += y * (x - center)
-    out = tl.program_id(1) * C + c
-    tl.store(out0_ptr + out, tl.sum(acc0, 1), mask=c_mask)
+    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    out = tl.program_id(1) * C * GROUP + out_c
+    tl.store(out0_ptr + out, row_sums(acc0, S, GROUP), mask=out_mask)
     if QUANTITY != SUM:
-        tl.store(out1_ptr + out, tl.sum(acc1, 1), mask=c_mask)
+        tl.store(out1_ptr + out, row_sums(acc1, S, GROUP), mask=out_mask)
 
 
 def partial_sums(
@@ -302,16 +409,18 @@ def partial_sums(
 
     ``center`` is either a (C,) tensor or (splits', C) partial sums (see the kernel);
     ``shifted``: sums about each channel's x_0 (see the module docstring)."""
-    pl = pl or plan(view)
+    pl = pl or plan(view, grouped=quantity == "sum" or not shifted)
     acc = accumulator_dtype(view.tensor.dtype)
     out0 = torch.empty((pl.splits, view.c), device=view.tensor.device, dtype=acc)
     out1 = out0 if quantity == "sum" else torch.empty_like(out0)
     if center is None:
         center = out0
     center_rows = center.shape[0] if center.dim() == 2 else 1
+    if quantity != "sum" and pl.group > 1 and center_rows > 1:
+        raise ValueError("a grouped plan takes a (C,) centre, not partial sums")
     _partial_sums_kernel[pl.grid](
         view.tensor, (other or view).tensor, center, out0, out1,
-        *view.args(), pl.tiles_per_program, center_rows, center_scale,
+        *pl.args(view), pl.tiles_per_program, center_rows, center_scale,
         QUANTITY=_QUANTITIES[quantity], SHIFTED=shifted, ACC=triton_dtype(acc), **pl.meta(),
     )
     return out0, out1

@@ -7,6 +7,7 @@ normalize pass computes (x - mu) * scale + beta, not x * scale + shift: the latt
 the digits of x - mu when |mu| >> sigma.
 
     L1           _partial_sums_kernel("sum")      read x     partial sum(x - x_0)
+                 [_mean_kernel]                              mu, once (see below)
                  _partial_sums_kernel("abs_dev")  read x     partial sum|a|, sum sign(a)
                  _l1_finalize_kernel                         mean, sigma, wbar
                  _channel_affine_kernel           read x, write y
@@ -19,8 +20,19 @@ then, with running statistics, ``running_stats.update_running`` (a separate op: 
 mutates its inputs cannot carry an autograd formula).  Eval: _running_coeffs_kernel and
 _channel_affine_kernel.
 
-The second read of L1 cannot be avoided: mean |x - mu| needs mu first.  L-inf and Top-k
+The second read of L1 cannot be avoided: mean |x - mu| needs mu first.  Its programs
+recombine mu from the partial sums (splits x BLOCK_C values each) unless that re-read, over
+all programs, costs more than a launch (channels_last with few channels: 526 splits at
+C=64); then _mean_kernel computes it once, at the price of a fifth launch.  L-inf and Top-k
 need one read because the K largest |x - mu| are among the K largest and the K smallest x.
+
+Top-K state.  Each program keeps, per channel, the K best (value, index) pairs it has seen
+(K=1: one per lane).  A tile costs one tile-wide max when nothing in it outranks the
+state's worst entry, and otherwise one step (two tile-wide reductions) per entry it
+replaces, at most K: O(n) work whatever the order of the data.  Indices are int32 and
+relative to the split's first element; the K slots of every (channel, split) list are
+stored at [c, split, :K], so a channel's lists are contiguous for the finalize, which turns
+them into absolute int64 indices (``tile_first_index``) as it folds them.
 
 Backward, with g = dy * gamma, d = sigma + eps, w_i = d sigma / d a_i and wbar = mean(w):
 
@@ -28,9 +40,9 @@ Backward, with g = dy * gamma, d = sigma + eps, w_i = d sigma / d a_i and wbar =
 
     _partial_sums_kernel("grad")   read x, dy   partial sum(dy), sum(dy * a)
     _grad_finalize_kernel                       dgamma, dbeta, per-channel coefficients
-    _channel_affine_kernel         read dy (and x for L1: w_i = C1/n sign(a_i)), write dx
-    _selected_grad_kernel          L-inf/Top-k: w_i = Cinf/k sign(a_i) at the k selected
-                                   elements, a scatter of C*k values
+    _channel_affine_kernel         read dy (and x for L1: w_i = C1/n sign(a_i)), write dx;
+                                   for L-inf / Top-k, w_i = Cinf/k sign(a_i) at the k selected
+                                   elements: each program adds it to those in its own range
 """
 
 from __future__ import annotations
@@ -43,28 +55,43 @@ from ..reference.lp_batchnorm import dispersion_coefficient, selected_count
 from .channel_reduce import (
     ELEMENTWISE_WAVES,
     NUM_WARPS,
+    _num_programs_per_wave,
     accumulator_dtype,
     channel_block,
     channel_shift,
     channel_view,
     combine_splits,
     contiguous,
+    lane_channel,
     partial_sums,
     plan,
+    row_sums,
     shifted_mean,
     tile,
+    tile_first_index,
     tile_range,
     triton_dtype,
 )
-from .channel_reduce import NO_INDEX as _NO_INDEX
 
-NO_INDEX = tl.constexpr(_NO_INDEX)
 # Largest k the Triton path takes: the kernels keep k candidates per channel in registers.
 MAX_K = 64
-# Channels per program in the per-channel (finalize) kernels.
+# Most channels per program in the per-channel (finalize) kernels; fewer when C is small,
+# so that the grid has a program per SM where there are channels for it.
 FINALIZE_BLOCK_C = 128
-# Candidates merged at once when the extremes finalize walks the splits.
-CANDIDATES_PER_MERGE = 256
+# Elements of a Top-k (K > 1) extremes tile: the fold's state and its reductions hold
+# registers besides the tile, and at 2048 some configurations spill.
+TOPK_TILE = 1024
+# Candidates the extremes finalize folds per step (a channel's lists are contiguous).
+CANDIDATE_CHUNK = 256
+# Split-relative candidate indices are int32; "no element" is the largest, and the empty
+# slots of a top-K state hold NO_INDEX - slot (distinct, so that one is replaced at a time).
+NO_INDEX = tl.constexpr(2**31 - 1)
+# The same for absolute (int64) reduction indices, in the finalize.
+NO_INDEX64 = tl.constexpr(2**62)
+# DRAM bytes that cost as much as one launch in the H100 model of the benchmarks (4 us at
+# 0.85 x 3.35 TB/s): the L1 abs-dev pass recombines the mean in every program while that
+# re-read costs less, else a kernel computes it once.
+LAUNCH_BYTES = 11_000_000
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -76,44 +103,68 @@ def _sign(a, ACC: tl.constexpr):
 
 
 @triton.jit
-def _merge_topk(v1, i1, v2, i2, K: tl.constexpr, K_PAD: tl.constexpr):
-    """The K largest (value, index) pairs of the union of two candidate sets, per row.
+def _outranks(v, r, wv, wi):
+    """Whether (v, r) ranks above (wv, wi): value descending, then index ascending."""
+    return (v > wv) | ((v == wv) & (r < wi))
 
-    Order: value descending, then index ascending.  An index present in both sets counts
-    once.  Returns [BLOCK_C, K_PAD] tensors; slots past K hold (-inf, NO_INDEX)."""
+
+@triton.jit
+def _worst(top_v, top_i):
+    """Each row's lowest-ranked entry of a top-K state: (value, index)."""
+    wv = tl.min(top_v, 1)
+    wi = tl.max(tl.where(top_v == wv[:, None], top_i, -1), 1)
+    return wv, wi
+
+
+@triton.jit
+def _empty_top(BLOCK_C: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr,
+               NONE: tl.constexpr, INDEX: tl.constexpr):
+    """A top-K state [BLOCK_C, K_PAD] with nothing in it: slots < K empty (-inf, NONE - slot),
+    the padding slots (+inf, -1), which outrank everything and so are never replaced."""
+    slot = tl.zeros([BLOCK_C, K_PAD], INDEX) + tl.arange(0, K_PAD)[None, :]
+    return tl.where(slot < K, float("-inf"), float("inf")).to(ACC), tl.where(slot < K, NONE - slot, -1)
+
+
+@triton.jit
+def _fold_top(top_v, top_i, v, r, NONE: tl.constexpr):
+    """Fold the candidates (v, r) of each row into its top-K state (unsorted; ranked by
+    ``_outranks``).  A candidate counts only if it outranks the row's worst entry; each
+    step moves every row's best remaining candidate in, in place of its worst entry.  So
+    a tile costs one tile-wide max when nothing in it outranks the state (the common case
+    once the state holds the largest values seen), and at most K steps of two tile-wide
+    reductions whatever the order of the data: O(n) work for a fixed K."""
+    wv, wi = _worst(top_v, top_i)
+    v = tl.where(_outranks(v, r, wv[:, None], wi[:, None]), v, float("-inf"))
+    best = tl.max(v, 1)
+    while tl.max(best, 0) > float("-inf"):
+        i = tl.min(tl.where(v == best[:, None], r, NONE), 1)
+        found = (best > float("-inf"))[:, None]
+        replace = found & (top_v == wv[:, None]) & (top_i == wi[:, None])
+        top_v = tl.where(replace, best[:, None], top_v)
+        top_i = tl.where(replace, i[:, None], top_i)
+        wv, wi = _worst(top_v, top_i)
+        keep = (r != i[:, None]) & _outranks(v, r, wv[:, None], wi[:, None])
+        v = tl.where(keep, v, float("-inf"))
+        best = tl.max(v, 1)
+    return top_v, top_i
+
+
+@triton.jit
+def _merge_topk(v1, i1, v2, i2, K: tl.constexpr, K_PAD: tl.constexpr, NONE: tl.constexpr):
+    """The K best (value, index) pairs of the union of two small candidate sets, per row,
+    in rank order (value descending, then index ascending); an index present in both sets
+    counts once.  Returns [BLOCK_C, K_PAD] tensors; slots past K hold (-inf, NONE)."""
     slot = tl.arange(0, K_PAD)[None, :]
     out_v = tl.full([v1.shape[0], K_PAD], float("-inf"), v1.dtype)
-    out_i = tl.full([v1.shape[0], K_PAD], NO_INDEX, tl.int64)
+    out_i = tl.full([v1.shape[0], K_PAD], NONE, i1.dtype)
     for j in range(K):
         m = tl.maximum(tl.max(v1, 1), tl.max(v2, 1))[:, None]
-        i = tl.minimum(
-            tl.min(tl.where(v1 == m, i1, NO_INDEX), 1), tl.min(tl.where(v2 == m, i2, NO_INDEX), 1)
-        )[:, None]
+        i = tl.minimum(tl.min(tl.where(v1 == m, i1, NONE), 1), tl.min(tl.where(v2 == m, i2, NONE), 1))[:, None]
         out_v = tl.where(slot == j, m, out_v)
         out_i = tl.where(slot == j, i, out_i)
         v1 = tl.where(i1 == i, float("-inf"), v1)
         v2 = tl.where(i2 == i, float("-inf"), v2)
     return out_v, out_i
-
-
-@triton.jit
-def _track_top(top_v, top_i, v, r, K: tl.constexpr, K_PAD: tl.constexpr):
-    """Fold a tile of candidates (v, r) into the running top-K state.
-
-    K == 1: the state is one running max per lane, [BLOCK_C, BLOCK_S], no reduction per
-    tile.  K > 1: the state is a sorted list per channel, [BLOCK_C, K_PAD], and a tile
-    is merged only when it holds a value above the list's K-th (rare after the first
-    tiles; an equal value comes later in index order, so it ranks below)."""
-    if K == 1:
-        better = v > top_v
-        top_v = tl.where(better, v, top_v)
-        top_i = tl.where(better, r, top_i)
-    else:
-        slot = tl.arange(0, K_PAD)[None, :]
-        kth = tl.min(tl.where(slot < K, top_v, float("inf")), 1)
-        if tl.max((tl.max(v, 1) > kth).to(tl.int32), 0) > 0:
-            top_v, top_i = _merge_topk(top_v, top_i, v, r, K, K_PAD)
-    return top_v, top_i
 
 
 @triton.jit
@@ -150,53 +201,111 @@ def _finish_statistics(
 def _extremes_kernel(
     x_ptr, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
-    K: tl.constexpr, K_PAD: tl.constexpr, STATE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Stage 1 of L-inf / Top-k, one read of x: per (split, channel) the sum of x - x_0
-    and the K largest x ("hi") and the K largest -x ("lo"), each with its reduction index."""
+    and the K largest x ("hi") and the K largest -x ("lo"), each with its index relative
+    to the split's first element (int32), stored at [c, split, :K].
+
+    K == 1 keeps one running best per lane (no reduction per tile; a later index never
+    wins a tie since a lane's indices grow), also on a grouped plan; K > 1 folds each
+    tile into a top-K state per channel (``_fold_top``; one channel per row)."""
+    tl.static_assert(K == 1 or GROUP == 1, "Top-k (K > 1) folds tiles of one channel per row")
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    x0 = channel_shift(x_ptr, c, c_mask, stride_c, ACC)[:, None]
+    base = tile_first_index(first, S, BLOCK_S) // GROUP
+    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
+    x0 = channel_shift(x_ptr, lane_c, lane_c < C * GROUP, stride_c // GROUP, ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
-    hi_v = tl.full([BLOCK_C, STATE], float("-inf"), ACC)
-    hi_i = tl.full([BLOCK_C, STATE], NO_INDEX, tl.int64)
-    lo_v = tl.full([BLOCK_C, STATE], float("-inf"), ACC)
-    lo_i = tl.full([BLOCK_C, STATE], NO_INDEX, tl.int64)
+    if K == 1:
+        hi_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
+        lo_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
+        hi_i = tl.full([BLOCK_C, BLOCK_S], NO_INDEX, tl.int32)
+        lo_i = tl.full([BLOCK_C, BLOCK_S], NO_INDEX, tl.int32)
+    else:
+        hi_v, hi_i = _empty_top(BLOCK_C, K, K_PAD, ACC, NO_INDEX, tl.int32)
+        lo_v, lo_i = _empty_top(BLOCK_C, K, K_PAD, ACC, NO_INDEX, tl.int32)
     for t in range(first, last):
-        offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         acc += tl.where(mask, x - x0, 0.0)
-        r = tl.where(mask, r, NO_INDEX)
-        hi_v, hi_i = _track_top(hi_v, hi_i, tl.where(mask, x, float("-inf")), r, K, K_PAD)
-        lo_v, lo_i = _track_top(lo_v, lo_i, tl.where(mask, -x, float("-inf")), r, K, K_PAD)
-    if K == 1:  # reduce the per-lane maxima to one per channel
-        none_v = tl.full([BLOCK_C, K_PAD], float("-inf"), ACC)
-        none_i = tl.full([BLOCK_C, K_PAD], NO_INDEX, tl.int64)
-        hi_v, hi_i = _merge_topk(hi_v, hi_i, none_v, none_i, K, K_PAD)
-        lo_v, lo_i = _merge_topk(lo_v, lo_i, none_v, none_i, K, K_PAD)
-    row = tl.program_id(1) * C + c
-    tl.store(sum_ptr + row, tl.sum(acc, 1), mask=c_mask)
-    offs = row[:, None] * K_PAD + tl.arange(0, K_PAD)[None, :]
-    tl.store(hi_v_ptr + offs, hi_v, mask=c_mask[:, None])
-    tl.store(hi_i_ptr + offs, hi_i, mask=c_mask[:, None])
-    tl.store(lo_v_ptr + offs, lo_v, mask=c_mask[:, None])
-    tl.store(lo_i_ptr + offs, lo_i, mask=c_mask[:, None])
+        if GROUP > 1:  # r of the grouped row n * (GROUP * S') + s is n * S' + s % S'
+            s = tl.arange(0, BLOCK_S)[None, :]
+            r = (r - s) // GROUP + s % (S // GROUP)
+        r = tl.where(mask, (r - base).to(tl.int32), NO_INDEX)
+        up = tl.where(mask, x, float("-inf"))
+        down = tl.where(mask, -x, float("-inf"))
+        if K == 1:
+            hi_i = tl.where(up > hi_v, r, hi_i)
+            hi_v = tl.maximum(up, hi_v)
+            lo_i = tl.where(down > lo_v, r, lo_i)
+            lo_v = tl.maximum(down, lo_v)
+        else:
+            hi_v, hi_i = _fold_top(hi_v, hi_i, up, r, NO_INDEX)
+            lo_v, lo_i = _fold_top(lo_v, lo_i, down, r, NO_INDEX)
+    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    tl.store(sum_ptr + tl.program_id(1) * C * GROUP + out_c, row_sums(acc, S, GROUP), mask=out_mask)
+    if K == 1:
+        row = out_c * tl.num_programs(1) + tl.program_id(1)
+        _store_best(hi_v_ptr, hi_i_ptr, hi_v, hi_i, row, out_mask, S, GROUP)
+        _store_best(lo_v_ptr, lo_i_ptr, lo_v, lo_i, row, out_mask, S, GROUP)
+    else:
+        row = (c * tl.num_programs(1) + tl.program_id(1)) * K
+        _store_top(hi_v_ptr, hi_i_ptr, hi_v, hi_i, row, c_mask, K, K_PAD)
+        _store_top(lo_v_ptr, lo_i_ptr, lo_v, lo_i, row, c_mask, K, K_PAD)
 
 
 @triton.jit
-def _combine_candidates(v_ptr, i_ptr, splits, C, c, c_mask, K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """Stage 2 of a top-K: merge the per-split lists [splits, C, K_PAD], CHUNK splits at a time."""
-    best_v = tl.full([c.shape[0], K_PAD], float("-inf"), v_ptr.dtype.element_ty)
-    best_i = tl.full([c.shape[0], K_PAD], NO_INDEX, tl.int64)
-    j = tl.arange(0, CHUNK * K_PAD)
-    for first in range(0, splits, CHUNK):
-        split = first + j // K_PAD
-        offs = (split[None, :] * C + c[:, None]) * K_PAD + (j % K_PAD)[None, :]
-        mask = c_mask[:, None] & (split < splits)[None, :]
+def _store_best(v_ptr, i_ptr, lane_v, lane_i, row, mask, S, GROUP: tl.constexpr):
+    """Store each channel's best of the per-lane states (the largest value, the lowest
+    index among equals): over a row, or over each of a grouped row's GROUP segments."""
+    if GROUP == 1:
+        best = tl.max(lane_v, 1)
+        index = tl.min(tl.where(lane_v == best[:, None], lane_i, NO_INDEX), 1)
+    else:
+        segment = (tl.arange(0, lane_v.shape[1]) // (S // GROUP))[None, :]
+        part = tl.arange(0, GROUP)[None, :]
+        best = tl.full([lane_v.shape[0], GROUP], float("-inf"), lane_v.dtype)
+        index = tl.full([lane_v.shape[0], GROUP], NO_INDEX, tl.int32)
+        for g in tl.static_range(GROUP):
+            v = tl.where(segment == g, lane_v, float("-inf"))
+            m = tl.max(v, 1)[:, None]
+            i = tl.min(tl.where(v == m, lane_i, NO_INDEX), 1)[:, None]
+            best = tl.where(part == g, m, best)
+            index = tl.where(part == g, i, index)
+        best = tl.reshape(best, [lane_v.shape[0] * GROUP])
+        index = tl.reshape(index, [lane_v.shape[0] * GROUP])
+    tl.store(v_ptr + row, best, mask=mask)
+    tl.store(i_ptr + row, index, mask=mask)
+
+
+@triton.jit
+def _store_top(v_ptr, i_ptr, top_v, top_i, row, c_mask, K: tl.constexpr, K_PAD: tl.constexpr):
+    """Store a per-channel top-K state at v_ptr[row:row + K]."""
+    slot = tl.arange(0, K_PAD)[None, :]
+    mask = c_mask[:, None] & (slot < K)
+    tl.store(v_ptr + row[:, None] + slot, top_v, mask=mask)
+    tl.store(i_ptr + row[:, None] + slot, top_i, mask=mask)
+
+
+@triton.jit
+def _combine_candidates(v_ptr, i_ptr, c, splits, S, tiles_per_program, K: tl.constexpr, K_PAD: tl.constexpr,
+                        BLOCK_S: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr):
+    """Stage 2 of a top-K: fold channel c's per-split lists [splits, K] (contiguous) into
+    one top-K state with absolute (int64) indices, CHUNK candidates per step.  (S,
+    BLOCK_S, GROUP: the extremes pass's plan, which places each split's first element.)"""
+    best_v, best_i = _empty_top(1, K, K_PAD, v_ptr.dtype.element_ty, NO_INDEX64, tl.int64)
+    j = tl.arange(0, CHUNK)[None, :]
+    for first in range(0, splits * K, CHUNK):
+        flat = first + j
+        mask = flat < splits * K
+        offs = c.to(tl.int64) * splits * K + flat
         v = tl.load(v_ptr + offs, mask=mask, other=float("-inf"))
-        i = tl.load(i_ptr + offs, mask=mask, other=NO_INDEX)
-        best_v, best_i = _merge_topk(best_v, best_i, v, i, K, K_PAD)
+        rel = tl.load(i_ptr + offs, mask=mask, other=NO_INDEX)
+        split_base = tile_first_index((flat // K) * tiles_per_program, S, BLOCK_S) // GROUP
+        r = tl.where(rel != NO_INDEX, split_base + rel, NO_INDEX64)
+        best_v, best_i = _fold_top(best_v, best_i, v, r, NO_INDEX64)
     return best_v, best_i
 
 
@@ -214,25 +323,32 @@ def _lookup(sel_i, list_i, list_v):
 
 @triton.jit
 def _extremes_finalize_kernel(
-    x_ptr, stride_c, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, inv_n, coef, eps,
-    sel_i_ptr, sel_sign_ptr,
+    x_ptr, stride_c, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, S, tiles_per_program,
+    inv_n, coef, eps, sel_i_ptr, sel_sign_ptr,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """mu, then the K largest |x - mu| among the 2K candidates (ties: lowest index), sigma."""
-    c, c_mask = channel_block(BLOCK_C, C)
+    """One channel per program: mu, then the K largest |x - mu| among the 2K candidates
+    (ties: lowest index), sigma.  (S, BLOCK_S, GROUP: the extremes pass's plan.)"""
+    c, c_mask = channel_block(1, C)
     mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
-    hi_v, hi_i = _combine_candidates(hi_v_ptr, hi_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
-    lo_v, lo_i = _combine_candidates(lo_v_ptr, lo_i_ptr, splits, C, c, c_mask, K, K_PAD, CHUNK)
-    hi_abs = tl.where(hi_i != NO_INDEX, tl.abs(hi_v - mean[:, None]), float("-inf"))
-    lo_abs = tl.where(lo_i != NO_INDEX, tl.abs(lo_v + mean[:, None]), float("-inf"))
-    sel_abs, sel_i = _merge_topk(hi_abs, hi_i, lo_abs, lo_i, K, K_PAD)
+    hi_v, hi_i = _combine_candidates(
+        hi_v_ptr, hi_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, GROUP, CHUNK)
+    lo_v, lo_i = _combine_candidates(
+        lo_v_ptr, lo_i_ptr, c, splits, S, tiles_per_program, K, K_PAD, BLOCK_S, GROUP, CHUNK)
+    slot = tl.arange(0, K_PAD)[None, :]
+    hi_ok = (slot < K) & (hi_v > float("-inf"))
+    lo_ok = (slot < K) & (lo_v > float("-inf"))
+    hi_i = tl.where(hi_ok, hi_i, NO_INDEX64)
+    lo_i = tl.where(lo_ok, lo_i, NO_INDEX64)
+    hi_abs = tl.where(hi_ok, tl.abs(hi_v - mean[:, None]), float("-inf"))
+    lo_abs = tl.where(lo_ok, tl.abs(lo_v + mean[:, None]), float("-inf"))
+    sel_abs, sel_i = _merge_topk(hi_abs, hi_i, lo_abs, lo_i, K, K_PAD, NO_INDEX64)
     # sign(a) of each selected element, from its x in whichever list holds it
     x_sel = tl.where(_in_list(sel_i, hi_i), _lookup(sel_i, hi_i, hi_v), -_lookup(sel_i, lo_i, lo_v))
-    sign = _sign(x_sel - mean[:, None], ACC)
-    slot = tl.arange(0, K_PAD)[None, :]
     valid = c_mask[:, None] & (slot < K)
-    sign = tl.where(valid, sign, 0.0)
+    sign = tl.where(valid, _sign(x_sel - mean[:, None], ACC), 0.0)
     tl.store(sel_i_ptr + c[:, None] * K + slot, sel_i, mask=valid)
     tl.store(sel_sign_ptr + c[:, None] * K + slot, sign, mask=valid)
     abs_sum = tl.sum(tl.where(valid, sel_abs, 0.0), 1)
@@ -243,16 +359,27 @@ def _extremes_finalize_kernel(
 
 
 @triton.jit
+def _mean_kernel(x_ptr, stride_c, sum_ptr, splits, C, inv_n, mean_ptr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """mu = x_0 + sum(x - x_0) / n, once per channel, for the L1 abs-dev pass."""
+    c, c_mask = channel_block(BLOCK_C, C)
+    tl.store(mean_ptr + c, shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC), mask=c_mask)
+
+
+@triton.jit
 def _l1_finalize_kernel(
     x_ptr, stride_c, sum_ptr, abs_ptr, sign_ptr, splits, C, inv_n, coef, eps,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    MEAN_READY: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """mu = x_0 + sum(x - x_0) / n, sigma = C1 / n * sum|a| from the partials of the two passes."""
+    """mu = x_0 + sum(x - x_0) / n (or mean_ptr's, MEAN_READY), sigma = C1 / n * sum|a|
+    from the partials of the two passes."""
     c, c_mask = channel_block(BLOCK_C, C)
+    if MEAN_READY:
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    else:
+        mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
     _finish_statistics(
-        c, c_mask,
-        shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC),
+        c, c_mask, mean,
         combine_splits(abs_ptr, splits, C, c, c_mask, ACC),
         combine_splits(sign_ptr, splits, C, c, c_mask, ACC),
         coef, inv_n, eps,
@@ -275,27 +402,47 @@ def _running_coeffs_kernel(
 
 
 @triton.jit
+def _add_selected(out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, c, c_mask, r_lo, r_hi, S, stride_n, stride_c, stride_s,
+                  K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr):
+    """out[selected] += gain_c * sign(a) for the selected elements with r in [r_lo, r_hi):
+    sigma's gradient reaches only the K selected elements of a channel."""
+    slot = tl.arange(0, K_PAD)[None, :]
+    listed = c_mask[:, None] & (slot < K)
+    r = tl.load(sel_i_ptr + c[:, None] * K + slot, mask=listed, other=-1)
+    mine = listed & (r >= r_lo) & (r < r_hi)
+    sign = tl.load(sel_sign_ptr + c[:, None] * K + slot, mask=mine, other=0.0)
+    gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
+    n = r // S
+    offs = n * stride_n + c[:, None].to(tl.int64) * stride_c + (r - n * S) * stride_s
+    out = tl.load(out_ptr + offs, mask=mine, other=0.0).to(ACC)
+    tl.store(out_ptr + offs, (out + gain * sign).to(out_ptr.dtype.element_ty), mask=mine)
+
+
+@triton.jit
 def _channel_affine_kernel(
-    x_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, src_ptr, gain_ptr,
+    x_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, src_ptr, gain_ptr, sel_i_ptr, sel_sign_ptr,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
-    CENTER_X: tl.constexpr, SIGN_TERM: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CENTER_X: tl.constexpr, SIGN_TERM: tl.constexpr, SELECTED: tl.constexpr, SELECTED_PAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out = (x [- center_c]) * scale_c + shift_c [+ gain_c * sign(src - center_c)].
 
     Forward: x is the input, centred (CENTER_X) by mu, out is y.  Backward: x is dy, out
-    is dx, and for L1 the sign term carries d sigma / d a_i = C1/n sign(a_i) (src is the
-    input)."""
+    is dx, and sigma's gradient is gain_c * d sigma / d a_i: for L1 (SIGN_TERM) C1/n
+    sign(a_i) at every element (src is the input); for L-inf / Top-k it is nonzero at the
+    SELECTED elements only, which each program adds into the dx it has just written."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)[:, None]
+    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
+    lane_mask = lane_c < C * GROUP
+    scale = tl.load(scale_ptr + lane_c, mask=lane_mask, other=0.0)
+    shift = tl.load(shift_ptr + lane_c, mask=lane_mask, other=0.0)
     if CENTER_X or SIGN_TERM:
-        center = tl.load(center_ptr + c, mask=c_mask, other=0.0)[:, None]
+        center = tl.load(center_ptr + lane_c, mask=lane_mask, other=0.0)
     if SIGN_TERM:
-        gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
+        gain = tl.load(gain_ptr + lane_c, mask=lane_mask, other=0.0)
     for t in range(first, last):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if CENTER_X:
             x -= center
@@ -304,6 +451,14 @@ def _channel_affine_kernel(
             a = tl.load(src_ptr + offs, mask=mask, other=0.0).to(ACC) - center
             out += gain * _sign(a, ACC)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if SELECTED > 0:
+        tl.debug_barrier()  # this program's stores above are visible to all its threads
+        out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+        _add_selected(
+            out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, out_c, out_mask,
+            tile_first_index(first, S, BLOCK_S) // GROUP, tile_first_index(last, S, BLOCK_S) // GROUP,
+            S // GROUP, stride_n, stride_c // GROUP, stride_s, SELECTED, SELECTED_PAD, ACC,
+        )
 
 
 # ----------------------------------------------------------------------------- backward
@@ -315,15 +470,16 @@ def _grad_finalize_kernel(
     scale_ptr, shift_ptr, gain_ptr, C, inv_n, coef, eps,
     BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dgamma = sum(dy * xhat), dbeta = sum(dy), and dx = scale * dy + shift + gain * w'_i
-    with w'_i = sign(a_i) (L1, in the elementwise pass) or the scatter (L-inf, Top-k)."""
+    """dgamma = sum(dy * xhat), dbeta = sum(dy) (in the parameters' dtype), and dx = scale
+    * dy + shift + gain * w'_i with w'_i = sign(a_i) (L1) or at the selected elements
+    (L-inf, Top-k), both in the elementwise pass."""
     c, c_mask = channel_block(BLOCK_C, C)
     sum_dy = combine_splits(dy_sum_ptr, splits, C, c, c_mask, ACC)
     inv = 1.0 / (tl.load(dev_ptr + c, mask=c_mask, other=1.0) + eps)
     sum_dy_xhat = combine_splits(dya_sum_ptr, splits, C, c, c_mask, ACC) * inv
     if dw_ptr is not None:
-        tl.store(dw_ptr + c, sum_dy_xhat, mask=c_mask)
-        tl.store(db_ptr + c, sum_dy, mask=c_mask)
+        tl.store(dw_ptr + c, sum_dy_xhat.to(dw_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=c_mask)
     scale = inv
     if w_ptr is not None:
         scale *= tl.load(w_ptr + c, mask=c_mask, other=1.0).to(ACC)
@@ -337,24 +493,6 @@ def _grad_finalize_kernel(
         tl.store(shift_ptr + c, tl.zeros_like(scale), mask=c_mask)
 
 
-@triton.jit
-def _selected_grad_kernel(
-    dx_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, C, S, stride_n, stride_c, stride_s,
-    K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dx[selected] += gain_c * sign(a): sigma's gradient reaches only the K selected."""
-    c, c_mask = channel_block(BLOCK_C, C)
-    slot = tl.arange(0, K_PAD)[None, :]
-    mask = c_mask[:, None] & (slot < K)
-    r = tl.load(sel_i_ptr + c[:, None] * K + slot, mask=mask, other=0)
-    sign = tl.load(sel_sign_ptr + c[:, None] * K + slot, mask=mask, other=0.0)
-    gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
-    n = r // S
-    offs = n * stride_n + c[:, None].to(tl.int64) * stride_c + (r - n * S) * stride_s
-    dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(dx_ptr + offs, (dx + gain * sign).to(dx_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -362,18 +500,33 @@ def _k_pad(count: int) -> int:
     return max(2, triton.next_power_of_2(count))
 
 
-def _channel_grid(c: int, block_c: int = FINALIZE_BLOCK_C):
-    return (triton.cdiv(c, block_c),)
+def _finalize_grid(c: int, device: torch.device) -> tuple[tuple[int], int]:
+    """Grid and BLOCK_C of a per-channel kernel: a program per SM where there are channels
+    for it (C=64 on 132 SMs: 64 programs of one channel), at most FINALIZE_BLOCK_C each."""
+    sms = _num_programs_per_wave(device)
+    block_c = min(FINALIZE_BLOCK_C, triton.next_power_of_2(triton.cdiv(c, sms)))
+    return (triton.cdiv(c, block_c),), block_c
 
 
-def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None):
-    """Launch _channel_affine_kernel over ``view`` into ``out`` (same layout)."""
-    pl = plan(view, ELEMENTWISE_WAVES)
+def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None, selected=None):
+    """Launch _channel_affine_kernel over ``view`` into ``out`` (same layout); ``selected``:
+    (sel_index, sel_sign, gain) of L-inf / Top-k's backward."""
+    pl = plan(view, ELEMENTWISE_WAVES, grouped=True)
     src, gain = sign_term or (None, None)
+    sel_i, sel_sign, sel_gain = selected or (None, None, None)
+    count = 0 if selected is None else sel_i.shape[1]
     _channel_affine_kernel[pl.grid](
-        view.tensor, out, center, scale, shift, src, gain, *view.args(), pl.tiles_per_program,
-        CENTER_X=center_x, SIGN_TERM=sign_term is not None, ACC=triton_dtype(scale.dtype), **pl.meta(),
+        view.tensor, out, center, scale, shift, src, gain if sign_term else sel_gain, sel_i, sel_sign,
+        *pl.args(view), pl.tiles_per_program,
+        CENTER_X=center_x, SIGN_TERM=sign_term is not None, SELECTED=count, SELECTED_PAD=_k_pad(count),
+        ACC=triton_dtype(scale.dtype), **pl.meta(),
     )
+
+
+def _mean_once(pl, c: int) -> bool:
+    """Whether a kernel computes the L1 mean once, rather than each program of the
+    abs-dev pass from the partial sums (splits x BLOCK_C of them, 4 bytes each)."""
+    return pl.grid[0] * pl.grid[1] * pl.splits * pl.block_c * 4 > LAUNCH_BYTES
 
 
 def lp_batch_norm_forward(
@@ -384,44 +537,53 @@ def lp_batch_norm_forward(
     view = channel_view(x)
     c, n = view.c, view.numel_per_channel
     acc = accumulator_dtype(x.dtype)
+    acc_t = triton_dtype(acc)
     y = torch.empty_like(view.tensor)
     mean, dev, wbar, scale, shift = (torch.empty(c, device=x.device, dtype=acc) for _ in range(5))
     count = selected_count(norm, k) if batch_stats else 0
     sel_i = torch.empty((c, count), device=x.device, dtype=torch.int64)
     sel_sign = torch.empty((c, count), device=x.device, dtype=acc)
+    grid, block_c = _finalize_grid(c, x.device)
     if not batch_stats:
-        _running_coeffs_kernel[_channel_grid(c)](
-            running_mean, running_dev, weight, bias, mean, dev, scale, shift, c, eps,
-            ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
+        _running_coeffs_kernel[grid](
+            running_mean, running_dev, weight, bias, mean, dev, scale, shift, c, eps, ACC=acc_t, BLOCK_C=block_c,
         )
         _affine(view, y, mean, scale, shift, center_x=True)
         return y, mean, dev, wbar.zero_(), sel_i, sel_sign
 
     coef = dispersion_coefficient(norm, n, k, normalized)
     stats = (mean, dev, wbar, weight, bias, scale, shift)
-    pl = plan(view)
+    # Top-k folds tiles of one channel per row, in smaller tiles
+    pl = plan(view, grouped=True) if count <= 1 else plan(view, max_tile=TOPK_TILE)
     if norm == "l1":
         sums, _ = partial_sums(view, "sum", shifted=True, pl=pl)
-        abs_dev, signs = partial_sums(view, "abs_dev", center=sums, center_scale=1.0 / n, shifted=True, pl=pl)
-        _l1_finalize_kernel[_channel_grid(c)](
+        mean_once = pl.group > 1 or _mean_once(pl, c)
+        if mean_once:
+            _mean_kernel[grid](view.tensor, view.stride_c, sums, pl.splits, c, 1.0 / n, mean, ACC=acc_t,
+                               BLOCK_C=block_c)
+            center = dict(center=mean)
+        else:
+            center = dict(center=sums, center_scale=1.0 / n, shifted=True)
+        abs_dev, signs = partial_sums(view, "abs_dev", pl=pl, **center)
+        _l1_finalize_kernel[grid](
             view.tensor, view.stride_c, sums, abs_dev, signs, pl.splits, c, 1.0 / n, coef, eps, *stats,
-            ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
+            MEAN_READY=mean_once, ACC=acc_t, BLOCK_C=block_c,
         )
     else:
-        k_pad = _k_pad(count)
+        if pl.tiles_per_program * pl.block_s >= 2**31 - 2 * MAX_K:
+            raise ValueError(f"a split of {pl.tiles_per_program} tiles of {pl.block_s} overflows int32 indices")
         sums = torch.empty((pl.splits, c), device=x.device, dtype=acc)
-        hi_v, lo_v = (torch.empty((pl.splits, c, k_pad), device=x.device, dtype=acc) for _ in range(2))
-        hi_i, lo_i = (torch.empty((pl.splits, c, k_pad), device=x.device, dtype=torch.int64) for _ in range(2))
+        hi_v, lo_v = (torch.empty((c, pl.splits, count), device=x.device, dtype=acc) for _ in range(2))
+        hi_i, lo_i = (torch.empty((c, pl.splits, count), device=x.device, dtype=torch.int32) for _ in range(2))
         _extremes_kernel[pl.grid](
-            view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *view.args(), pl.tiles_per_program,
-            K=count, K_PAD=k_pad, STATE=pl.block_s if count == 1 else k_pad,
-            ACC=triton_dtype(acc), **pl.meta(),
+            view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *pl.args(view), pl.tiles_per_program,
+            K=count, K_PAD=_k_pad(count), ACC=acc_t, **pl.meta(),
         )
         _extremes_finalize_kernel[(c,)](
-            view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, 1.0 / n, coef, eps, sel_i,
-            sel_sign, *stats,
-            K=count, K_PAD=k_pad, CHUNK=max(1, CANDIDATES_PER_MERGE // k_pad),
-            ACC=triton_dtype(acc), BLOCK_C=1, num_warps=NUM_WARPS,
+            view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, pl.args(view)[2],
+            pl.tiles_per_program, 1.0 / n, coef, eps, sel_i, sel_sign, *stats,
+            K=count, K_PAD=_k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
+            num_warps=NUM_WARPS,
         )
     _affine(view, y, mean, scale, shift, center_x=True)
     return y, mean, dev, wbar, sel_i, sel_sign
@@ -431,8 +593,8 @@ def lp_batch_norm_backward(
     dy, x, weight, mean, dev, wbar, sel_i, sel_sign,
     batch_stats: bool, param_grads: bool, eps: float, norm: str, k: int, normalized: bool,
 ):
-    """Returns (dx, dweight, dbias); the last two are (C,) accumulator-dtype tensors when
-    ``param_grads``, else empty."""
+    """Returns (dx, dweight, dbias); the last two are (C,) tensors in the weight's dtype
+    (the accumulator dtype without one) when ``param_grads``, else empty."""
     weight, mean, dev, wbar, sel_i, sel_sign = contiguous(weight, mean, dev, wbar, sel_i, sel_sign)
     view = channel_view(x)
     dy_view = view.like(dy)
@@ -440,27 +602,25 @@ def lp_batch_norm_backward(
     acc = mean.dtype
     dx = torch.empty_like(view.tensor)
     scale, shift, gain = (torch.empty(c, device=x.device, dtype=acc) for _ in range(3))
-    dw = torch.empty(c if param_grads else 0, device=x.device, dtype=acc)
+    dw = torch.empty(c if param_grads else 0, device=x.device, dtype=acc if weight is None else weight.dtype)
     db = torch.empty_like(dw)
     if batch_stats or param_grads:
-        pl = plan(view)
+        pl = plan(view, grouped=True)
         dy_sum, dya_sum = partial_sums(view, "grad", other=dy_view, center=mean, pl=pl)
         splits = pl.splits
     else:  # eval without affine parameters: dx = dy / (sigma + eps), nothing to reduce
         dy_sum = dya_sum = mean
         splits = 0
-    _grad_finalize_kernel[_channel_grid(c)](
+    grid, block_c = _finalize_grid(c, x.device)
+    _grad_finalize_kernel[grid](
         dy_sum, dya_sum, splits, dev, wbar, weight, dw if param_grads else None, db, scale, shift, gain,
         c, 1.0 / n, dispersion_coefficient(norm, n, k, normalized), eps,
-        BATCH_STATS=batch_stats, ACC=triton_dtype(acc), BLOCK_C=FINALIZE_BLOCK_C,
+        BATCH_STATS=batch_stats, ACC=triton_dtype(acc), BLOCK_C=block_c,
     )
-    sign_term = (view.tensor, gain) if batch_stats and norm == "l1" else None
-    _affine(dy_view, dx, mean, scale, shift, center_x=False, sign_term=sign_term)
-    if batch_stats and norm != "l1":
-        count, k_pad = sel_i.shape[1], _k_pad(sel_i.shape[1])
-        block_c = max(1, FINALIZE_BLOCK_C // k_pad)
-        _selected_grad_kernel[_channel_grid(c, block_c)](
-            dx, sel_i, sel_sign, gain, c, view.s, view.stride_n, view.stride_c, view.stride_s,
-            K=count, K_PAD=k_pad, ACC=triton_dtype(acc), BLOCK_C=block_c,
-        )
+    l1_term = batch_stats and norm == "l1"
+    _affine(
+        dy_view, dx, mean, scale, shift, center_x=False,
+        sign_term=(view.tensor, gain) if l1_term else None,
+        selected=(sel_i, sel_sign, gain) if batch_stats and not l1_term else None,
+    )
     return dx, dw, db

@@ -78,13 +78,15 @@ def lp_batch_norm_backward(
 @lp_batch_norm_backward.register_fake
 def _(grad_y, x, weight, mean, dev, wbar, sel_index, sel_sign, batch_stats, param_grads, eps, norm, k, normalized):
     c = x.shape[1] if param_grads else 0
-    return output_like(x), mean.new_empty(c), mean.new_empty(c)
+    dtype = mean.dtype if weight is None else weight.dtype
+    return output_like(x), mean.new_empty(c, dtype=dtype), mean.new_empty(c, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _running_mean, _running_dev, batch_stats, eps, norm, k, normalized = inputs
     _y, mean, dev, wbar, sel_index, sel_sign = output
     ctx.mark_non_differentiable(mean, dev, wbar, sel_index, sel_sign)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
     ctx.save_for_backward(x, weight, mean, dev, wbar, sel_index, sel_sign)
     ctx.options = dict(batch_stats=batch_stats, eps=eps, norm=norm, k=k, normalized=normalized)
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -93,8 +95,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, *_unused):
     x, weight, mean, dev, wbar, sel_index, sel_sign = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if grad_y is None:
-        grad_y = torch.zeros_like(x)
+    if grad_y is None:  # y does not reach the loss: nothing does
+        return (None,) * 10
     dx, dw, db = lp_batch_norm_backward(
         grad_y, x=x, weight=weight, mean=mean, dev=dev, wbar=wbar, sel_index=sel_index, sel_sign=sel_sign,
         param_grads=need_w or need_b, **ctx.options,

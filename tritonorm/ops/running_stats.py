@@ -11,7 +11,9 @@ from torch import Tensor
 from ..kernels.running_stats import update_running
 
 
-@torch.library.custom_op("tritonorm::update_running_stats", mutates_args=("running_mean", "running_dev"))
+@torch.library.custom_op(
+    "tritonorm::update_running_stats", mutates_args=("running_mean", "running_dev", "num_batches_tracked")
+)
 def update_running_stats(
     running_mean: Tensor,
     running_dev: Tensor,
@@ -19,16 +21,19 @@ def update_running_stats(
     dev: Tensor,
     num_batches_tracked: Optional[Tensor],
     momentum: Optional[float],
+    count: bool = False,
 ) -> None:
     """running = (1 - m) * running + m * batch for both buffers; m = momentum, or
-    1 / num_batches_tracked when momentum is None."""
+    1 / num_batches_tracked when momentum is None; ``count``: num_batches_tracked += 1
+    first (in the same launch for up to 4096 channels)."""
     update_running(
-        ((running_mean, mean), (running_dev, dev)), num_batches_tracked=num_batches_tracked, momentum=momentum
+        ((running_mean, mean), (running_dev, dev)), num_batches_tracked=num_batches_tracked, momentum=momentum,
+        count=count,
     )
 
 
 @update_running_stats.register_fake
-def _(running_mean, running_dev, mean, dev, num_batches_tracked, momentum):
+def _(running_mean, running_dev, mean, dev, num_batches_tracked, momentum, count=False):
     return None
 
 
