@@ -27,10 +27,11 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 2e-3, torch.bfl
 
 # (shape, dim): rows (dim 0) of linear, conv 2-d / 3-d weights; slices along a middle axis
 # and along the contiguous last axis; a row longer than one tile (3000 > 2048); many short
-# rows packed per tile; a 1-d weight (one element per slice).
+# rows packed per tile; a 1-d weight (one element per slice); a stem conv's rows of 147,
+# not a multiple of 16 bytes, read 2 to 8 to a tile row (the grouped view).
 CASES = [
     ((7, 5), 0), ((7, 5), 1), ((6, 3, 3, 3), 0), ((6, 3, 3, 3), 1), ((3, 2, 3, 3, 3), 0),
-    ((4, 5, 3), -1), ((130, 33), 1), ((2, 3000), 0), ((300, 3), 0), ((9,), 0),
+    ((4, 5, 3), -1), ((130, 33), 1), ((2, 3000), 0), ((300, 3), 0), ((9,), 0), ((16, 3, 7, 7), 0),
 ]
 
 
@@ -170,34 +171,43 @@ def test_module_backward_has_no_fill_or_copy(learnable_gain, dtype, device):
         assert data_ops(ops) == ["aten.convolution_backward", "tritonorm.bounded_weight_backward"]
 
 
-# (weight, dim) -> (BLOCK_C, BLOCK_S, programs), planned for an H100's 132 SMs: 3x3 conv
-# rows (576 to 4608 weights) in one to three tiles of 1024 / 2048 per pass (they were 9
-# tiles of 64 to 512), a wide linear row, and slices along the contiguous last axis (16
-# neighbouring slices per tile row, 128 rows).
+# (weight, dim, dtype) -> (BLOCK_C, BLOCK_S, GROUP, programs), planned for an H100's 132
+# SMs: 3x3 conv rows (576 to 4608 weights) in one to three tiles of 1024 / 2048 per pass
+# (they were 9 tiles of 64 to 512); 1x1 rows of 64 two (fp32) or four (bf16) to a tile, so
+# that one warp loads 16-byte vectors; the stem's rows of 147, not a multiple of 16 bytes,
+# 4 (fp32) or 8 (bf16) to a grouped row; a wide linear row; slices along the contiguous
+# last axis (16 neighbouring slices per tile row, 128 rows).
 PLANS = [
-    (((64, 64, 3, 3), 0), (1, 1024, 64)),
-    (((512, 512, 3, 3), 0), (1, 2048, 512)),
-    (((2048, 512, 1, 1), 0), (4, 512, 512)),
-    (((1000, 2048), 0), (1, 2048, 1000)),
-    (((4096, 1000), 1), (16, 128, 63)),
+    (((64, 64, 3, 3), 0, torch.float32), (1, 1024, 1, 64)),
+    (((512, 512, 3, 3), 0, torch.float32), (1, 2048, 1, 512)),
+    (((2048, 512, 1, 1), 0, torch.float32), (4, 512, 1, 512)),
+    (((64, 64, 1, 1), 0, torch.float32), (2, 64, 1, 32)),
+    (((64, 64, 1, 1), 0, torch.bfloat16), (4, 64, 1, 16)),
+    (((64, 3, 7, 7), 0, torch.float32), (1, 1024, 4, 16)),
+    (((64, 3, 7, 7), 0, torch.bfloat16), (1, 2048, 8, 8)),
+    (((1000, 2048), 0, torch.float32), (1, 2048, 1, 1000)),
+    (((4096, 1000), 1, torch.float32), (16, 128, 1, 63)),
 ]
 
 
-@pytest.mark.parametrize("case, plan", PLANS, ids=[str(case) for case, _ in PLANS])
-def test_tiles_keep_about_max_tile_elements(case, plan, monkeypatch):
+@pytest.mark.parametrize("case, plan", PLANS, ids=[f"{case[0]}-{case[1]}-{case[2]}" for case, _ in PLANS])
+def test_tiles(case, plan, monkeypatch):
     """Halving BLOCK_C for grid fill doubles BLOCK_S in both layouts: a tile holds
-    min(MAX_TILE, BLOCK_C x the slice rounded up to a power of two) elements, so a program
-    walks a slice in few wide tiles, not many narrow ones (their loads are one chain)."""
+    min(MAX_TILE, BLOCK_C x the row rounded up to a power of two) elements, so a program
+    walks a slice in few wide tiles, not many narrow ones (their loads are one chain), and
+    at least one warp of 16-byte vectors."""
     from tritonorm.kernels import bounded_weight_norm as bwn_kernels
     from tritonorm.kernels import channel_reduce
 
     monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 132)
-    shape, dim = case
-    view = bwn_kernels.slice_view(torch.empty(shape), dim)
-    (programs,), meta = bwn_kernels._launch_meta(view)
-    assert (meta["BLOCK_C"], meta["BLOCK_S"], programs) == plan
-    assert meta["BLOCK_C"] * meta["BLOCK_S"] == min(channel_reduce.MAX_TILE,
-                                                    meta["BLOCK_C"] * triton.next_power_of_2(view.s))
+    shape, dim, dtype = case
+    view = bwn_kernels.slice_view(torch.empty(shape, dtype=dtype), dim)
+    (programs,), args, meta = bwn_kernels._launch(view)
+    assert (meta["BLOCK_C"], meta["BLOCK_S"], meta["GROUP"], programs) == plan
+    row = args[2]  # the grouped view's row: GROUP slices
+    tile = meta["BLOCK_C"] * meta["BLOCK_S"]
+    assert tile == min(channel_reduce.MAX_TILE, meta["BLOCK_C"] * triton.next_power_of_2(row))
+    assert tile * view.tensor.element_size() >= bwn_kernels.MIN_TILE_BYTES
 
 
 # ----------------------------------------------------------------------------- the parametrization
