@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
+import triton
+from dispatch_utils import backward_ops, data_ops, fills_and_copies
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
+from training import assert_compiled_matches_eager
 
 import tritonorm
-from training import assert_compiled_matches_eager
 from tritonorm import functional as F
 from tritonorm.ops import bounded_weight_norm as bwn_ops
 from tritonorm.reference import bounded_weight_norm as ref
@@ -25,10 +27,11 @@ TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 2e-3, torch.bfl
 
 # (shape, dim): rows (dim 0) of linear, conv 2-d / 3-d weights; slices along a middle axis
 # and along the contiguous last axis; a row longer than one tile (3000 > 2048); many short
-# rows packed per tile; a 1-d weight (one element per slice).
+# rows packed per tile; a 1-d weight (one element per slice); a stem conv's rows of 147,
+# not a multiple of 16 bytes, read 2 to 8 to a tile row (the grouped view).
 CASES = [
     ((7, 5), 0), ((7, 5), 1), ((6, 3, 3, 3), 0), ((6, 3, 3, 3), 1), ((3, 2, 3, 3, 3), 0),
-    ((4, 5, 3), -1), ((130, 33), 1), ((2, 3000), 0), ((300, 3), 0), ((9,), 0),
+    ((4, 5, 3), -1), ((130, 33), 1), ((2, 3000), 0), ((300, 3), 0), ((9,), 0), ((16, 3, 7, 7), 0),
 ]
 
 
@@ -128,6 +131,83 @@ def test_zero_slice_guard_gives_zeros_not_nan(device):
         assert torch.isfinite(w).all() and torch.isfinite(leaf.grad).all()
         assert torch.equal(w[2], torch.zeros(6, device=device))
         torch.testing.assert_close(w[[0, 1, 3]].norm(dim=1), torch.full((3,), 1.5, device=device))
+
+
+# ----------------------------------------------------------------------------- what the Triton path runs
+
+
+@pytest.mark.parametrize("rho_kind", ["buffer", "scalar", "per_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_dispatches_its_op_alone(rho_kind, dtype, device):
+    """The norm output (never differentiated) costs no aten.zeros, and dL/drho comes out
+    of the kernel in rho's dtype: besides the backward op, only the sum of the per-slice
+    dL/drho of a () rho that needs a gradient (and its one-element cast in bf16)."""
+    v, rho, grad = _inputs((6, 4, 3), 0, dtype, device, rho_kind == "per_slice", seed=4)
+    v.requires_grad_()
+    rho.requires_grad_(rho_kind != "buffer")
+    w = F.bounded_weight(v, rho, backend="triton")
+    ops = backward_ops(w, [v] + ([rho] if rho.requires_grad else []), grad)
+    expected = ["tritonorm.bounded_weight_backward"]
+    if rho_kind == "scalar":
+        expected += ["aten.sum"] + (["aten._to_copy"] if dtype == torch.bfloat16 else [])
+    assert data_ops(ops) == expected
+
+
+@pytest.mark.parametrize("learnable_gain", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_backward_has_no_fill_or_copy(learnable_gain, dtype, device):
+    """A BoundedWNConv2d's backward: the convolution's backward and the weight's op (with
+    the gain, plus its few (S,)-sized autograd ops); no zero-fill, no copy."""
+    torch.manual_seed(0)
+    layer = tritonorm.BoundedWNConv2d(3, 5, 3, padding=1, learnable_gain=learnable_gain, backend="triton")
+    layer = layer.to(device, dtype)
+    x = torch.randn(2, 3, 6, 6, device=device, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    ops = backward_ops(y, [x, *layer.parameters()], torch.randn_like(y))
+    assert not fills_and_copies(ops), ops
+    assert data_ops(ops, min_numel=layer.weight.numel()) == ["aten.convolution_backward",
+                                                              "tritonorm.bounded_weight_backward"]
+    if not learnable_gain:
+        assert data_ops(ops) == ["aten.convolution_backward", "tritonorm.bounded_weight_backward"]
+
+
+# (weight, dim, dtype) -> (BLOCK_C, BLOCK_S, GROUP, programs), planned for an H100's 132
+# SMs: 3x3 conv rows (576 to 4608 weights) in one to three tiles of 1024 / 2048 per pass
+# (they were 9 tiles of 64 to 512); 1x1 rows of 64 two (fp32) or four (bf16) to a tile, so
+# that one warp loads 16-byte vectors; the stem's rows of 147, not a multiple of 16 bytes,
+# 4 (fp32) or 8 (bf16) to a grouped row; a wide linear row; slices along the contiguous
+# last axis (16 neighbouring slices per tile row, 128 rows).
+PLANS = [
+    (((64, 64, 3, 3), 0, torch.float32), (1, 1024, 1, 64)),
+    (((512, 512, 3, 3), 0, torch.float32), (1, 2048, 1, 512)),
+    (((2048, 512, 1, 1), 0, torch.float32), (4, 512, 1, 512)),
+    (((64, 64, 1, 1), 0, torch.float32), (2, 64, 1, 32)),
+    (((64, 64, 1, 1), 0, torch.bfloat16), (4, 64, 1, 16)),
+    (((64, 3, 7, 7), 0, torch.float32), (1, 1024, 4, 16)),
+    (((64, 3, 7, 7), 0, torch.bfloat16), (1, 2048, 8, 8)),
+    (((1000, 2048), 0, torch.float32), (1, 2048, 1, 1000)),
+    (((4096, 1000), 1, torch.float32), (16, 128, 1, 63)),
+]
+
+
+@pytest.mark.parametrize("case, plan", PLANS, ids=[f"{case[0]}-{case[1]}-{case[2]}" for case, _ in PLANS])
+def test_tiles(case, plan, monkeypatch):
+    """Halving BLOCK_C for grid fill doubles BLOCK_S in both layouts: a tile holds
+    min(MAX_TILE, BLOCK_C x the row rounded up to a power of two) elements, so a program
+    walks a slice in few wide tiles, not many narrow ones (their loads are one chain), and
+    at least one warp of 16-byte vectors."""
+    from tritonorm.kernels import bounded_weight_norm as bwn_kernels
+    from tritonorm.kernels import channel_reduce
+
+    monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 132)
+    shape, dim, dtype = case
+    view = bwn_kernels.slice_view(torch.empty(shape, dtype=dtype), dim)
+    (programs,), args, meta = bwn_kernels._launch(view)
+    assert (meta["BLOCK_C"], meta["BLOCK_S"], meta["GROUP"], programs) == plan
+    row = args[2]  # the grouped view's row: GROUP slices
+    tile = meta["BLOCK_C"] * meta["BLOCK_S"]
+    assert tile == min(channel_reduce.MAX_TILE, meta["BLOCK_C"] * triton.next_power_of_2(row))
+    assert tile * view.tensor.element_size() >= bwn_kernels.MIN_TILE_BYTES
 
 
 # ----------------------------------------------------------------------------- the parametrization
@@ -236,7 +316,7 @@ def test_state_dict_round_trip_and_removal(device):
         tritonorm.remove_bounded_weight_norm(m)
         assert not parametrize.is_parametrized(m)
     assert all(type(m.weight) is nn.Parameter for m in (model[0], model[2], model[6]))
-    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[2], model[6]), weights))
+    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[2], model[6]), weights, strict=True))
     torch.testing.assert_close(model(x), expected)
 
 
@@ -300,7 +380,8 @@ def test_twice_and_removal_errors():
         tritonorm.bounded_weight_norm(buffered, "scale")
     integer = nn.Module()
     integer.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int64), requires_grad=False)
-    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor with one dim or more, got torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"weight must be a floating-point tensor with one dim or more, got torch.int64"):
         tritonorm.bounded_weight_norm(integer)
 
 

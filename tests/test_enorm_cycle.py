@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from enorm_utils import cnn, mlp, per_layer_cycle, weight_layers
 from torch import nn
 
-from enorm_utils import cnn, mlp, per_layer_cycle, weight_layers
 from tritonorm import ENorm
 from tritonorm.enorm import OPTIMIZER_STATE
 from tritonorm.reference import enorm as ref
@@ -80,7 +80,7 @@ def assert_same(a, b, dtype, equal_nan=False):
     assert ta.keys() == tb.keys()
     for name in ta:
         torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=rtol, equal_nan=equal_nan,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def cycles(pair, n=2, **kwargs):
@@ -140,7 +140,7 @@ def test_parallel_is_the_authors_rule(backend, device):
     """Their code's setting (a bias-free conv chain, SGD momentum, last pair left alone,
     p = 2): ENorm's parallel cycle is their per-layer loop."""
     torch.manual_seed(0)
-    convs = [nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip((3, 8, 6, 7, 5), (8, 6, 7, 5, 4))]
+    convs = [nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in zip((3, 8, 6, 7, 5), (8, 6, 7, 5, 4), strict=True)]
     model = nn.Sequential(*[m for conv in convs for m in (conv, nn.ReLU())]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train(model, optimizer, torch.randn(2, 3, 5, 5, device=device))
@@ -151,7 +151,7 @@ def test_parallel_is_the_authors_rule(backend, device):
     enorm = ENorm(convs, optimizer, c=1.2, mode="parallel", backend=backend)
     for _ in range(3):
         enorm.step()
-    for p, w, m in zip(model.parameters(), expected, buffers):
+    for p, w, m in zip(model.parameters(), expected, buffers, strict=True):
         torch.testing.assert_close(p.detach(), w, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], m, atol=1e-6, rtol=1e-5)
 
@@ -168,7 +168,7 @@ def test_function_preserved(kind, mode, backend, device):
     weights = [p.detach().clone() for p in model.parameters()]
     cycles((model, None), n=4, mode=mode, c=1.3, balance_last=True, balance_biases=True, backend=backend)
     torch.testing.assert_close(model(x), before, atol=1e-12, rtol=1e-10)
-    assert max((p - w).abs().max().item() for p, w in zip(model.parameters(), weights)) > 1e-3
+    assert max((p - w).abs().max().item() for p, w in zip(model.parameters(), weights, strict=True)) > 1e-3
 
 
 def chain_weights(model, balance_biases):
@@ -288,7 +288,7 @@ def test_state_moves_like_the_gradient_history(name):
     def run(params, grads_of_step):
         optimizer = cls(params, lr=0.0, **extra)
         for gs in grads_of_step:
-            for p, g in zip(params, gs):
+            for p, g in zip(params, gs, strict=True):
                 p.grad = g.clone()
             optimizer.step()
         return optimizer
@@ -308,14 +308,14 @@ def test_state_moves_like_the_gradient_history(name):
         return g
 
     order = [(k, p) for k, layer in enumerate(layers) for p in (layer.weight, layer.bias)]
-    rescaled_grads = [[gradient_scale(k, g) for (k, _), g in zip(order, gs)] for gs in grads]
+    rescaled_grads = [[gradient_scale(k, g) for (k, _), g in zip(order, gs, strict=True)] for gs in grads]
     twin = [p.detach().clone().requires_grad_() for _, p in order]
     expected = run(twin, rescaled_grads)
-    for (k, p), q in zip(order, twin):
+    for (k, p), q in zip(order, twin, strict=True):
         for key, value in optimizer.state[p].items():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 torch.testing.assert_close(value, expected.state[q][key], rtol=1e-6, atol=1e-7,
-                                           msg=lambda m: f"{key} of layer {k}: {m}")
+                                           msg=lambda m, key=key, k=k: f"{key} of layer {k}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -391,3 +391,32 @@ def test_conv1d_and_conv3d_chains(nd, mode, device):
     cycles((twin, None), mode=mode, balance_last=True, backend="triton")
     assert_same((model, None), (twin, None), torch.float64)
     torch.testing.assert_close(model(x), before, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_launches_of_a_cycle(kind, mode, device, monkeypatch):
+    """One cycle's launches: 2 in parallel mode; in sequential mode one per pair, with
+    PAIR_BLOCK_J hidden units a program, and one rescale.  An MLP's tensors have no kernel
+    axis, so its kernels are compiled LINEAR (no division of row positions); a CNN's are not."""
+    from tritonorm.kernels import enorm as kernels
+
+    launches = []
+    cls = type(kernels._rescale_kernel)  # JITFunction, or InterpretedFunction on the CPU
+    run = cls.run
+
+    def record(self, *args, grid, **kwargs):
+        launches.append((self.fn.__name__, tuple(grid), kwargs["LINEAR"], kwargs["BLOCK_J"]))
+        return run(self, *args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(cls, "run", record)
+    enorm = cycles((make(kind, bias=True, device=device), None), n=1, backend="triton", mode=mode)
+    plan, linear = enorm._plan, kind == "fc"
+    rescale = ("_rescale_kernel", (len(plan.last_tiles if mode == "sequential" else plan.all_tiles),), linear,
+               kernels.BLOCK_J)
+    if mode == "sequential":
+        pairs = [("_pair_kernel", (math.ceil(n / kernels.PAIR_BLOCK_J),), linear, kernels.PAIR_BLOCK_J)
+                 for n in plan.sizes]
+        assert launches == pairs + [rescale]
+    else:
+        assert launches == [("_coefficients_kernel", (len(plan.coefficient_tiles),), linear, kernels.BLOCK_J), rescale]

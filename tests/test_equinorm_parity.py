@@ -12,7 +12,10 @@ from tritonorm.reference import equinorm as ref
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # (weight shape, groups): odd kernels, grouped and depthwise, linear, 3-d, a row longer
-# than one tile (300 x 3 > 1024) and a kernel longer than one tile (33 x 33 > 1024).
+# than one tile (300 x 3 > 1024), a kernel longer than one tile (33 x 33 > 1024), and rows
+# read several to a program: grouped 1x1 rows of 16 (one warp's 16-byte vectors need 8 of
+# them; the program's rows span both convolution groups) and a stem conv's rows of 147
+# (not a multiple of 16 bytes: 2 to 8 of them, by dtype).
 WEIGHTS = [
     ((6, 4, 3, 3), 1),
     ((6, 3, 3, 2), 2),
@@ -21,6 +24,8 @@ WEIGHTS = [
     ((3, 2, 3, 3, 3), 1),
     ((3, 300, 3), 1),
     ((2, 2, 33, 33), 1),
+    ((8, 16, 1, 1), 2),
+    ((8, 3, 7, 7), 1),
 ]
 
 

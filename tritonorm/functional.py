@@ -9,6 +9,8 @@ the layers below are called by keyword.  Each public function is an ``torch.fx.w
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as _F
@@ -286,11 +288,11 @@ def _check_stats_fraction(stats_fraction) -> None:
 
 
 def _stats_rows(n, stats_fraction):
-    """How many leading samples of a batch of ``n`` the statistics come from:
-    max(1, floor(n * stats_fraction)), and ``n`` itself for 1.0 (no arithmetic on ``n``, so
-    a symbolic batch size stays free)."""
+    """How many leading samples of a batch of ``n`` the statistics come from,
+    max(1, floor(n * stats_fraction)), or None for all of them (stats_fraction 1: no
+    arithmetic on ``n``, so a symbolic batch size stays free)."""
     if stats_fraction == 1:
-        return n
+        return None
     return torch.sym_max(1, torch.sym_int(n * stats_fraction))
 
 
@@ -305,23 +307,33 @@ def _input_mass(
     linear: bool, update: bool,
 ) -> Tensor:
     """m (C_in,): the input mass of the batch (training) or from ``running_mean`` (eval);
-    with ``update``, the batch's per-channel mean also goes into ``running_mean``."""
+    with ``update``, the batch's per-channel mean also goes into ``running_mean``.
+
+    The batch's mass is v * (ratio / count), count the elements per channel of the
+    statistics: one scalar multiply, whose backward is one multiply of C_in values."""
     if not training:
         return running_mean.to(accumulator_dtype(input.dtype)) * ratio
     c_in = input.shape[-1 if linear else 1]
-    stats = input[: _stats_rows(input.shape[0], stats_fraction)]
-    if linear:
-        stats = stats.reshape(-1, c_in)
-    v = _equi_ops.input_sums(stats) if triton else _equi_ref.input_sums(stats)
-    mean = v / (stats.numel() // c_in)
-    if update and triton:
-        _running_ops.update_running_mean(
-            running_mean=running_mean, mean=mean.detach(), num_batches_tracked=num_batches_tracked if momentum is None else None,
-            momentum=None if momentum is None else torch.sym_float(momentum),
-        )
-    elif update:
-        update_running(running_mean, mean, momentum=momentum, num_batches_tracked=num_batches_tracked)
-    return mean * ratio
+    rows = _stats_rows(input.shape[0], stats_fraction)
+    per_sample = math.prod(input.shape[1:]) // c_in  # elements of one channel in one sample
+    count = (input.shape[0] if rows is None else rows) * per_sample
+    if linear:  # (*, C_in) as (M, C_in): a sample is per_sample rows
+        input, rows = input.reshape(-1, c_in), None if rows is None else count
+    if triton:
+        v = _equi_ops.input_sums(input, rows=rows)
+    else:
+        v = _equi_ref.input_sums(input if rows is None else input[:rows])
+    if update:
+        mean = v.detach() / count
+        if triton:
+            _running_ops.update_running_mean(
+                running_mean=running_mean, mean=mean,
+                num_batches_tracked=num_batches_tracked if momentum is None else None,
+                momentum=None if momentum is None else torch.sym_float(momentum),
+            )
+        else:
+            update_running(running_mean, mean, momentum=momentum, num_batches_tracked=num_batches_tracked)
+    return v * (ratio / count)
 
 
 def _float16_compute(input: Tensor, weight: Tensor, gain: Tensor | None) -> bool:

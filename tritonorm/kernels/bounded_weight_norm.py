@@ -16,7 +16,10 @@ slices and walks all of their tiles twice, so each direction is one launch:
 
 The second pass re-reads what its program read in the first, mostly from L2.  A program
 needs its slices whole, so the parallelism is the number of slice blocks: the planner
-shrinks BLOCK_C until there are two programs per SM, or one slice per program.
+shrinks BLOCK_C until there are two programs per SM, or one slice per program.  Slices
+whose length is not a multiple of 16 bytes are read through ``channel_reduce``'s grouped
+view (GROUP slices to a tile row, per-slice sums over its segments: ``row_sums``,
+``_lane_values``), so that every access is a 128-bit vector.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import channel_reduce
+from . import channel_reduce, num_warps_for
 from .channel_reduce import (
+    MAX_TILE,
     NUM_WARPS,
     ChannelView,
     accumulator_dtype,
     channel_block,
     channel_view,
     plan,
+    row_sums,
     tile,
     triton_dtype,
 )
@@ -44,27 +49,46 @@ WAVES = 2
 # Fewest neighbouring slices per tile row when the slices are the contiguous axis (B = 1):
 # 16 fp32 values, two 32-byte sectors.
 MIN_BLOCK_C_CONTIGUOUS = 16
+# Fewest bytes in a tile: a warp's 32 threads with one 16-byte vector each.
+MIN_TILE_BYTES = 32 * 16
+
+
+@triton.jit
+def _lane_values(v, S, GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-slice values v [BLOCK_C * GROUP] spread over a tile [BLOCK_C, BLOCK_S]: each
+    row's, or in a grouped view (rows of GROUP slices of S // GROUP) each lane's slice's."""
+    if GROUP == 1:
+        lanes = v[:, None]
+    else:
+        v = tl.reshape(v, [BLOCK_C, GROUP])
+        segment = (tl.arange(0, BLOCK_S) // (S // GROUP))[None, :]
+        lanes = tl.zeros([BLOCK_C, BLOCK_S], v.dtype)
+        for g in tl.static_range(GROUP):
+            lanes = tl.where(segment == g, tl.sum(tl.where(tl.arange(0, GROUP)[None, :] == g, v, 0.0), 1)[:, None],
+                             lanes)
+    return lanes
 
 
 @triton.jit
 def _forward_kernel(
     v_ptr, rho_ptr, w_ptr, norm_ptr,
     N, C, S, stride_n, stride_c, stride_s, rho_stride, eps,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     c, c_mask = channel_block(BLOCK_C, C)
+    i, i_mask = channel_block(BLOCK_C * GROUP, C * GROUP)  # the program's slices
     tiles = N * tl.cdiv(S, BLOCK_S)
     squares = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         squares += v * v
-    norm = tl.sqrt(tl.sum(squares, 1))
-    tl.store(norm_ptr + c, norm, mask=c_mask)
-    rho = tl.load(rho_ptr + c * rho_stride, mask=c_mask, other=0.0).to(ACC)
-    scale = (rho / tl.maximum(norm, eps))[:, None]
+    norm = tl.sqrt(row_sums(squares, S, GROUP))
+    tl.store(norm_ptr + i, norm, mask=i_mask)
+    rho = tl.load(rho_ptr + i * rho_stride, mask=i_mask, other=0.0).to(ACC)
+    scale = _lane_values(rho / tl.maximum(norm, eps), S, GROUP, BLOCK_C, BLOCK_S)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(w_ptr + offs, (scale * v).to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -73,26 +97,27 @@ def _forward_kernel(
 def _backward_kernel(
     grad_ptr, v_ptr, rho_ptr, norm_ptr, dv_ptr, drho_ptr,
     N, C, S, stride_n, stride_c, stride_s, rho_stride, eps,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     c, c_mask = channel_block(BLOCK_C, C)
+    i, i_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     tiles = N * tl.cdiv(S, BLOCK_S)
     products = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         products += v * g
-    dot = tl.sum(products, 1)
-    norm = tl.load(norm_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    rho = tl.load(rho_ptr + c * rho_stride, mask=c_mask, other=0.0).to(ACC)
+    dot = row_sums(products, S, GROUP)
+    norm = tl.load(norm_ptr + i, mask=i_mask, other=1.0).to(ACC)
+    rho = tl.load(rho_ptr + i * rho_stride, mask=i_mask, other=0.0).to(ACC)
     floored = tl.maximum(norm, eps)
-    tl.store(drho_ptr + c, (dot / floored).to(drho_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(drho_ptr + i, (dot / floored).to(drho_ptr.dtype.element_ty), mask=i_mask)
     # Below eps the norm is the constant eps: no projection (reference docstring).
-    projection = tl.where(norm >= eps, dot / (floored * floored), 0.0)[:, None]
-    scale = (rho / floored)[:, None]
+    projection = _lane_values(tl.where(norm >= eps, dot / (floored * floored), 0.0), S, GROUP, BLOCK_C, BLOCK_S)
+    scale = _lane_values(rho / floored, S, GROUP, BLOCK_C, BLOCK_S)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S)
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(dv_ptr + offs, (scale * (g - v * projection)).to(dv_ptr.dtype.element_ty), mask=mask)
@@ -106,25 +131,44 @@ def slice_view(v: torch.Tensor, dim: int) -> ChannelView:
     return channel_view(v.contiguous().view(shape))
 
 
-def _launch_meta(view: ChannelView) -> tuple[tuple[int], dict]:
-    """Grid and tile shape: ``channel_reduce.plan``'s tile along the contiguous axis, with
-    BLOCK_C halved while there are fewer than WAVES programs per SM."""
-    pl = plan(view)
-    block_c, block_s = pl.block_c, pl.block_s
+def _launch(view: ChannelView) -> tuple[tuple[int], tuple, dict]:
+    """Grid, the (N, C, S, strides) the kernels walk and the tile: ``channel_reduce.plan``'s
+    grouped plan, whose BLOCK_C is halved while there are fewer than WAVES programs per SM,
+    and a tile of about MAX_TILE elements whatever BLOCK_C became: BLOCK_S = MAX_TILE /
+    BLOCK_C, at most the slice length rounded up to a power of two.  A program walks its
+    slices' tiles one after the other, each pass a chain of dependent loads, so fewer,
+    wider tiles (a 4608-element 3x3 slice in 3 tiles of 2048, not 9 of 512) beat unmasked
+    lanes.
+
+    128-bit accesses: slices whose length is not a multiple of 16 bytes (a stem conv's 147
+    weights) are read GROUP to a tile row (the grouped view, its row of GROUP slices in one
+    tile); a tile is never smaller than one warp's 16-byte vectors (MIN_TILE_BYTES: two 1x64
+    fp32 rows, not one over half the lanes), and a small one gets fewer warps
+    (``num_warps_for``)."""
+    pl = plan(view, grouped=True)
+    args = pl.args(view)
+    rows, row = args[1], args[2]
+    block_c = pl.block_c
     target = WAVES * channel_reduce._num_programs_per_wave(view.tensor.device)
     floor = MIN_BLOCK_C_CONTIGUOUS if view.channels_last else 1
-    while block_c > floor and triton.cdiv(view.c, block_c) < target:
+    floor = max(floor, MIN_TILE_BYTES // view.tensor.element_size() // triton.next_power_of_2(row))
+    while block_c > floor and triton.cdiv(rows, block_c) < target:
         block_c //= 2
-        if view.channels_last:
-            block_s = min(2 * block_s, triton.next_power_of_2(view.s))
+    block_s = min(MAX_TILE // block_c, triton.next_power_of_2(row))
     meta = dict(ACC=triton_dtype(accumulator_dtype(view.tensor.dtype)), BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=NUM_WARPS)
-    return (triton.cdiv(view.c, block_c),), meta
+                ALIGN=pl.align, GROUP=pl.group, num_warps=num_warps_for(block_c * block_s, NUM_WARPS))
+    return (triton.cdiv(rows, block_c),), args, meta
 
 
 def _rho_stride(rho: torch.Tensor) -> int:
     """rho_i is rho_ptr[i * stride]: 0 for one rho, the tensor's own stride for (S,)."""
     return rho.stride(0) if rho.dim() else 0
+
+
+def drho_dtype(rho: torch.Tensor) -> torch.dtype:
+    """The dtype of the backward's per-slice dL/drho: rho's own for a (S,) rho (no cast
+    after the kernel), the accumulator's for a () rho (summed over the slices first)."""
+    return rho.dtype if rho.dim() else accumulator_dtype(rho.dtype)
 
 
 def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,21 +177,20 @@ def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[t
     view = slice_view(v, dim)
     w = torch.empty_like(view.tensor)
     norm = torch.empty(view.c, device=v.device, dtype=accumulator_dtype(v.dtype))
-    grid, meta = _launch_meta(view)
-    _forward_kernel[grid](view.tensor, rho, w, norm, *view.args(), _rho_stride(rho), eps, **meta)
+    grid, args, meta = _launch(view)
+    _forward_kernel[grid](view.tensor, rho, w, norm, *args, _rho_stride(rho), eps, **meta)
     return w.view(v.shape), norm
 
 
 def backward(grad: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, norm: torch.Tensor, dim: int,
              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i in the accumulator
-    dtype (summed by the caller when one rho serves every slice)."""
+    """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i, in rho's dtype for a
+    per-slice rho, else in the accumulator dtype (summed by the caller when one rho serves
+    every slice)."""
     view = slice_view(v, dim)
     grad = grad.contiguous().view(view.tensor.shape)
     dv = torch.empty_like(view.tensor)
-    drho = torch.empty_like(norm)
-    grid, meta = _launch_meta(view)
-    _backward_kernel[grid](
-        grad, view.tensor, rho, norm.contiguous(), dv, drho, *view.args(), _rho_stride(rho), eps, **meta
-    )
+    drho = torch.empty_like(norm, dtype=drho_dtype(rho))
+    grid, args, meta = _launch(view)
+    _backward_kernel[grid](grad, view.tensor, rho, norm.contiguous(), dv, drho, *args, _rho_stride(rho), eps, **meta)
     return dv.view(v.shape), drho

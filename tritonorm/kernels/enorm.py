@@ -21,14 +21,23 @@ Parallel cycle, 2 launches:
                           making a few long programs)
 
 Sequential cycle, one launch per pair and one for the last columns:
-    _pair_kernel          pair q: r of W_q with its columns divided by d_{q-1} on the fly,
-                          s, d_q; then every tensor of layer q by d_q (rows) and d_{q-1}
-                          (columns), in the same program (its rows are its own)
+    _pair_kernel          pair q, PAIR_BLOCK_J hidden units a program: r of W_q with its
+                          columns divided by d_{q-1} on the fly, s, d_q; then every tensor
+                          of layer q by d_q (rows) and d_{q-1} (columns), in the same program
+                          (its rows are its own)
     _rescale_kernel       the tensors of the layer after the last pair (columns only)
 
 Norms, coefficients and the rescale's products are float64 whatever the tensors' dtype, a
 coefficient that is not a finite number > 0 is 1 (the reference's rule), and every max
 keeps a NaN, as torch's does.
+
+Indexing.  A row position r = i K + k is split by an int32 division (``_position``); when
+no tensor of the plan has a kernel axis (an MLP's weights, biases and state: ``Plan.linear``)
+the kernels are compiled with LINEAR and r is i.  The loads stay scalar: addresses, sizes
+and strides are runtime values from the table, and a vector load needs the compiler to
+know that every tensor of the launch is aligned and row-contiguous, which a bias (rows of
+one element) or an odd width breaks; a hint that does not hold for one tensor would be a
+misaligned access, so none is given.
 """
 
 from __future__ import annotations
@@ -42,8 +51,11 @@ from .channel_reduce import triton_dtype
 # Columns of the entry table (read by _entry) and of the pair table (read by _pair).
 ENTRY_FIELDS = ("ptr", "O", "I", "K", "SO", "SI", "SK", "ROW", "COL", "POWER")
 PAIR_FIELDS = ("row_entry", "bias_entry", "col_entry")
-# Hidden units (rows) per program and elements per tile along a row or column.
+# Hidden units (rows) per program and elements per tile along a row or column; a sequential
+# pair launch takes fewer units per program (its grid is one pair's units: 500 units make
+# 125 programs, not 63, on 132 SMs).
 BLOCK_J = 8
+PAIR_BLOCK_J = 4
 BLOCK_R = 256
 # Row elements per program of the rescale.
 ROW_CHUNK = 2048
@@ -56,12 +68,25 @@ def norm_kind(p: float) -> str:
 
 
 @triton.jit
-def _entry(entries, e, DTYPE: tl.constexpr):
-    """The ENTRY_FIELDS of entry e, its address as a pointer to DTYPE."""
+def _entry(entries, e, DTYPE: tl.constexpr, LINEAR: tl.constexpr):
+    """The ENTRY_FIELDS of entry e, its address as a pointer to DTYPE.  LINEAR (every entry
+    of the launch has K = 1: matrices and biases) makes K the constant 1."""
     row = entries + e * 10
     ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    return (ptr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+    n_k = 1 if LINEAR else tl.load(row + 3)
+    return (ptr, tl.load(row + 1), tl.load(row + 2), n_k, tl.load(row + 4),
             tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9))
+
+
+@triton.jit
+def _position(r, n_k, LINEAR: tl.constexpr):
+    """(i, k) of the row position r = i K + k, int32 (a row has far fewer than 2^31
+    positions, and an int64 division is a long software sequence per element): r itself
+    and 0 without a kernel axis (LINEAR)."""
+    i, k = r.to(tl.int32), 0
+    if not LINEAR:
+        i, k = i // n_k.to(tl.int32), i % n_k.to(tl.int32)
+    return i, k
 
 
 @triton.jit
@@ -116,54 +141,55 @@ def _power(d, a):
 
 @triton.jit
 def _row_sums(entries, e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS: tl.constexpr, NORM: tl.constexpr,
-              DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+              DTYPE: tl.constexpr, LINEAR: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """Accumulated |W[j, :, :] / d_col|^p (BLOCK_J,) of rows j, plus the bias entry's."""
-    ptr, n_o, n_i, n_k, so, si, sk, _, col, _ = _entry(entries, e, DTYPE)
+    ptr, n_o, n_i, n_k, so, si, sk, _, col, _ = _entry(entries, e, DTYPE, LINEAR)
     j_mask = j < n_o
     acc = tl.zeros([BLOCK_J, BLOCK_R], tl.float64)
     for r0 in range(0, n_i * n_k, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        i = r // n_k
+        i, k = _position(r, n_k, LINEAR)
         mask = j_mask[:, None] & (r < n_i * n_k)[None, :]
-        x = tl.load(ptr + j[:, None] * so + (i * si + (r % n_k) * sk)[None, :], mask=mask, other=0.0).to(tl.float64)
-        if DIVIDE_COLUMNS:
+        x = tl.load(ptr + j[:, None] * so + (i * si + k * sk)[None, :], mask=mask, other=0.0).to(tl.float64)
+        if DIVIDE_COLUMNS:  # noqa: SIM102 (a constexpr test, then a runtime one)
             if col >= 0:
                 x = x / tl.load(d_ptr + col + i, mask=r < n_i * n_k, other=1.0)[None, :]
         acc = _accumulate(acc, x, p, NORM)
     total = _reduce(acc, 1, NORM)
     if bias_e >= 0:
-        b_ptr, _, _, _, b_so, _, _, _, _, _ = _entry(entries, bias_e, DTYPE)
+        b_ptr, _, _, _, b_so, _, _, _, _, _ = _entry(entries, bias_e, DTYPE, LINEAR)
         b = tl.load(b_ptr + j * b_so, mask=j_mask, other=0.0).to(tl.float64)
         total = _accumulate(total, b, p, NORM)
     return total
 
 
 @triton.jit
-def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
-              BLOCK_R: tl.constexpr):
+def _col_sums(entries, e, j, p, NORM: tl.constexpr, DTYPE: tl.constexpr, LINEAR: tl.constexpr,
+              BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """Accumulated |W[:, j, :]|^p (BLOCK_J,) of input channels j."""
-    ptr, n_o, n_i, n_k, so, si, sk, _, _, _ = _entry(entries, e, DTYPE)
+    ptr, n_o, n_i, n_k, so, si, sk, _, _, _ = _entry(entries, e, DTYPE, LINEAR)
     acc = tl.zeros([BLOCK_R, BLOCK_J], tl.float64)
     for r0 in range(0, n_o * n_k, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
+        o, k = _position(r, n_k, LINEAR)
         mask = (r < n_o * n_k)[:, None] & (j < n_i)[None, :]
-        offs = ((r // n_k) * so + (r % n_k) * sk)[:, None] + j[None, :] * si
+        offs = (o * so + k * sk)[:, None] + j[None, :] * si
         acc = _accumulate(acc, tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64), p, NORM)
     return _reduce(acc, 0, NORM)
 
 
 @triton.jit
 def _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, DIVIDE_COLUMNS: tl.constexpr,
-                       NORM: tl.constexpr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
+                       NORM: tl.constexpr, DTYPE: tl.constexpr, LINEAR: tl.constexpr, BLOCK_J: tl.constexpr,
                        BLOCK_R: tl.constexpr):
     """d (BLOCK_J,) of hidden units j of pair ``pair``, 1 where it is not a finite number > 0,
     stored at W_q's row offset in d; returned with ones past the last unit."""
     row_e, bias_e, col_e = _pair(pairs, pair)
-    r = _row_sums(entries, row_e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS, NORM, DTYPE, BLOCK_J, BLOCK_R)
-    s = _col_sums(entries, col_e, j, p, NORM, DTYPE, BLOCK_J, BLOCK_R)
+    r = _row_sums(entries, row_e, bias_e, d_ptr, j, p, DIVIDE_COLUMNS, NORM, DTYPE, LINEAR, BLOCK_J, BLOCK_R)
+    s = _col_sums(entries, col_e, j, p, NORM, DTYPE, LINEAR, BLOCK_J, BLOCK_R)
     d = tl.sqrt(_max(_finish(s, p, NORM), eps) / (c * _max(_finish(r, p, NORM), eps)))
     d = tl.where((d > 0) & (d < float("inf")), d, 1.0)
-    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, row_e, DTYPE)
+    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, row_e, DTYPE, LINEAR)
     tl.store(d_ptr + row + j, d, mask=j < n_o)
     return tl.where(j < n_o, d, 1.0)
 
@@ -172,28 +198,28 @@ def _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, DIVIDE_COLUMNS
 def _cast(x, DTYPE: tl.constexpr):
     """float64 x as DTYPE, through float32 for the narrower types, as torch converts a double
     (the interpreter's direct float64 -> bfloat16 cast is wrong)."""
-    if DTYPE == tl.float64:
+    if DTYPE == tl.float64:  # noqa: SIM300 (DTYPE is the kernel's constexpr argument)
         return x
     return x.to(tl.float32).to(DTYPE)
 
 
 @triton.jit
-def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr,
-                BLOCK_R: tl.constexpr):
+def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr, LINEAR: tl.constexpr,
+                BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """t[j, i, k] *= row_d[j]^a * d[COL + i]^-a for the rows j of entry e, row elements
     r = i K + k from r_start up to r_end (clipped to the row).
 
     ``row_d`` (BLOCK_J,) holds the rows' coefficients (ones where the entry has none)."""
-    ptr, n_o, n_i, n_k, so, si, sk, _, col, a = _entry(entries, e, DTYPE)
+    ptr, n_o, n_i, n_k, so, si, sk, _, col, a = _entry(entries, e, DTYPE, LINEAR)
     j_mask = j < n_o
     row_factor = _power(row_d, a)
     r_end = tl.minimum(r_end, n_i * n_k)
     for r0 in range(r_start, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        i = r // n_k
+        i, k = _position(r, n_k, LINEAR)
         r_mask = r < r_end
         mask = j_mask[:, None] & r_mask[None, :]
-        offs = j[:, None] * so + (i * si + (r % n_k) * sk)[None, :]
+        offs = j[:, None] * so + (i * si + k * sk)[None, :]
         x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
         col_factor = tl.full([BLOCK_R], 1.0, tl.float64)
         if col >= 0:
@@ -203,35 +229,35 @@ def _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_end, DTYPE: tl.constexpr
 
 @triton.jit
 def _coefficients_kernel(entries, pairs, tiles, d_ptr, p, c, eps, NORM: tl.constexpr, DTYPE: tl.constexpr,
-                         BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+                         LINEAR: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0)
     j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
-    _pair_coefficients(entries, pairs, tl.load(tiles + 3 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, BLOCK_J,
-                       BLOCK_R)
+    _pair_coefficients(entries, pairs, tl.load(tiles + 3 * t), d_ptr, j, p, c, eps, False, NORM, DTYPE, LINEAR,
+                       BLOCK_J, BLOCK_R)
 
 
 @triton.jit
-def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
-                    ROW_CHUNK: tl.constexpr):
+def _rescale_kernel(entries, tiles, d_ptr, DTYPE: tl.constexpr, LINEAR: tl.constexpr, BLOCK_J: tl.constexpr,
+                    BLOCK_R: tl.constexpr, ROW_CHUNK: tl.constexpr):
     t = tl.program_id(0)
     e = tl.load(tiles + 3 * t)
     j = tl.load(tiles + 3 * t + 1) + tl.arange(0, BLOCK_J)
     r_start = tl.load(tiles + 3 * t + 2)
-    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, e, DTYPE)
+    _, n_o, _, _, _, _, _, row, _, _ = _entry(entries, e, DTYPE, LINEAR)
     row_d = tl.full([BLOCK_J], 1.0, tl.float64)
     if row >= 0:
         row_d = tl.load(d_ptr + row + j, mask=j < n_o, other=1.0)
-    _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_start + ROW_CHUNK, DTYPE, BLOCK_J, BLOCK_R)
+    _scale_rows(entries, e, j, row_d, d_ptr, r_start, r_start + ROW_CHUNK, DTYPE, LINEAR, BLOCK_J, BLOCK_R)
 
 
 @triton.jit
 def _pair_kernel(entries, pairs, pair, first_entry, last_entry, d_ptr, p, c, eps, NORM: tl.constexpr,
-                 DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+                 DTYPE: tl.constexpr, LINEAR: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
-    d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, BLOCK_J, BLOCK_R)
+    d = _pair_coefficients(entries, pairs, pair, d_ptr, j, p, c, eps, True, NORM, DTYPE, LINEAR, BLOCK_J, BLOCK_R)
     for e in range(first_entry, last_entry):
-        _, _, n_i, n_k, _, _, _, _, _, _ = _entry(entries, e, DTYPE)
-        _scale_rows(entries, e, j, d, d_ptr, 0, n_i * n_k, DTYPE, BLOCK_J, BLOCK_R)
+        _, _, n_i, n_k, _, _, _, _, _, _ = _entry(entries, e, DTYPE, LINEAR)
+        _scale_rows(entries, e, j, d, d_ptr, 0, n_i * n_k, DTYPE, LINEAR, BLOCK_J, BLOCK_R)
 
 
 class Plan:
@@ -270,6 +296,9 @@ class Plan:
         self.last_tiles = _tiles(shapes[slice(*self.layer_entries[pairs])], device, ROW_CHUNK)
         self.d = torch.empty(sum(sizes), dtype=torch.float64, device=device)
         self.dtype = layers[0][0][0].dtype
+        # No tensor has a kernel axis (K = 1: an MLP's weights, biases and state): the kernels
+        # skip the split of row positions into (input, kernel position).
+        self.linear = all(row[3] == 1 for row in rows)
 
 
 def _tiles(items: list[tuple[int, int, int]], device, chunk: int | None = None) -> torch.Tensor:
@@ -282,13 +311,14 @@ def _tiles(items: list[tuple[int, int, int]], device, chunk: int | None = None) 
 
 def cycle(plan: Plan, *, c: float, p: float, eps: float, sequential: bool) -> torch.Tensor:
     """One cycle over the plan's tensors, in place; returns the coefficients d (flat)."""
-    common = dict(DTYPE=triton_dtype(plan.dtype), BLOCK_J=BLOCK_J, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS)
+    common = dict(DTYPE=triton_dtype(plan.dtype), LINEAR=plan.linear, BLOCK_J=BLOCK_J, BLOCK_R=BLOCK_R,
+                  num_warps=NUM_WARPS)
     norm = dict(p=float(p), c=float(c), eps=float(eps), NORM=norm_kind(p))
     if sequential:
         for q, n in enumerate(plan.sizes):
             first, last = plan.layer_entries[q]
-            _pair_kernel[(triton.cdiv(n, BLOCK_J),)](
-                plan.entries, plan.pairs, q, first, last, plan.d, **norm, **common)
+            _pair_kernel[(triton.cdiv(n, PAIR_BLOCK_J),)](
+                plan.entries, plan.pairs, q, first, last, plan.d, **norm, **{**common, "BLOCK_J": PAIR_BLOCK_J})
         _rescale_kernel[(plan.last_tiles.shape[0],)](plan.entries, plan.last_tiles, plan.d, ROW_CHUNK=ROW_CHUNK,
                                                      **common)
     else:
