@@ -115,7 +115,7 @@ def top_columns(values: torch.Tensor, k: int) -> torch.Tensor:
     if values.dtype != torch.float64 and m <= 2**_FLOAT32_FREE_BITS:
         value, bits = values.double(), _FLOAT32_FREE_BITS
     else:
-        value, bits = (values - values.topk(k, 1).values[:, -1:]).sign(), _SIGN_FREE_BITS
+        value, bits = (values - values.topk(k, 1).values[:, -1:]).sign().double(), _SIGN_FREE_BITS
     key = value.view(torch.int64)
     key |= torch.arange(2**bits - 1, 2**bits - 1 - m, -1, device=values.device)
     return key.topk(k, 1).indices
