@@ -134,16 +134,18 @@ def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
     return layer
 
 
-def make_inputs(shape, dtype: torch.dtype, device, seed: int = 0):
+def make_inputs(shape, dtype: torch.dtype, device, seed: int = 0, channels_last: bool = False):
     """(x, dy): Gaussian x with a per-channel offset and scale (x requires grad), and a
-    Gaussian upstream gradient."""
+    Gaussian upstream gradient; both channels_last if asked."""
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     per_channel = (1, c, 1, 1)
     x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(per_channel)
     x += torch.randn(c, generator=g).view(per_channel)
     dy = torch.randn(shape, generator=g)
-    return x.to(device, dtype).requires_grad_(), dy.to(device, dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (x.to(device, dtype, memory_format=layout).requires_grad_(),
+            dy.to(device, dtype, memory_format=layout))
 
 
 def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, pass_: str) -> Callable[[], tuple]:
