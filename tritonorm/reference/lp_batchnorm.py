@@ -78,10 +78,12 @@ def channel_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def centred(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu, a = x - mu) of an (N, C, S) view, mu of shape (1, C, 1) taken about x at r = 0."""
+    """(mu, a = x - mu) of an (N, C, S) view, mu of shape (1, C, 1) taken about x_0, the x
+    at r = 0: a = (x - x_0) - mean(x - x_0), in the memory of x - x_0."""
     shift = view[:1, :, :1].detach()
-    mean = shift + (view - shift).mean((0, 2), keepdim=True)
-    return mean, view - mean
+    shifted = view - shift
+    mean = shifted.mean((0, 2), keepdim=True)
+    return shift + mean, shifted.sub_(mean)
 
 
 def max_abs(a: torch.Tensor) -> torch.Tensor:
@@ -210,5 +212,5 @@ def lp_batch_norm(
         scale = scale * weight
     y = a * scale.view(1, -1, 1)
     if bias is not None:
-        y = y + bias.view(1, -1, 1)
+        y += bias.to(y.dtype).view(1, -1, 1)  # in place: one tensor fewer; beta in y's dtype, as in the kernels
     return y.view(x.shape).to(x.dtype)
