@@ -22,7 +22,7 @@ def _first_k(rows, k):
     return rows.sort(dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
 
 
-def _data(kind, shape, dtype, seed=0):
+def _data(kind, shape, dtype, device="cpu", seed=0):
     """Gaussian values (no ties), Gaussian values rounded to quarters (some ties), three
     values (ties everywhere, the k largest all tied), or a constant."""
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def _data(kind, shape, dtype, seed=0):
         x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)[torch.randint(3, shape, generator=g)]
     elif kind == "constant":
         x = torch.full(shape, 0.75, dtype=torch.float64)
-    return x.to(dtype)
+    return x.to(device, dtype)
 
 
 KINDS = ("gaussian", "quarters", "three-values", "constant")
@@ -43,28 +43,28 @@ KINDS = ("gaussian", "quarters", "three-values", "constant")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape,k", [((12, 3, 20), 5), ((30, 2, 7), 10), ((9, 4, 1), 3), ((2, 3, 16), 16)])
-def test_top_indices_are_the_k_largest_ties_to_the_lowest_r(shape, k, kind, dtype, two_levels, monkeypatch):
+def test_top_indices_are_the_k_largest_ties_to_the_lowest_r(shape, k, kind, dtype, two_levels, device, monkeypatch):
     """One topk of value-then-index keys, and its two levels over rows (forced here for
     every shape with more than k rows), pick what a stable sort does; over any strides."""
     if two_levels:
         monkeypatch.setattr(ref, "_TWO_LEVEL_MIN_SPARED", 0)
-    abs_a = _data(kind, shape, dtype).abs()
+    abs_a = _data(kind, shape, dtype, device).abs()
     expected = _first_k(_rows(abs_a), k)
     for layout in (abs_a, abs_a.transpose(1, 2).contiguous().transpose(1, 2)):  # (N, C, S) and (N, S, C) memory
         assert torch.equal(ref.top_indices(layout, k).sort(1).values, expected)
 
 
-def test_long_rows_take_the_sign_keys(monkeypatch):
+def test_long_rows_take_the_sign_keys(device, monkeypatch):
     """A float32 row longer than its free mantissa bits can index gets the float64 keys
     (the sign against the k-th largest), which select the same columns."""
     monkeypatch.setattr(ref, "_FLOAT32_FREE_BITS", 3)  # rows of more than 8 columns
-    values = _data("quarters", (5, 40), torch.float32).abs()
+    values = _data("quarters", (5, 40), torch.float32, device).abs()
     assert torch.equal(ref.top_columns(values, 6).sort(1).values, _first_k(values, 6))
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_max_abs_is_differentiable_at_the_first_maximum(kind):
-    a = _data(kind, (6, 3, 10), torch.float64).requires_grad_()
+def test_max_abs_is_differentiable_at_the_first_maximum(kind, device):
+    a = _data(kind, (6, 3, 10), torch.float64, device).requires_grad_()
     value = ref.max_abs(a)
     (grad,) = torch.autograd.grad(value.sum(), a)
     first = _first_k(_rows(a.detach().abs()), 1)
@@ -93,7 +93,7 @@ def _definition(x, weight, bias, norm, k):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_torch_path_matches_the_definition(norm, kind, channels_last, monkeypatch):
+def test_torch_path_matches_the_definition(norm, kind, channels_last, device, monkeypatch):
     """Values and the gradients of x, weight and bias in float64, ties included (the
     gradient of sigma must reach the lowest-r elements); Top-k through both levels."""
     monkeypatch.setattr(ref, "_TWO_LEVEL_MIN_SPARED", 0)
@@ -104,6 +104,7 @@ def test_torch_path_matches_the_definition(norm, kind, channels_last, monkeypatc
     weight = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
     bias = torch.randn(3, generator=g, dtype=torch.float64)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x, weight, bias, dy = (t.to(device) for t in (x, weight, bias, dy))
     results = []
     for fn in (lambda *t: call(norm, t[0], backend="torch", k=TOPK_K, weight=t[1], bias=t[2], training=True),
                lambda *t: _definition(*t, norm, TOPK_K)):
@@ -125,21 +126,22 @@ def _no_ties_at_the_kth(x, k):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("norm", NORMS)
-def test_plain_contender_matches_the_reference(norm, dtype, channels_last):
+def test_plain_contender_matches_the_reference(norm, dtype, channels_last, device):
     """The benchmarks' plain autograd contender computes what the torch path does: y, the
     gradients of x, weight and bias, and the running statistics.  On inputs without ties
     at the k-th largest |x - mu| only: there its topk (and amax, which shares the gradient
     among tied maxima) may pick other elements than the lowest-index rule."""
-    x = random_input((6, 5, 7, 3), dtype, "cpu", channels_last)
+    x = random_input((6, 5, 7, 3), dtype, device, channels_last)
     assert _no_ties_at_the_kth(x, TOPK_K if norm == "topk" else 1)
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
-    dy = torch.randn(x.shape, generator=g).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(device, dtype)
     outputs = []
     for impl in (PLAIN, EAGER):
-        layer = build_layer(norm, impl, 5, "cpu").to(dtype)
+        layer = build_layer(norm, impl, 5, device).to(dtype)
         with torch.no_grad():
-            layer.weight.copy_(weight), layer.bias.copy_(bias)
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
         xx = x.detach().clone().requires_grad_()
         y = layer(xx)
         outputs.append((y, *torch.autograd.grad(y, (xx, layer.weight, layer.bias), dy), layer.running_mean,
