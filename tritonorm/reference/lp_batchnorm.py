@@ -15,11 +15,12 @@ C1 makes sigma the standard deviation of Gaussian data (E|a| = sigma * sqrt(2 / 
 Cinf(n) is the constant of the authors' code (the expected maximum of n Gaussians is about
 sigma * sqrt(2 ln n)).  ``normalized=False`` drops the constant (it is 1).
 
-The mean is taken about a shift, any element x_0 of the channel: mu = x_0 + mean(x - x_0).
-Then a constant channel, whatever its offset (1e4 + 0.1 in float32), has mu = x_0 and
-a = 0 exactly, so y = beta, as in exact arithmetic; without the shift the rounding error of
-mean(x) becomes a and sigma both, and y is noise of magnitude 1.  The Triton kernels take
-the same shift.
+The mean is taken about a shift, any element x_0 of the channel: mu = x_0 + mean(x - x_0),
+and a = (x - x_0) - mean(x - x_0).  Then a constant channel, whatever its offset (1e4 + 0.1
+in float32), has mu = x_0 and a = 0 exactly, so y = beta, as in exact arithmetic; without
+the shift the rounding error of mean(x) becomes a and sigma both, and y is noise of
+magnitude 1.  The Triton kernels take the same shift (and form a as x - mu: the two
+differ by a rounding).
 
 Which elements are "the k largest": ties in |a| are broken by the lowest reduction index
 r = n * S + s (batch-major, then space), the same rule the Triton kernels use, so the
