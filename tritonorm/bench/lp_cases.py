@@ -10,9 +10,12 @@ training step makes, host overhead included:
   gradient dy with respect to x, weight and bias (``autograd.grad`` rather than
   ``backward`` so that no .grad accumulation adds a read and a write of x per call).
 
-Implementations of each norm: the Triton kernels, the plain-PyTorch reference eager, and
-``torch.compile`` of the reference; the baseline is ``nn.BatchNorm2d`` (cuDNN on CUDA).
-Parameters stay fp32 whatever the input dtype, as under autocast.
+Implementations of each norm: the Triton kernels, the plain-PyTorch reference eager,
+``torch.compile`` of the reference, and ``PlainLpBatchNorm2d``: the straightforward autograd
+module a user would write (channel-major rows, ``mean`` / ``amax`` / ``topk`` of |x - mu|,
+autograd does the backward), the yardstick of the reference's CPU speed.  The baseline is
+``nn.BatchNorm2d`` (cuDNN on CUDA).  Parameters stay fp32 whatever the input dtype, as under
+autocast.
 
 Bytes.  Compulsory: what any batch norm must move, a read of x and a write of y forward,
 a read of x and dy and a write of dx backward (2 and 3 tensor passes).  Algorithmic: the
@@ -24,18 +27,21 @@ per-channel traffic (partials, statistics, the C*k scatter) is left out.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import tritonorm
+from tritonorm.reference import accumulator_dtype
+from tritonorm.reference.lp_batchnorm import C_L1, c_linf
 
 NORMS = ("l1", "linf", "topk")
 TOPK_K = 10
 PASSES = ("forward", "forward+backward")
 TRITON, EAGER, COMPILED = "tritonorm-triton", "reference-eager", "reference-compile"
 IMPLEMENTATIONS = (TRITON, EAGER, COMPILED)
+PLAIN = "plain-autograd"
 # The baseline, as a (norm, implementation) pair like the others.
 BASELINE = ("bn", "nn.BatchNorm2d")
 
@@ -66,15 +72,59 @@ def shape_name(shape) -> str:
     return "x".join(map(str, shape))
 
 
+class PlainLpBatchNorm2d(nn.Module):
+    """The plain autograd implementation of ``norm`` (a contender, not the library): per
+    channel row of x (transposed to channel-major), mu = mean, a = row - mu and
+
+        sigma = C1 * mean(|a|)                            L1
+              = Cinf(n) * amax(|a|)                        L-inf
+              = Cinf(n) * mean(topk(|a|, k).values)        Top-k
+
+    y = gamma (x - mu) / (sigma + eps) + beta, computed in the accumulator dtype, the
+    running buffers updated with torch's momentum convention; autograd does the backward.
+    Without ties in |a| it gives the reference's values and gradients; with ties, amax
+    shares the gradient among the tied maxima and topk picks any of the tied elements,
+    where the reference picks the lowest index."""
+
+    def __init__(self, num_features: int, norm: str, *, k: int = TOPK_K, eps: float = 1e-5, momentum: float = 0.1,
+                 device=None):
+        super().__init__()
+        self.norm, self.k, self.eps, self.momentum = norm, k, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device))
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device))
+        self.register_buffer("running_dev", torch.ones(num_features, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        rows = x.transpose(0, 1).reshape(c, -1).to(accumulator_dtype(x.dtype))
+        mean = rows.mean(1)
+        abs_a = (rows - mean[:, None]).abs()
+        if self.norm == "l1":
+            dev = C_L1 * abs_a.mean(1)
+        elif self.norm == "linf":
+            dev = c_linf(rows.shape[1]) * abs_a.amax(1)
+        else:
+            dev = c_linf(rows.shape[1]) * abs_a.topk(self.k, dim=1).values.mean(1)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_dev.lerp_(dev.to(self.running_dev.dtype), self.momentum)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        scale = self.weight / (dev + self.eps)
+        return ((x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
 def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
     """A fresh layer in training mode; for COMPILED a ``torch.compile`` of the reference
-    layer, compiled on its first call.
+    layer, compiled on its first call; for PLAIN a ``PlainLpBatchNorm2d``.
 
     Every COMPILED layer starts from ``torch._dynamo.reset()``: all three norm classes
     share one ``forward``, and Dynamo's per-code-object recompile limit would otherwise
     be reached after a few (norm, shape, dtype) and the rest would run eager, silently."""
     if (norm, impl) == BASELINE:
         return nn.BatchNorm2d(channels, device=device).train()
+    if impl == PLAIN:
+        return PlainLpBatchNorm2d(channels, norm, device=device).train()
     extra = {"k": TOPK_K} if norm == "topk" else {}
     backend = "triton" if impl == TRITON else "torch"
     layer = _LAYERS[norm](channels, backend=backend, device=device, **extra).train()
@@ -84,16 +134,18 @@ def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
     return layer
 
 
-def make_inputs(shape, dtype: torch.dtype, device, seed: int = 0):
+def make_inputs(shape, dtype: torch.dtype, device, seed: int = 0, channels_last: bool = False):
     """(x, dy): Gaussian x with a per-channel offset and scale (x requires grad), and a
-    Gaussian upstream gradient."""
+    Gaussian upstream gradient; both channels_last if asked."""
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     per_channel = (1, c, 1, 1)
     x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(per_channel)
     x += torch.randn(c, generator=g).view(per_channel)
     dy = torch.randn(shape, generator=g)
-    return x.to(device, dtype).requires_grad_(), dy.to(device, dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (x.to(device, dtype, memory_format=layout).requires_grad_(),
+            dy.to(device, dtype, memory_format=layout))
 
 
 def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, pass_: str) -> Callable[[], tuple]:
