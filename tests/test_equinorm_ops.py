@@ -66,8 +66,9 @@ def test_opcheck_equinorm_weight_backward(gain, device):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_opcheck_update_running_mean(momentum, device):
-    args = (torch.rand(5, device=device), torch.rand(5, device=device), torch.tensor(4, device=device), momentum)
+@pytest.mark.parametrize("count", [False, True], ids=["", "count"])
+def test_opcheck_update_running_mean(momentum, count, device):
+    args = (torch.rand(5, device=device), torch.rand(5, device=device), torch.tensor(4, device=device), momentum, count)
     torch.library.opcheck(running_ops.update_running_mean, args)
 
 

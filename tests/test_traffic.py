@@ -258,17 +258,23 @@ def test_running_statistics_cost():
     assert with_stats.backward == without.backward
 
 
-# EquiNormConv2d, normalization only (the convolution's own ops aside): forward, the input
-# sums read x once (at most 1.01 passes outside the weight transform) in at most 7 launches
-# (partial sums, combine, running mean, weight transform, and 3 per-channel torch ops);
-# backward, no op on an activation-sized tensor (at most 0.05 passes, per-channel vectors),
-# no fill or copy, at most 4 launches.
-# The weight transform against its floor (read w, write w''; read dL/dw'', w, write dL/dw),
-# budgets from the counts of a 3x3 convolution (fp32 3.23 and 5.35, bf16 3.46 and 5.69
-# weight passes today: the input mass reloaded per row, the (C_out, C_in) dm terms):
+# EquiNormConv2d, normalization only (the convolution's own ops aside).
+# Forward: the input sums read x once (at most 1.01 passes outside the weight transform) in at
+# most 7 launches (partial sums, combine, running mean, weight transform, and 3 per-channel
+# torch ops).  Backward: at most 4 launches, no fill and no copy larger than a per-channel
+# vector, and one activation-sized op: autograd's add of the input sums' broadcast gradient
+# (stride 0, C values) into the convolution's dx, 2 passes (and the sum of the dL/dm terms).  cuDNN's input gradient cannot
+# accumulate into a buffer and no kernel of ours touches dx, so eager keeps that add
+# (docs/equinorm.md); torch.compile fuses it into the neighbouring pointwise op.
+# The weight transform on its weight-sized tensors (forward: read w twice, write w''; backward:
+# read dL/dw'' and w twice, write dL/dw) and, apart, the input mass it gathers per lane
+# (m[r // K], C_in values that stay in cache, counted at 4 bytes a lane and pass) and the
+# backward's (C_out, C_in) fp32 dL/dm terms (summed over C_out by a torch op); the per-channel
+# vectors (s, b, gain and its gradient, fp32) add 0.02 weight passes in bf16.
 EQUINORM_SHAPE = (8, 32, 28, 28)
 EQUINORM_CONV_OPS = {"aten.convolution", "aten.convolution_backward"}
-EQUINORM_BUDGETS = {"forward": (1.01, 7, 3.5), "backward": (0.05, 4, 5.75)}  # x passes, launches, weight passes
+EQUINORM_BUDGETS = {"forward": (1.01, 7, 3.02), "backward": (2.02, 5, 5.03)}  # x passes, launches, weight passes
+EQUINORM_MASS, EQUINORM_MASS_TERMS = "m_ptr", "dm_ptr"
 
 
 @pytest.mark.parametrize("memory_format, dtype", LAYOUTS)
@@ -282,13 +288,20 @@ def test_equinorm_budgets(memory_format, dtype):
         x_passes, launches, w_passes = EQUINORM_BUDGETS[direction]
         report = traffic.describe(counted, x_bytes)
         transform = [launch for launch in counted.launches if "weight" in launch.kernel]
+        assert len(transform) == 1, report
+        arguments = dict(transform[0].arguments)
+        mass_read, _ = arguments.pop(EQUINORM_MASS)
+        _, terms_written = arguments.pop(EQUINORM_MASS_TERMS, (0, 0))
+        assert sum(read + written for read, written in arguments.values()) <= w_passes * w_bytes, report
+        assert mass_read <= 2 * layer.weight.numel() * 4, report  # one fp32 a lane, twice
+        assert terms_written <= layer.weight.shape[0] * layer.weight.shape[1] * 4, report
         norm_ops = [op for op in counted.torch_ops if op.name not in EQUINORM_CONV_OPS]
-        assert len(transform) == 1 and transform[0].bytes <= w_passes * w_bytes, report
         others = sum(launch.bytes for launch in counted.launches if launch not in transform)
         assert others + sum(op.bytes for op in norm_ops) <= x_passes * x_bytes, report
         assert len(counted.launches) + len(norm_ops) <= launches, report
-        if direction == "backward":
-            assert not [op for op in norm_ops if op.kind in (FILL, COPY) or op.numel >= x.numel()], report
+        big = [op.name for op in norm_ops if op.numel >= x.numel()]
+        assert big == ([] if direction == "forward" else ["aten.add"]), report
+        assert not [op for op in norm_ops if op.kind in (FILL, COPY) and op.numel > layer.weight.shape[0]], report
 
 
 # Bounded weight norm on a 3x3 conv weight: forward 1 launch and at most 3.02 weight passes
@@ -313,11 +326,13 @@ def test_bounded_weight_norm_budgets(memory_format, dtype):
         _check(kept, w_bytes, *BWN_BUDGETS[direction])
 
 
-# The ENorm cycle on the small nets of the benchmarks (fp32, SGD momentum buffers): at most
-# 1.4 times the floor of enorm_cases.cycle_bytes (counted: 1.33 to 1.38; every hidden weight
-# is read twice for the norms, as its pair's rows and the previous pair's columns), 2
-# launches in parallel mode and one per pair and one in sequential mode, no torch op.
-ENORM_FLOOR_RATIO = 1.4
+# The ENorm cycle on the small nets of the benchmarks (fp32, SGD momentum buffers), against
+# the floor of enorm_cases.cycle_bytes: parallel at most 1.4 times (counted: 1.33 to 1.38;
+# every hidden weight is read twice for the norms, as its pair's rows and the previous
+# pair's columns), sequential at most 1.6 (counted: 1.54 to 1.55: a program takes 4 hidden
+# units, twice the programs of 8, to fill the SMs, and each re-reads the shared rows);
+# 2 launches in parallel mode and one per pair and one in sequential mode, no torch op.
+ENORM_FLOOR_RATIO = {enorm_cases.TRITON_PARALLEL: 1.4, enorm_cases.TRITON_SEQUENTIAL: 1.6}
 
 
 @pytest.mark.parametrize("net", enorm_cases.SMALL_NETS, ids=lambda net: net.kind)
@@ -327,7 +342,7 @@ def test_enorm_budgets(net, name):
     _, counted = count(enorm_cases.contender(name, chain), sms=SMS)
     pairs = len(chain.layers) - 2  # the last pair is left alone
     launches = 2 if name == enorm_cases.TRITON_PARALLEL else pairs + 1
-    _check(counted, enorm_cases.cycle_bytes(chain), ENORM_FLOOR_RATIO, launches)
+    _check(counted, enorm_cases.cycle_bytes(chain), ENORM_FLOOR_RATIO[name], launches)
 
 
 # ----------------------------------------------------------------------------- the command

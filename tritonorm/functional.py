@@ -304,10 +304,11 @@ def _mass_ratio(input: Tensor, weight: Tensor, geometry: ConvGeometry | None) ->
 
 def _input_mass(
     input, *, running_mean, training, momentum, stats_fraction, num_batches_tracked, triton: bool, ratio: float,
-    linear: bool, update: bool,
+    linear: bool, update: bool, count_batch: bool,
 ) -> Tensor:
     """m (C_in,): the input mass of the batch (training) or from ``running_mean`` (eval);
-    with ``update``, the batch's per-channel mean also goes into ``running_mean``.
+    with ``update``, the batch's per-channel mean also goes into ``running_mean`` (on the
+    Triton path that op also counts the batch, ``count_batch``).
 
     The batch's mass is v * (ratio / count), count the elements per channel of the
     statistics: one scalar multiply, whose backward is one multiply of C_in values."""
@@ -328,8 +329,8 @@ def _input_mass(
         if triton:
             _running_ops.update_running_mean(
                 running_mean=running_mean, mean=mean,
-                num_batches_tracked=num_batches_tracked if momentum is None else None,
-                momentum=None if momentum is None else torch.sym_float(momentum),
+                num_batches_tracked=num_batches_tracked if momentum is None or count_batch else None,
+                momentum=None if momentum is None else torch.sym_float(momentum), count=count_batch,
             )
         else:
             update_running(running_mean, mean, momentum=momentum, num_batches_tracked=num_batches_tracked)
@@ -410,13 +411,13 @@ def _equinorm(
     ratio = _mass_ratio(input, weight, geometry)
     chosen = resolve_backend(backend, input)
     check_transforms(chosen, input, (running_mean,) if update else ())
-    if count_batch:
-        num_batches_tracked.add_(1)
-
     triton = chosen == "triton"
+    if count_batch and not (triton and update):  # else the running-mean op counts it
+        num_batches_tracked.add_(1)
     mass = _input_mass(
         input, running_mean=running_mean, training=training, momentum=momentum, stats_fraction=stats_fraction,
         num_batches_tracked=num_batches_tracked, triton=triton, ratio=ratio, linear=linear, update=update,
+        count_batch=count_batch,
     )
     if _float16_compute(input, weight, gain):
         mu = _input_scale(mass)

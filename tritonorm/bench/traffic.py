@@ -56,6 +56,7 @@ import bisect
 import builtins
 import contextlib
 import inspect
+import math
 import operator
 import sys
 from collections import Counter
@@ -596,7 +597,9 @@ def _tensors(value):
 
 
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the distinct elements: a broadcast (stride-0) dimension is read once."""
+    return sum(math.prod(n for n, step in zip(t.shape, t.stride(), strict=True) if step) * t.element_size()
+               for t in tensors)
 
 
 def _torch_op(func, args, kwargs, out) -> TorchOp | None:

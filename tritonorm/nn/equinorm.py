@@ -120,6 +120,7 @@ class _EquiNorm(nn.Module):
             stats_fraction=self.stats_fraction, num_batches_tracked=None,
             triton=resolve_backend(self.backend, input) == "triton",
             ratio=F._mass_ratio(input, self.weight, self._geometry), linear=self._geometry is None, update=False,
+            count_batch=False,
         )
         return F.equinorm_weight(
             self.weight, mass, groups=self.groups, single_pass=self.single_pass, backend=self.backend

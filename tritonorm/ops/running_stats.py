@@ -37,14 +37,16 @@ def _(running_mean, running_dev, mean, dev, num_batches_tracked, momentum, count
     return None
 
 
-@torch.library.custom_op("tritonorm::update_running_mean", mutates_args=("running_mean",))
+@torch.library.custom_op("tritonorm::update_running_mean", mutates_args=("running_mean", "num_batches_tracked"))
 def update_running_mean(
-    running_mean: Tensor, mean: Tensor, num_batches_tracked: Optional[Tensor], momentum: Optional[float]
+    running_mean: Tensor, mean: Tensor, num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+    count: bool = False,
 ) -> None:
-    """running = (1 - m) * running + m * batch for one buffer (EquiNorm's input mean)."""
-    update_running(((running_mean, mean),), num_batches_tracked=num_batches_tracked, momentum=momentum)
+    """running = (1 - m) * running + m * batch for one buffer (EquiNorm's input mean);
+    ``count`` as in ``update_running_stats``."""
+    update_running(((running_mean, mean),), num_batches_tracked=num_batches_tracked, momentum=momentum, count=count)
 
 
 @update_running_mean.register_fake
-def _(running_mean, mean, num_batches_tracked, momentum):
+def _(running_mean, mean, num_batches_tracked, momentum, count=False):
     return None
