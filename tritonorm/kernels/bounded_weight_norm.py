@@ -19,7 +19,7 @@ needs its slices whole, so the parallelism is the number of slice blocks: the pl
 shrinks BLOCK_C until there are two programs per SM, or one slice per program.  Slices
 whose length is not a multiple of 16 bytes are read through ``channel_reduce``'s grouped
 view (GROUP slices to a tile row, per-slice sums over its segments: ``row_sums``,
-``_lane_values``), so that every access is a 128-bit vector.
+``channel_reduce.spread``), so that every access is a 128-bit vector.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from .channel_reduce import (
     channel_view,
     plan,
     row_sums,
+    spread,
     tile,
     triton_dtype,
 )
@@ -51,22 +52,6 @@ WAVES = 2
 MIN_BLOCK_C_CONTIGUOUS = 16
 # Fewest bytes in a tile: a warp's 32 threads with one 16-byte vector each.
 MIN_TILE_BYTES = 32 * 16
-
-
-@triton.jit
-def _lane_values(v, S, GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per-slice values v [BLOCK_C * GROUP] spread over a tile [BLOCK_C, BLOCK_S]: each
-    row's, or in a grouped view (rows of GROUP slices of S // GROUP) each lane's slice's."""
-    if GROUP == 1:
-        lanes = v[:, None]
-    else:
-        v = tl.reshape(v, [BLOCK_C, GROUP])
-        segment = (tl.arange(0, BLOCK_S) // (S // GROUP))[None, :]
-        lanes = tl.zeros([BLOCK_C, BLOCK_S], v.dtype)
-        for g in tl.static_range(GROUP):
-            lanes = tl.where(segment == g, tl.sum(tl.where(tl.arange(0, GROUP)[None, :] == g, v, 0.0), 1)[:, None],
-                             lanes)
-    return lanes
 
 
 @triton.jit
@@ -86,7 +71,7 @@ def _forward_kernel(
     norm = tl.sqrt(row_sums(squares, S, GROUP))
     tl.store(norm_ptr + i, norm, mask=i_mask)
     rho = tl.load(rho_ptr + i * rho_stride, mask=i_mask, other=0.0).to(ACC)
-    scale = _lane_values(rho / tl.maximum(norm, eps), S, GROUP, BLOCK_C, BLOCK_S)
+    scale = spread(rho / tl.maximum(norm, eps), S, GROUP, BLOCK_S)
     for t in range(tiles):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -114,8 +99,8 @@ def _backward_kernel(
     floored = tl.maximum(norm, eps)
     tl.store(drho_ptr + i, (dot / floored).to(drho_ptr.dtype.element_ty), mask=i_mask)
     # Below eps the norm is the constant eps: no projection (reference docstring).
-    projection = _lane_values(tl.where(norm >= eps, dot / (floored * floored), 0.0), S, GROUP, BLOCK_C, BLOCK_S)
-    scale = _lane_values(rho / floored, S, GROUP, BLOCK_C, BLOCK_S)
+    projection = spread(tl.where(norm >= eps, dot / (floored * floored), 0.0), S, GROUP, BLOCK_S)
+    scale = spread(rho / floored, S, GROUP, BLOCK_S)
     for t in range(tiles):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)

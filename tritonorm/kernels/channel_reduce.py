@@ -22,7 +22,7 @@ Layouts.  The tensor is seen as (N, C, S) with element strides (sn, sc, ss):
   14x14 = 196 in bf16), a plan can read G consecutive channels as one row of G*S (a
   multiple of 16 bytes, so Triton loads it in 128-bit vectors), the view (N, C/G, G*S);
   each lane then belongs to channel row*G + s // S, and the per-channel results are sums
-  over segments of a row (``Plan.group``, ``lane_channel``, ``row_sums``).
+  over segments of a row (``Plan.group``, ``lane_values``, ``row_sums``).
 
 In all, the element (n, c, s) has *reduction index* r = n*S + s, so a tie broken by the
 lowest r is broken the same way whatever the memory format.  Anything else is copied to
@@ -282,15 +282,29 @@ def tile_first_index(t, S, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def lane_channel(c, S, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The channel of each lane of a [BLOCK_C, BLOCK_S] tile of rows c, broadcastable to
-    the tile: the row itself, or in a grouped view (rows of GROUP channels of S // GROUP
-    elements) channel c * GROUP + s // (S // GROUP)."""
+def spread(values, S, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per-channel values [BLOCK_C * GROUP] of a tile's rows, broadcastable to the
+    [BLOCK_C, BLOCK_S] tile: a column for one channel per row; in a grouped view (rows of
+    GROUP channels of S // GROUP elements) each row's GROUP values spread over their
+    segments, in registers."""
     if GROUP == 1:
-        lane = c[:, None]
+        lanes = values[:, None]
     else:
-        lane = c[:, None] * GROUP + tl.minimum(tl.arange(0, BLOCK_S) // (S // GROUP), GROUP - 1)[None, :]
-    return lane
+        rows = tl.reshape(values, [values.shape[0] // GROUP, GROUP])
+        segment = (tl.arange(0, BLOCK_S) // (S // GROUP))[None, :]
+        part = tl.arange(0, GROUP)[None, :]
+        lanes = tl.zeros([rows.shape[0], BLOCK_S], values.dtype)
+        for g in tl.static_range(GROUP):
+            lanes = tl.where(segment == g, tl.sum(tl.where(part == g, rows, 0), 1)[:, None], lanes)
+    return lanes
+
+
+@triton.jit
+def lane_values(ptr, C, stride, S, other, GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """ptr[channel * stride] for the channels of this program's rows, one load per channel,
+    ``spread`` over the tile."""
+    channel, mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    return spread(tl.load(ptr + channel.to(tl.int64) * stride, mask=mask, other=other), S, GROUP, BLOCK_S)
 
 
 @triton.jit
@@ -355,17 +369,17 @@ def _partial_sums_kernel(
     The centre m of a channel is center_scale * sum of center_ptr[i, c] over
     center_splits rows, so it can be a saved mean (1 row, scale 1) or the mean
     straight from the partial sums of an earlier SUM pass (splits rows, scale 1/n; not
-    with a grouped plan).  SHIFTED: the sums are about x_0 (SUM subtracts it, the centre
-    adds it back).  (N, C, S, strides) are those of the plan (``Plan.args``)."""
+    with a grouped plan, whose centres are loaded per channel and ``spread`` over the
+    tile).  SHIFTED: the sums are about x_0 (SUM subtracts it, the centre adds it back).
+    (N, C, S, strides) are those of the plan (``Plan.args``)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
-    lane_mask = lane_c < C * GROUP
+    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     if QUANTITY == SUM:
         if SHIFTED:
-            x0 = channel_shift(x_ptr, lane_c, lane_mask, stride_c // GROUP, ACC)
-    elif GROUP > 1:
-        center = tl.load(center_ptr + lane_c, mask=lane_mask, other=0.0).to(ACC) * center_scale
+            x0 = lane_values(x_ptr, C, stride_c // GROUP, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC)
+    elif GROUP > 1:  # a (C,) centre (see partial_sums)
+        center = lane_values(center_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC) * center_scale
     elif SHIFTED:
         center = shifted_mean(x_ptr, stride_c, center_ptr, center_splits, C, c, c_mask, center_scale, ACC)[:, None]
     else:
@@ -387,7 +401,6 @@ def _partial_sums_kernel(
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
             acc0 += y
             acc1 += y * (x - center)
-    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     out = tl.program_id(1) * C * GROUP + out_c
     tl.store(out0_ptr + out, row_sums(acc0, S, GROUP), mask=out_mask)
     if QUANTITY != SUM:

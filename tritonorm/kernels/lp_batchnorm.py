@@ -58,11 +58,10 @@ from .channel_reduce import (
     NUM_WARPS,
     accumulator_dtype,
     channel_block,
-    channel_shift,
     channel_view,
     combine_splits,
     contiguous,
-    lane_channel,
+    lane_values,
     partial_sums,
     plan,
     row_sums,
@@ -215,8 +214,7 @@ def _extremes_kernel(
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
     base = tile_first_index(first, S, BLOCK_S) // GROUP
-    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
-    x0 = channel_shift(x_ptr, lane_c, lane_c < C * GROUP, stride_c // GROUP, ACC)
+    x0 = lane_values(x_ptr, C, stride_c // GROUP, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     if K == 1:
         hi_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
@@ -433,14 +431,12 @@ def _channel_affine_kernel(
     SELECTED elements only, which each program adds into the dx it has just written."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    lane_c = lane_channel(c, S, GROUP, BLOCK_S)
-    lane_mask = lane_c < C * GROUP
-    scale = tl.load(scale_ptr + lane_c, mask=lane_mask, other=0.0)
-    shift = tl.load(shift_ptr + lane_c, mask=lane_mask, other=0.0)
+    scale = lane_values(scale_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
+    shift = lane_values(shift_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
     if CENTER_X or SIGN_TERM:
-        center = tl.load(center_ptr + lane_c, mask=lane_mask, other=0.0)
+        center = lane_values(center_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
     if SIGN_TERM:
-        gain = tl.load(gain_ptr + lane_c, mask=lane_mask, other=0.0)
+        gain = lane_values(gain_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -526,7 +522,7 @@ def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None, 
 def _mean_once(pl, c: int) -> bool:
     """Whether a kernel computes the L1 mean once, rather than each program of the
     abs-dev pass from the partial sums (splits x BLOCK_C of them, 4 bytes each)."""
-    return pl.grid[0] * pl.grid[1] * pl.splits * pl.block_c * 4 > LAUNCH_BYTES
+    return pl.grid[0] * pl.grid[1] * pl.splits * pl.block_c * pl.group * 4 > LAUNCH_BYTES
 
 
 def lp_batch_norm_forward(
@@ -557,7 +553,7 @@ def lp_batch_norm_forward(
     pl = plan(view, grouped=True) if count <= 1 else plan(view, max_tile=TOPK_TILE)
     if norm == "l1":
         sums, _ = partial_sums(view, "sum", shifted=True, pl=pl)
-        mean_once = pl.group > 1 or _mean_once(pl, c)
+        mean_once = pl.group > 1 or _mean_once(pl, c)  # a grouped plan centres on a (C,) mean
         if mean_once:
             _mean_kernel[grid](view.tensor, view.stride_c, sums, pl.splits, c, 1.0 / n, mean, ACC=acc_t,
                                BLOCK_C=block_c)
