@@ -164,10 +164,15 @@ class Plan:
     def args(self, view: ChannelView):
         """The (N, C, S, stride_n, stride_c, stride_s) the kernels walk: ``view``'s, or
         those of its grouped view."""
-        if self.group == 1:
-            return view.args()
-        row = self.group * view.s
-        return (view.n, view.c // self.group, row, view.stride_n, row, 1)
+        return _grouped_args(view, self.group)
+
+
+def _grouped_args(view: ChannelView, group: int):
+    """(N, C, S, strides) of the (N, C / group, group * S) view of an NCS ``view``."""
+    if group == 1:
+        return view.args()
+    row = group * view.s
+    return (view.n, view.c // group, row, view.stride_n, row, 1)
 
 
 def _row_block(s: int) -> int:
@@ -212,7 +217,7 @@ def plan(view: ChannelView, waves: int = REDUCE_WAVES, *, grouped: bool = False,
     ``row_group`` finds one."""
     group = row_group(view) if grouped else 1
     if group > 1:  # one tile spans a whole row of the grouped view
-        view = ChannelView(view.tensor, *Plan(0, 0, 0, (0, 0), group=group).args(view))
+        view = ChannelView(view.tensor, *_grouped_args(view, group))
         block_s = triton.next_power_of_2(view.s)
         block_c = min(max_tile // block_s, triton.next_power_of_2(view.c))
     elif view.channels_last:
@@ -300,11 +305,11 @@ def spread(values, S, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def lane_values(ptr, C, stride, S, other, GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def lane_values(ptr, C, stride, S, GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """ptr[channel * stride] for the channels of this program's rows, one load per channel,
     ``spread`` over the tile."""
     channel, mask = channel_block(BLOCK_C * GROUP, C * GROUP)
-    return spread(tl.load(ptr + channel.to(tl.int64) * stride, mask=mask, other=other), S, GROUP, BLOCK_S)
+    return spread(tl.load(ptr + channel.to(tl.int64) * stride, mask=mask, other=0.0), S, GROUP, BLOCK_S)
 
 
 @triton.jit
@@ -374,12 +379,11 @@ def _partial_sums_kernel(
     (N, C, S, strides) are those of the plan (``Plan.args``)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     if QUANTITY == SUM:
         if SHIFTED:
-            x0 = lane_values(x_ptr, C, stride_c // GROUP, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC)
+            x0 = lane_values(x_ptr, C, stride_c // GROUP, S, GROUP, BLOCK_C, BLOCK_S).to(ACC)
     elif GROUP > 1:  # a (C,) centre (see partial_sums)
-        center = lane_values(center_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC) * center_scale
+        center = lane_values(center_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S).to(ACC) * center_scale
     elif SHIFTED:
         center = shifted_mean(x_ptr, stride_c, center_ptr, center_splits, C, c, c_mask, center_scale, ACC)[:, None]
     else:
@@ -401,6 +405,7 @@ def _partial_sums_kernel(
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
             acc0 += y
             acc1 += y * (x - center)
+    out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     out = tl.program_id(1) * C * GROUP + out_c
     tl.store(out0_ptr + out, row_sums(acc0, S, GROUP), mask=out_mask)
     if QUANTITY != SUM:

@@ -214,7 +214,7 @@ def _extremes_kernel(
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
     base = tile_first_index(first, S, BLOCK_S) // GROUP
-    x0 = lane_values(x_ptr, C, stride_c // GROUP, S, 0.0, GROUP, BLOCK_C, BLOCK_S).to(ACC)
+    x0 = lane_values(x_ptr, C, stride_c // GROUP, S, GROUP, BLOCK_C, BLOCK_S).to(ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     if K == 1:
         hi_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
@@ -431,12 +431,12 @@ def _channel_affine_kernel(
     SELECTED elements only, which each program adds into the dx it has just written."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    scale = lane_values(scale_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
-    shift = lane_values(shift_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
+    scale = lane_values(scale_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    shift = lane_values(shift_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
     if CENTER_X or SIGN_TERM:
-        center = lane_values(center_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
+        center = lane_values(center_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
     if SIGN_TERM:
-        gain = lane_values(gain_ptr, C, 1, S, 0.0, GROUP, BLOCK_C, BLOCK_S)
+        gain = lane_values(gain_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
