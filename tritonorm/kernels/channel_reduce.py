@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..reference import accumulator_dtype  # noqa: F401 (re-exported to the kernels)
+from .activation import NONE, activation_grad, pre_activation
 
 # Elements in one [BLOCK_C, BLOCK_S] tile: 16 per thread at num_warps=4.
 MAX_TILE = 2048
@@ -363,10 +364,10 @@ _QUANTITIES = {"sum": SUM, "abs_dev": ABS_DEV, "grad": GRAD}
 
 @triton.jit
 def _partial_sums_kernel(
-    x_ptr, y_ptr, center_ptr, out0_ptr, out1_ptr,
+    x_ptr, y_ptr, center_ptr, out0_ptr, out1_ptr, res_ptr, affine_ptr, slope,
     N, C, S, stride_n, stride_c, stride_s,
     tiles_per_program, center_splits, center_scale,
-    QUANTITY: tl.constexpr, SHIFTED: tl.constexpr, ACC: tl.constexpr,
+    QUANTITY: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Stage 1 of a per-channel reduction: out[split, c] for the QUANTITY above.
@@ -388,6 +389,9 @@ def _partial_sums_kernel(
         center = shifted_mean(x_ptr, stride_c, center_ptr, center_splits, C, c, c_mask, center_scale, ACC)[:, None]
     else:
         center = (combine_splits(center_ptr, center_splits, C, c, c_mask, ACC) * center_scale)[:, None]
+    if ACT != NONE:
+        scale = lane_values(affine_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S).to(ACC)
+        shift = lane_values(affine_ptr + C * GROUP, C, 1, S, GROUP, BLOCK_C, BLOCK_S).to(ACC)
     acc0 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for t in range(first, last):
@@ -403,6 +407,8 @@ def _partial_sums_kernel(
             acc1 += (a > 0).to(ACC) - (a < 0).to(ACC)
         else:
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if ACT != NONE:
+                y *= activation_grad(pre_activation(x, center, scale, shift, res_ptr, offs, mask, ACC), ACT, slope)
             acc0 += y
             acc1 += y * (x - center)
     out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
@@ -421,12 +427,15 @@ def partial_sums(
     center_scale: float = 1.0,
     shifted: bool = False,
     pl: Plan | None = None,
+    activation: tuple | None = None,
 ):
     """Launch stage 1 of ``quantity`` ("sum", "abs_dev" or "grad", with ``other`` the
     y of "grad") and return the partials ``(out0, out1)``, each (splits, C).
 
     ``center`` is either a (C,) tensor or (splits', C) partial sums (see the kernel);
-    ``shifted``: sums about each channel's x_0 (see the module docstring)."""
+    ``shifted``: sums about each channel's x_0 (see the module docstring);
+    ``activation``: (residual or None, affine (2, C), slope, ACT code) of a "grad"
+    through a fused activation (see the kernel)."""
     pl = pl or plan(view, grouped=quantity == "sum" or not shifted)
     acc = accumulator_dtype(view.tensor.dtype)
     out0 = torch.empty((pl.splits, view.c), device=view.tensor.device, dtype=acc)
@@ -436,10 +445,11 @@ def partial_sums(
     center_rows = center.shape[0] if center.dim() == 2 else 1
     if quantity != "sum" and pl.group > 1 and center_rows > 1:
         raise ValueError("a grouped plan takes a (C,) centre, not partial sums")
+    res, affine, slope, act = activation or (None, None, 0.0, NONE)
     _partial_sums_kernel[pl.grid](
-        view.tensor, (other or view).tensor, center, out0, out1,
+        view.tensor, (other or view).tensor, center, out0, out1, res, affine, slope,
         *pl.args(view), pl.tiles_per_program, center_rows, center_scale,
-        QUANTITY=_QUANTITIES[quantity], SHIFTED=shifted, ACC=triton_dtype(acc), **pl.meta(),
+        QUANTITY=_QUANTITIES[quantity], SHIFTED=shifted, ACT=act, ACC=triton_dtype(acc), **pl.meta(),
     )
     return out0, out1
 

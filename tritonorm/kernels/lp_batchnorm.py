@@ -52,12 +52,14 @@ import triton
 import triton.language as tl
 
 from ..reference.lp_batchnorm import dispersion_coefficient, selected_count
-from . import channel_reduce
+from . import channel_reduce, channel_resident
+from .activation import CODES, NONE, activate, activation_grad, pre_activation
 from .channel_reduce import (
     ELEMENTWISE_WAVES,
     NUM_WARPS,
     accumulator_dtype,
     channel_block,
+    channel_shift,
     channel_view,
     combine_splits,
     contiguous,
@@ -71,6 +73,7 @@ from .channel_reduce import (
     tile_range,
     triton_dtype,
 )
+from .channel_resident import channel_sums, lanes, resident_tile
 
 # Largest k the Triton path takes: the kernels keep k candidates per channel in registers.
 MAX_K = 64
@@ -97,7 +100,7 @@ LAUNCH_BYTES = 11_000_000
 
 
 @triton.jit
-def _sign(a, ACC: tl.constexpr):
+def sign(a, ACC: tl.constexpr):
     return (a > 0).to(ACC) - (a < 0).to(ACC)
 
 
@@ -167,7 +170,7 @@ def _merge_topk(v1, i1, v2, i2, K: tl.constexpr, K_PAD: tl.constexpr, NONE: tl.c
 
 
 @triton.jit
-def _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr):
+def _affine_coefficients(c, c_mask, dev, eps, w_ptr, b_ptr):
     """y = (x - mu) * scale + shift with scale = gamma / (sigma + eps), shift = beta."""
     scale = 1.0 / (tl.where(c_mask, dev, 1.0) + eps)  # no 1/0 in the masked lanes
     if w_ptr is not None:
@@ -175,22 +178,31 @@ def _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr):
     shift = tl.zeros_like(scale)
     if b_ptr is not None:
         shift += tl.load(b_ptr + c, mask=c_mask, other=0.0).to(scale.dtype)
-    tl.store(scale_ptr + c, scale, mask=c_mask)
-    tl.store(shift_ptr + c, shift, mask=c_mask)
+    return scale, shift
 
 
 @triton.jit
-def _finish_statistics(
-    c, c_mask, mean, abs_sum, sign_sum, coef, inv_n, eps,
-    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+def _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, affine_ptr, C):
+    """Store (and return) the affine coefficients: scale at affine_ptr[c], shift at
+    affine_ptr[C + c]."""
+    scale, shift = _affine_coefficients(c, c_mask, dev, eps, w_ptr, b_ptr)
+    tl.store(affine_ptr + c, scale, mask=c_mask)
+    tl.store(affine_ptr + C + c, shift, mask=c_mask)
+    return scale, shift
+
+
+@triton.jit
+def finish_statistics(
+    c, c_mask, mean, abs_sum, sign_sum, coef, inv_n, eps, C,
+    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
 ):
     """sigma = coef * sum|a| and wbar = mean over the channel of d sigma / d a; store
-    them with the affine coefficients."""
+    them with the affine coefficients, and return those (scale, shift)."""
     dev = coef * abs_sum
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(dev_ptr + c, dev, mask=c_mask)
     tl.store(wbar_ptr + c, coef * sign_sum * inv_n, mask=c_mask)
-    _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
+    return _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, affine_ptr, C)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -255,25 +267,33 @@ def _extremes_kernel(
 
 
 @triton.jit
-def _store_best(v_ptr, i_ptr, lane_v, lane_i, row, mask, S, GROUP: tl.constexpr):
-    """Store each channel's best of the per-lane states (the largest value, the lowest
-    index among equals): over a row, or over each of a grouped row's GROUP segments."""
+def segment_best(lane_v, lane_i, S, GROUP: tl.constexpr, NONE: tl.constexpr):
+    """Each channel's best of the per-lane (value, index) states [BLOCK_C, BLOCK_S] (the
+    largest value, the lowest index among equals): over a row, or over each of a grouped
+    row's GROUP segments; [BLOCK_C * GROUP] values and indices."""
     if GROUP == 1:
         best = tl.max(lane_v, 1)
-        index = tl.min(tl.where(lane_v == best[:, None], lane_i, NO_INDEX), 1)
+        index = tl.min(tl.where(lane_v == best[:, None], lane_i, NONE), 1)
     else:
         segment = (tl.arange(0, lane_v.shape[1]) // (S // GROUP))[None, :]
         part = tl.arange(0, GROUP)[None, :]
         best = tl.full([lane_v.shape[0], GROUP], float("-inf"), lane_v.dtype)
-        index = tl.full([lane_v.shape[0], GROUP], NO_INDEX, tl.int32)
+        index = tl.full([lane_v.shape[0], GROUP], NONE, lane_i.dtype)
         for g in tl.static_range(GROUP):
             v = tl.where(segment == g, lane_v, float("-inf"))
             m = tl.max(v, 1)[:, None]
-            i = tl.min(tl.where(v == m, lane_i, NO_INDEX), 1)[:, None]
+            i = tl.min(tl.where(v == m, lane_i, NONE), 1)[:, None]
             best = tl.where(part == g, m, best)
             index = tl.where(part == g, i, index)
         best = tl.reshape(best, [lane_v.shape[0] * GROUP])
         index = tl.reshape(index, [lane_v.shape[0] * GROUP])
+    return best, index
+
+
+@triton.jit
+def _store_best(v_ptr, i_ptr, lane_v, lane_i, row, mask, S, GROUP: tl.constexpr):
+    """Store each channel's best of the per-lane states (``segment_best``) at row."""
+    best, index = segment_best(lane_v, lane_i, S, GROUP, NO_INDEX)
     tl.store(v_ptr + row, best, mask=mask)
     tl.store(i_ptr + row, index, mask=mask)
 
@@ -323,7 +343,7 @@ def _lookup(sel_i, list_i, list_v):
 def _extremes_finalize_kernel(
     x_ptr, stride_c, sum_ptr, hi_v_ptr, hi_i_ptr, lo_v_ptr, lo_i_ptr, splits, C, S, tiles_per_program,
     inv_n, coef, eps, sel_i_ptr, sel_sign_ptr,
-    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
     GROUP: tl.constexpr,
 ):
@@ -346,13 +366,13 @@ def _extremes_finalize_kernel(
     # sign(a) of each selected element, from its x in whichever list holds it
     x_sel = tl.where(_in_list(sel_i, hi_i), _lookup(sel_i, hi_i, hi_v), -_lookup(sel_i, lo_i, lo_v))
     valid = c_mask[:, None] & (slot < K)
-    sign = tl.where(valid, _sign(x_sel - mean[:, None], ACC), 0.0)
+    signs = tl.where(valid, sign(x_sel - mean[:, None], ACC), 0.0)
     tl.store(sel_i_ptr + c[:, None] * K + slot, sel_i, mask=valid)
-    tl.store(sel_sign_ptr + c[:, None] * K + slot, sign, mask=valid)
+    tl.store(sel_sign_ptr + c[:, None] * K + slot, signs, mask=valid)
     abs_sum = tl.sum(tl.where(valid, sel_abs, 0.0), 1)
-    _finish_statistics(
-        c, c_mask, mean, abs_sum, tl.sum(sign, 1), coef, inv_n, eps,
-        mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+    finish_statistics(
+        c, c_mask, mean, abs_sum, tl.sum(signs, 1), coef, inv_n, eps, C,
+        mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     )
 
 
@@ -366,7 +386,7 @@ def _mean_kernel(x_ptr, stride_c, sum_ptr, splits, C, inv_n, mean_ptr, ACC: tl.c
 @triton.jit
 def _l1_finalize_kernel(
     x_ptr, stride_c, sum_ptr, abs_ptr, sign_ptr, splits, C, inv_n, coef, eps,
-    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+    mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     MEAN_READY: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """mu = x_0 + sum(x - x_0) / n (or mean_ptr's, MEAN_READY), sigma = C1 / n * sum|a|
@@ -376,18 +396,18 @@ def _l1_finalize_kernel(
         mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     else:
         mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
-    _finish_statistics(
+    finish_statistics(
         c, c_mask, mean,
         combine_splits(abs_ptr, splits, C, c, c_mask, ACC),
         combine_splits(sign_ptr, splits, C, c, c_mask, ACC),
-        coef, inv_n, eps,
-        mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,
+        coef, inv_n, eps, C,
+        mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     )
 
 
 @triton.jit
 def _running_coeffs_kernel(
-    rmean_ptr, rdev_ptr, w_ptr, b_ptr, mean_ptr, dev_ptr, scale_ptr, shift_ptr, C, eps,
+    rmean_ptr, rdev_ptr, w_ptr, b_ptr, mean_ptr, dev_ptr, affine_ptr, C, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Eval: affine coefficients from the running statistics (and fp32 copies of them)."""
@@ -396,62 +416,90 @@ def _running_coeffs_kernel(
     dev = tl.load(rdev_ptr + c, mask=c_mask, other=1.0).to(ACC)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(dev_ptr + c, dev, mask=c_mask)
-    _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, scale_ptr, shift_ptr)
+    _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, affine_ptr, C)
 
 
 @triton.jit
-def _add_selected(out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, c, c_mask, r_lo, r_hi, S, stride_n, stride_c, stride_s,
-                  K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr):
-    """out[selected] += gain_c * sign(a) for the selected elements with r in [r_lo, r_hi):
-    sigma's gradient reaches only the K selected elements of a channel."""
+def add_selected(out_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, r_lo, r_hi, S, stride_n, stride_c, stride_s,
+                 K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr):
+    """out[selected] += gain_c * sign(a) for the selected elements with r in [r_lo, r_hi)
+    (gain: [BLOCK_C], per channel c): sigma's gradient reaches only the K selected
+    elements of a channel.  The caller's stores to out must be visible (a barrier)."""
     slot = tl.arange(0, K_PAD)[None, :]
     listed = c_mask[:, None] & (slot < K)
     r = tl.load(sel_i_ptr + c[:, None] * K + slot, mask=listed, other=-1)
     mine = listed & (r >= r_lo) & (r < r_hi)
-    sign = tl.load(sel_sign_ptr + c[:, None] * K + slot, mask=mine, other=0.0)
-    gain = tl.load(gain_ptr + c, mask=c_mask, other=0.0)[:, None]
+    signs = tl.load(sel_sign_ptr + c[:, None] * K + slot, mask=mine, other=0.0)
     n = r // S
     offs = n * stride_n + c[:, None].to(tl.int64) * stride_c + (r - n * S) * stride_s
     out = tl.load(out_ptr + offs, mask=mine, other=0.0).to(ACC)
-    tl.store(out_ptr + offs, (out + gain * sign).to(out_ptr.dtype.element_ty), mask=mine)
+    tl.store(out_ptr + offs, (out + gain[:, None] * signs).to(out_ptr.dtype.element_ty), mask=mine)
 
 
 @triton.jit
-def _channel_affine_kernel(
-    x_ptr, out_ptr, center_ptr, scale_ptr, shift_ptr, src_ptr, gain_ptr, sel_i_ptr, sel_sign_ptr,
+def _normalize_kernel(
+    x_ptr, y_ptr, res_ptr, mean_ptr, affine_ptr, slope,
     N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
-    CENTER_X: tl.constexpr, SIGN_TERM: tl.constexpr, SELECTED: tl.constexpr, SELECTED_PAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """out = (x [- center_c]) * scale_c + shift_c [+ gain_c * sign(src - center_c)].
-
-    Forward: x is the input, centred (CENTER_X) by mu, out is y.  Backward: x is dy, out
-    is dx, and sigma's gradient is gain_c * d sigma / d a_i: for L1 (SIGN_TERM) C1/n
-    sign(a_i) at every element (src is the input); for L-inf / Top-k it is nonzero at the
-    SELECTED elements only, which each program adds into the dx it has just written."""
+    """y = act((x - mu_c) * scale_c + shift_c [+ residual]), the affine coefficients at
+    affine_ptr[c] and affine_ptr[C + c] (C: channels of the ungrouped view)."""
     c, c_mask = channel_block(BLOCK_C, C)
     first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
-    scale = lane_values(scale_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
-    shift = lane_values(shift_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
-    if CENTER_X or SIGN_TERM:
-        center = lane_values(center_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
-    if SIGN_TERM:
-        gain = lane_values(gain_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    mean = lane_values(mean_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    scale = lane_values(affine_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    shift = lane_values(affine_ptr + C * GROUP, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if CENTER_X:
-            x -= center
-        out = x * scale + shift
+        z = pre_activation(x, mean, scale, shift, res_ptr, offs, mask, ACC)
+        tl.store(y_ptr + offs, activate(z, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_input_kernel(
+    dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, affine_ptr, coef_ptr, sel_i_ptr, sel_sign_ptr, slope,
+    N, C, S, stride_n, stride_c, stride_s, tiles_per_program,
+    SIGN_TERM: tl.constexpr, SELECTED: tl.constexpr, SELECTED_PAD: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dz = dy * act'(z) (dy without an activation; stored as the residual's gradient
+    when dres_ptr), then dx = dz * scale_c + shift_c + gain_c * w_i, with (scale, shift,
+    gain) at coef_ptr[c], [C + c], [2C + c] (``grad_coefficients``) and z rebuilt from x
+    and the forward's affine coefficients (affine_ptr).  w_i = d sigma / d a_i / coef:
+    sign(a_i) at every element for L1 (SIGN_TERM), at the SELECTED elements only for
+    L-inf / Top-k, which each program adds into the dx it has just written."""
+    c, c_mask = channel_block(BLOCK_C, C)
+    first, last = tile_range(N, S, tiles_per_program, BLOCK_S)
+    scale = lane_values(coef_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    shift = lane_values(coef_ptr + C * GROUP, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    if SIGN_TERM or ACT != NONE:
+        mean = lane_values(mean_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    if SIGN_TERM:
+        gain = lane_values(coef_ptr + 2 * C * GROUP, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    if ACT != NONE:
+        fwd_scale = lane_values(affine_ptr, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+        fwd_shift = lane_values(affine_ptr + C * GROUP, C, 1, S, GROUP, BLOCK_C, BLOCK_S)
+    for t in range(first, last):
+        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if SIGN_TERM or ACT != NONE:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if ACT != NONE:
+            dz *= activation_grad(pre_activation(x, mean, fwd_scale, fwd_shift, res_ptr, offs, mask, ACC), ACT, slope)
+            if dres_ptr is not None:
+                tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        dx = dz * scale + shift
         if SIGN_TERM:
-            a = tl.load(src_ptr + offs, mask=mask, other=0.0).to(ACC) - center
-            out += gain * _sign(a, ACC)
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            dx += gain * sign(x - mean, ACC)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if SELECTED > 0:
         tl.debug_barrier()  # this program's stores above are visible to all its threads
         out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
-        _add_selected(
-            out_ptr, sel_i_ptr, sel_sign_ptr, gain_ptr, out_c, out_mask,
+        add_selected(
+            dx_ptr, sel_i_ptr, sel_sign_ptr, tl.load(coef_ptr + 2 * C * GROUP + out_c, mask=out_mask, other=0.0),
+            out_c, out_mask,
             tile_first_index(first, S, BLOCK_S) // GROUP, tile_first_index(last, S, BLOCK_S) // GROUP,
             S // GROUP, stride_n, stride_c // GROUP, stride_s, SELECTED, SELECTED_PAD, ACC,
         )
@@ -461,38 +509,168 @@ def _channel_affine_kernel(
 
 
 @triton.jit
-def _grad_finalize_kernel(
-    dy_sum_ptr, dya_sum_ptr, splits, dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr,
-    scale_ptr, shift_ptr, gain_ptr, C, inv_n, coef, eps,
-    BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+def grad_coefficients(
+    c, c_mask, sum_dy, sum_dya, dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps,
+    BATCH_STATS: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dgamma = sum(dy * xhat), dbeta = sum(dy) (in the parameters' dtype), and dx = scale
-    * dy + shift + gain * w'_i with w'_i = sign(a_i) (L1) or at the selected elements
-    (L-inf, Top-k), both in the elementwise pass."""
-    c, c_mask = channel_block(BLOCK_C, C)
-    sum_dy = combine_splits(dy_sum_ptr, splits, C, c, c_mask, ACC)
+    """From sum(dz) and sum(dz * a): dgamma = sum(dz * xhat), dbeta = sum(dz), stored (in
+    the parameters' dtype) when dw_ptr; returns dx's coefficients (scale, shift, gain):
+    dx = scale * dz + shift + gain * w_i (w_i as in _grad_input_kernel)."""
     inv = 1.0 / (tl.load(dev_ptr + c, mask=c_mask, other=1.0) + eps)
-    sum_dy_xhat = combine_splits(dya_sum_ptr, splits, C, c, c_mask, ACC) * inv
+    sum_dy_xhat = sum_dya * inv
     if dw_ptr is not None:
         tl.store(dw_ptr + c, sum_dy_xhat.to(dw_ptr.dtype.element_ty), mask=c_mask)
         tl.store(db_ptr + c, sum_dy.to(db_ptr.dtype.element_ty), mask=c_mask)
     scale = inv
     if w_ptr is not None:
         scale *= tl.load(w_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    tl.store(scale_ptr + c, scale, mask=c_mask)
     if BATCH_STATS:
         grad_dev = -scale * sum_dy_xhat
         wbar = tl.load(wbar_ptr + c, mask=c_mask, other=0.0)
-        tl.store(shift_ptr + c, -scale * sum_dy * inv_n - grad_dev * wbar, mask=c_mask)
-        tl.store(gain_ptr + c, grad_dev * coef, mask=c_mask)
+        shift = -scale * sum_dy * inv_n - grad_dev * wbar
+        gain = grad_dev * coef
     else:
-        tl.store(shift_ptr + c, tl.zeros_like(scale), mask=c_mask)
+        shift = tl.zeros_like(scale)
+        gain = tl.zeros_like(scale)
+    return scale, shift, gain
+
+
+@triton.jit
+def _grad_finalize_kernel(
+    dy_sum_ptr, dya_sum_ptr, splits, dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, C, inv_n, coef, eps,
+    BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``grad_coefficients`` from the per-split partials, stored at coef_ptr[c], [C + c],
+    [2C + c] for _grad_input_kernel."""
+    c, c_mask = channel_block(BLOCK_C, C)
+    scale, shift, gain = grad_coefficients(
+        c, c_mask, combine_splits(dy_sum_ptr, splits, C, c, c_mask, ACC),
+        combine_splits(dya_sum_ptr, splits, C, c, c_mask, ACC),
+        dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps, BATCH_STATS, ACC,
+    )
+    tl.store(coef_ptr + c, scale, mask=c_mask)
+    tl.store(coef_ptr + C + c, shift, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, gain, mask=c_mask)
+
+
+# ----------------------------------------------------------------------------- on chip
+
+
+@triton.jit
+def _resident_select(a, mask, r, c, c_mask, sel_i_ptr, sel_sign_ptr, S, K: tl.constexpr, K_PAD: tl.constexpr,
+                     GROUP: tl.constexpr):
+    """The K largest |a| of each channel of a resident tile, ties to the lowest r: store
+    their indices (int64) and signs at sel_*[c, :K] and return (the sum of those |a|,
+    the sum of their signs).  Entries rank by |a|, then by code = 2r + (a < 0)
+    ascending, which orders like r and carries the sign.  K == 1: a max over N, then
+    over each channel's lanes (``segment_best``, grouped views too); K > 1: K steps,
+    each taking every channel's best remaining entry out of the tile."""
+    if GROUP > 1:  # r of the grouped row n * (GROUP * S') + s is n * S' + s % S'
+        s = tl.arange(0, a.shape[2])[None, None, :]
+        r = (r - s) // GROUP + s % (S // GROUP)
+    v = tl.where(mask, tl.abs(a), float("-inf"))
+    code = 2 * r.to(tl.int32) + (a < 0).to(tl.int32)
+    if K == 1:
+        lane_v = tl.max(v, 1)
+        lane_code = tl.min(tl.where(v == lane_v[:, None, :], code, NO_INDEX), 1)
+        best, pick = segment_best(lane_v, lane_code, S, GROUP, NO_INDEX)
+        values = best[:, None]
+        codes = pick[:, None]
+    else:
+        slot = tl.arange(0, K_PAD)[None, :]
+        values = tl.full([a.shape[0], K_PAD], float("-inf"), a.dtype)
+        codes = tl.full([a.shape[0], K_PAD], NO_INDEX, tl.int32)
+        for j in range(K):
+            best = tl.max(tl.max(v, 2), 1)
+            pick = tl.min(tl.min(tl.where(v == best[:, None, None], code, NO_INDEX), 2), 1)
+            v = tl.where(code == pick[:, None, None], float("-inf"), v)
+            values = tl.where(slot == j, best[:, None], values)
+            codes = tl.where(slot == j, pick[:, None], codes)
+    slot = tl.arange(0, values.shape[1])[None, :]
+    valid = c_mask[:, None] & (slot < K)
+    signs = tl.where(valid & (values > 0), 1.0 - 2.0 * (codes & 1).to(a.dtype), 0.0)
+    tl.store(sel_i_ptr + c[:, None] * K + slot, (codes >> 1).to(tl.int64), mask=valid)
+    tl.store(sel_sign_ptr + c[:, None] * K + slot, signs, mask=valid)
+    return tl.sum(tl.where(valid, values, 0.0), 1), tl.sum(signs, 1)
+
+
+@triton.jit
+def _resident_forward_kernel(
+    x_ptr, y_ptr, res_ptr, sel_i_ptr, sel_sign_ptr, mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
+    N, C, S, stride_n, stride_c, stride_s, inv_n, coef, eps, slope,
+    K: tl.constexpr, K_PAD: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """Training forward with whole channels on chip: one read of x (and the residual),
+    one write of y.  mu = x_0 + sum(x - x_0) / n, a = x - mu, sigma from a in registers
+    (sum |a| for L1, K == 0; the K largest |a| for L-inf / Top-k), then
+    y = act(a * scale + shift [+ residual]).  (N, C, S, strides: ``ResidentPlan.args``.)"""
+    offs, mask, r = resident_tile(N, C, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_N, BLOCK_S, ALIGN, WIDE)
+    c, c_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x0 = channel_shift(x_ptr, c, c_mask, stride_c // GROUP, ACC)
+    mean = x0 + channel_sums(tl.where(mask, x - lanes(x0, S, GROUP, BLOCK_S), 0.0), S, GROUP) * inv_n
+    a = tl.where(mask, x - lanes(mean, S, GROUP, BLOCK_S), 0.0)
+    if K == 0:
+        abs_sum = channel_sums(tl.abs(a), S, GROUP)
+        sign_sum = channel_sums(sign(a, ACC), S, GROUP)
+    else:
+        abs_sum, sign_sum = _resident_select(a, mask, r, c, c_mask, sel_i_ptr, sel_sign_ptr, S, K, K_PAD, GROUP)
+    scale, shift = finish_statistics(
+        c, c_mask, mean, abs_sum, sign_sum, coef, inv_n, eps, C * GROUP,
+        mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
+    )
+    z = a * lanes(scale, S, GROUP, BLOCK_S) + lanes(shift, S, GROUP, BLOCK_S)
+    if res_ptr is not None:
+        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(y_ptr + offs, activate(z, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _resident_backward_kernel(
+    dy_ptr, x_ptr, res_ptr, dx_ptr, dres_ptr, mean_ptr, dev_ptr, wbar_ptr, w_ptr, affine_ptr, dw_ptr, db_ptr,
+    sel_i_ptr, sel_sign_ptr, N, C, S, stride_n, stride_c, stride_s, inv_n, coef, eps, slope,
+    SELECTED: tl.constexpr, SELECTED_PAD: tl.constexpr, SIGN_TERM: tl.constexpr, BATCH_STATS: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """Backward with whole channels on chip: one read of dy and x (and the residual), one
+    write of dx (and of dres = dz): dz = dy [* act'(z)], the sums of dz and dz * a in
+    registers, then dx as in _grad_input_kernel."""
+    offs, mask, _ = resident_tile(N, C, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_N, BLOCK_S, ALIGN, WIDE)
+    c, c_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    a = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - lanes(mean, S, GROUP, BLOCK_S), 0.0)
+    if ACT != NONE:
+        fwd_scale = tl.load(affine_ptr + c, mask=c_mask, other=0.0)
+        fwd_shift = tl.load(affine_ptr + C * GROUP + c, mask=c_mask, other=0.0)
+        z = a * lanes(fwd_scale, S, GROUP, BLOCK_S) + lanes(fwd_shift, S, GROUP, BLOCK_S)
+        if res_ptr is not None:
+            z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dz *= activation_grad(z, ACT, slope)
+        if dres_ptr is not None:
+            tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+    scale, shift, gain = grad_coefficients(
+        c, c_mask, channel_sums(dz, S, GROUP), channel_sums(dz * a, S, GROUP),
+        dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps, BATCH_STATS, ACC,
+    )
+    dx = dz * lanes(scale, S, GROUP, BLOCK_S) + lanes(shift, S, GROUP, BLOCK_S)
+    if SIGN_TERM:
+        dx += lanes(gain, S, GROUP, BLOCK_S) * sign(a, ACC)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if SELECTED > 0:
+        tl.debug_barrier()  # this program's stores above are visible to all its threads
+        add_selected(dx_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, 0, N * (S // GROUP), S // GROUP,
+                     stride_n, stride_c // GROUP, stride_s, SELECTED, SELECTED_PAD, ACC)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _k_pad(count: int) -> int:
+def k_pad(count: int) -> int:
     return max(2, triton.next_power_of_2(count))
 
 
@@ -504,51 +682,54 @@ def _finalize_grid(c: int, device: torch.device) -> tuple[tuple[int], int]:
     return (triton.cdiv(c, block_c),), block_c
 
 
-def _affine(view, out, center, scale, shift, *, center_x: bool, sign_term=None, selected=None):
-    """Launch _channel_affine_kernel over ``view`` into ``out`` (same layout); ``selected``:
-    (sel_index, sel_sign, gain) of L-inf / Top-k's backward."""
-    pl = plan(view, ELEMENTWISE_WAVES, grouped=True)
-    src, gain = sign_term or (None, None)
-    sel_i, sel_sign, sel_gain = selected or (None, None, None)
-    count = 0 if selected is None else sel_i.shape[1]
-    _channel_affine_kernel[pl.grid](
-        view.tensor, out, center, scale, shift, src, gain if sign_term else sel_gain, sel_i, sel_sign,
-        *pl.args(view), pl.tiles_per_program,
-        CENTER_X=center_x, SIGN_TERM=sign_term is not None, SELECTED=count, SELECTED_PAD=_k_pad(count),
-        ACC=triton_dtype(scale.dtype), **pl.meta(),
-    )
-
-
 def _mean_once(pl, c: int) -> bool:
     """Whether a kernel computes the L1 mean once, rather than each program of the
     abs-dev pass from the partial sums (splits x BLOCK_C of them, 4 bytes each)."""
     return pl.grid[0] * pl.grid[1] * pl.splits * pl.block_c * pl.group * 4 > LAUNCH_BYTES
 
 
+def _like(view, t):
+    """``t`` (None, or a tensor of the input's shape) in the view's layout."""
+    return None if t is None else view.like(t).tensor
+
+
 def lp_batch_norm_forward(
     x, weight, bias, running_mean, running_dev, batch_stats: bool, eps: float, norm: str, k: int, normalized: bool,
+    residual=None, activation: str = "none", activation_param: float = 0.0,
 ):
-    """Returns (y, mean, dev, wbar, sel_index, sel_sign); see ``ops.lp_batchnorm``."""
+    """Returns (y, mean, dev, wbar, sel_index, sel_sign, affine); see ``ops.lp_batchnorm``.
+    Training takes the on-chip path where ``channel_resident`` plans one, else the split
+    passes below."""
     weight, bias, running_mean, running_dev = contiguous(weight, bias, running_mean, running_dev)
     view = channel_view(x)
     c, n = view.c, view.numel_per_channel
     acc = accumulator_dtype(x.dtype)
     acc_t = triton_dtype(acc)
     y = torch.empty_like(view.tensor)
-    mean, dev, wbar, scale, shift = (torch.empty(c, device=x.device, dtype=acc) for _ in range(5))
+    res = _like(view, residual)
+    act = dict(ACT=CODES[activation])
+    mean, dev, wbar = (torch.empty(c, device=x.device, dtype=acc) for _ in range(3))
+    affine = torch.empty((2, c), device=x.device, dtype=acc)
     count = selected_count(norm, k) if batch_stats else 0
     sel_i = torch.empty((c, count), device=x.device, dtype=torch.int64)
     sel_sign = torch.empty((c, count), device=x.device, dtype=acc)
     grid, block_c = _finalize_grid(c, x.device)
     if not batch_stats:
         _running_coeffs_kernel[grid](
-            running_mean, running_dev, weight, bias, mean, dev, scale, shift, c, eps, ACC=acc_t, BLOCK_C=block_c,
+            running_mean, running_dev, weight, bias, mean, dev, affine, c, eps, ACC=acc_t, BLOCK_C=block_c,
         )
-        _affine(view, y, mean, scale, shift, center_x=True)
-        return y, mean, dev, wbar.zero_(), sel_i, sel_sign
+        _normalize(view, y, res, mean, affine, activation_param, act)
+        return y, mean, dev, wbar.zero_(), sel_i, sel_sign, affine
 
     coef = dispersion_coefficient(norm, n, k, normalized)
-    stats = (mean, dev, wbar, weight, bias, scale, shift)
+    stats = (mean, dev, wbar, weight, bias, affine)
+    resident = channel_resident.plan(view, count, backward=False)
+    if resident is not None:
+        _resident_forward_kernel[resident.grid](
+            view.tensor, y, res, sel_i, sel_sign, *stats, *resident.args(view), 1.0 / n, coef, eps, activation_param,
+            K=count, K_PAD=k_pad(count), ACC=acc_t, **act, **resident.meta(),
+        )
+        return y, mean, dev, wbar, sel_i, sel_sign, affine
     # Top-k folds tiles of one channel per row, in smaller tiles
     pl = plan(view, grouped=True) if count <= 1 else plan(view, max_tile=TOPK_TILE)
     if norm == "l1":
@@ -573,50 +754,79 @@ def lp_batch_norm_forward(
         hi_i, lo_i = (torch.empty((c, pl.splits, count), device=x.device, dtype=torch.int32) for _ in range(2))
         _extremes_kernel[pl.grid](
             view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *pl.args(view), pl.tiles_per_program,
-            K=count, K_PAD=_k_pad(count), ACC=acc_t, **pl.meta(),
+            K=count, K_PAD=k_pad(count), ACC=acc_t, **pl.meta(),
         )
         _extremes_finalize_kernel[(c,)](
             view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, pl.args(view)[2],
             pl.tiles_per_program, 1.0 / n, coef, eps, sel_i, sel_sign, *stats,
-            K=count, K_PAD=_k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
+            K=count, K_PAD=k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
             num_warps=NUM_WARPS,
         )
-    _affine(view, y, mean, scale, shift, center_x=True)
-    return y, mean, dev, wbar, sel_i, sel_sign
+    _normalize(view, y, res, mean, affine, activation_param, act)
+    return y, mean, dev, wbar, sel_i, sel_sign, affine
+
+
+def _normalize(view, y, res, mean, affine, slope, act):
+    pl = plan(view, ELEMENTWISE_WAVES, grouped=True)
+    _normalize_kernel[pl.grid](
+        view.tensor, y, res, mean, affine, slope, *pl.args(view), pl.tiles_per_program,
+        ACC=triton_dtype(mean.dtype), **act, **pl.meta(),
+    )
 
 
 def lp_batch_norm_backward(
-    dy, x, weight, mean, dev, wbar, sel_i, sel_sign,
+    dy, x, weight, mean, dev, wbar, sel_i, sel_sign, affine,
     batch_stats: bool, param_grads: bool, eps: float, norm: str, k: int, normalized: bool,
+    residual=None, activation: str = "none", activation_param: float = 0.0, residual_grad: bool = False,
 ):
-    """Returns (dx, dweight, dbias); the last two are (C,) tensors in the weight's dtype
-    (the accumulator dtype without one) when ``param_grads``, else empty."""
-    weight, mean, dev, wbar, sel_i, sel_sign = contiguous(weight, mean, dev, wbar, sel_i, sel_sign)
+    """Returns (dx, dweight, dbias, dresidual); dweight and dbias are (C,) tensors in the
+    weight's dtype (the accumulator dtype without one) when ``param_grads``, else empty;
+    dresidual, the gradient of the pre-activation, when ``residual_grad`` and an
+    activation, else empty (without one it is dy)."""
+    weight, mean, dev, wbar, sel_i, sel_sign, affine = contiguous(weight, mean, dev, wbar, sel_i, sel_sign, affine)
     view = channel_view(x)
     dy_view = view.like(dy)
+    res = _like(view, residual)
     c, n = view.c, view.numel_per_channel
     acc = mean.dtype
+    act = dict(ACT=CODES[activation])
+    fused = activation != "none"
     dx = torch.empty_like(view.tensor)
-    scale, shift, gain = (torch.empty(c, device=x.device, dtype=acc) for _ in range(3))
+    dres = torch.empty_like(view.tensor) if fused and residual_grad else dx.new_empty(0)
     dw = torch.empty(c if param_grads else 0, device=x.device, dtype=acc if weight is None else weight.dtype)
     db = torch.empty_like(dw)
+    coefs = torch.empty((3, c), device=x.device, dtype=acc)
+    coef = dispersion_coefficient(norm, n, k, normalized)
+    selected = sel_i.shape[1] if batch_stats and norm != "l1" else 0
+    resident = channel_resident.plan(view, selected, backward=True) if batch_stats or param_grads else None
+    if resident is not None:
+        _resident_backward_kernel[resident.grid](
+            dy_view.tensor, view.tensor, res, dx, dres if dres.numel() else None, mean, dev, wbar, weight, affine,
+            dw if param_grads else None, db, sel_i, sel_sign, *resident.args(view), 1.0 / n, coef, eps,
+            activation_param, SELECTED=selected, SELECTED_PAD=k_pad(selected), SIGN_TERM=batch_stats and norm == "l1",
+            BATCH_STATS=batch_stats, ACC=triton_dtype(acc), **act, **resident.meta(),
+        )
+        return dx, dw, db, dres
     if batch_stats or param_grads:
         pl = plan(view, grouped=True)
-        dy_sum, dya_sum = partial_sums(view, "grad", other=dy_view, center=mean, pl=pl)
+        dy_sum, dya_sum = partial_sums(
+            view, "grad", other=dy_view, center=mean, pl=pl,
+            activation=(res, affine, activation_param, act["ACT"]) if fused else None,
+        )
         splits = pl.splits
-    else:  # eval without affine parameters: dx = dy / (sigma + eps), nothing to reduce
+    else:  # eval without affine parameters: dx = dz / (sigma + eps), nothing to reduce
         dy_sum = dya_sum = mean
         splits = 0
     grid, block_c = _finalize_grid(c, x.device)
     _grad_finalize_kernel[grid](
-        dy_sum, dya_sum, splits, dev, wbar, weight, dw if param_grads else None, db, scale, shift, gain,
-        c, 1.0 / n, dispersion_coefficient(norm, n, k, normalized), eps,
-        BATCH_STATS=batch_stats, ACC=triton_dtype(acc), BLOCK_C=block_c,
+        dy_sum, dya_sum, splits, dev, wbar, weight, dw if param_grads else None, db, coefs,
+        c, 1.0 / n, coef, eps, BATCH_STATS=batch_stats, ACC=triton_dtype(acc), BLOCK_C=block_c,
     )
-    l1_term = batch_stats and norm == "l1"
-    _affine(
-        dy_view, dx, mean, scale, shift, center_x=False,
-        sign_term=(view.tensor, gain) if l1_term else None,
-        selected=(sel_i, sel_sign, gain) if batch_stats and not l1_term else None,
+    pl = plan(view, ELEMENTWISE_WAVES, grouped=True)
+    _grad_input_kernel[pl.grid](
+        dy_view.tensor, view.tensor, res, dx, dres if dres.numel() else None, mean, affine, coefs, sel_i, sel_sign,
+        activation_param, *pl.args(view), pl.tiles_per_program,
+        SIGN_TERM=batch_stats and norm == "l1", SELECTED=selected, SELECTED_PAD=k_pad(selected),
+        ACC=triton_dtype(acc), **act, **pl.meta(),
     )
-    return dx, dw, db
+    return dx, dw, db, dres
