@@ -12,7 +12,7 @@ A program holds a [BLOCK_C, BLOCK_N, BLOCK_S] tile of the ``ChannelView`` (n, c,
 its BLOCK_C channel rows whole, all N and all S.  NCS rows run along s (contiguous, with
 the ``row_align`` hint and, where a row is not a multiple of 16 bytes, the grouped view
 of ``channel_reduce``); NSC (channels_last) rows run along c, so BLOCK_N = 1, BLOCK_S
-covers N * S and BLOCK_C channels cover at least a 32-byte sector of each row.
+covers N * S and BLOCK_C channels cover at least 16 bytes of each row.
 
 Limits (``plan``): a thread holds at most ELEMENTS_PER_THREAD elements of each resident
 tensor (x forward; x and dy backward) at up to MAX_WARPS warps, padding included (a
@@ -39,16 +39,18 @@ from .channel_reduce import (
     spread,
 )
 
-# Resident elements per thread for each tensor held (fp32 registers): forward holds x, the
-# backward x and dy (and what is computed from them).
-ELEMENTS_PER_THREAD = {False: 16, True: 8}
+# Resident elements per thread of each tensor held (fp32 registers), by pass: the L1 forward
+# holds x (a replaces it), L-inf / Top-k's also a rank and an index per element, the
+# backward x and dy.  At 1024 threads a thread has 64 registers: L-inf spilled at 16.
+ELEMENTS_PER_THREAD = {"forward": 16, "select": 8, "backward": 8}
 MIN_WARPS = 4
 # 1024 threads, at most 64 registers each.
 MAX_WARPS = 32
 # Elements a program aims at when channels are small enough to share one.
 PROGRAM_ELEMENTS = 4096
-# Fewest bytes of a channels_last row that a program's channels cover.
-SECTOR_BYTES = 32
+# Fewest bytes of a channels_last row that a program's channels cover: one 128-bit vector
+# (the rest of its 32-byte sector is the next program's, which runs beside it and finds it in L2).
+SECTOR_BYTES = 16
 # Below this many bytes of input the on-chip path is taken even when its grid (one
 # program per channel block) leaves SMs idle: launches cost more than the bandwidth.
 SMALL_BYTES = 8 << 20
@@ -90,20 +92,24 @@ def path() -> str:
     return value
 
 
-def capacity(backward: bool) -> int:
+def _pass(selected: int, backward: bool) -> str:
+    return "backward" if backward else "select" if selected else "forward"
+
+
+def capacity(selected: int, backward: bool) -> int:
     """Most elements (padding included) of one resident tensor per program."""
-    return ELEMENTS_PER_THREAD[backward] * 32 * MAX_WARPS
+    return ELEMENTS_PER_THREAD[_pass(selected, backward)] * 32 * MAX_WARPS
 
 
-def _fit(view: ChannelView, group: int, backward: bool) -> ResidentPlan | None:
-    n, c, s = _grouped_args(view, group)[:3]
+def _fit(view: ChannelView, group: int, per_thread: int) -> ResidentPlan | None:
+    grouped = ChannelView(view.tensor, *_grouped_args(view, group))
+    n, c, s = grouped.n, grouped.c, grouped.s
     if view.channels_last:
         block_n, block_s = 1, triton.next_power_of_2(s)
         block_c = min(max(1, SECTOR_BYTES // view.tensor.element_size()), triton.next_power_of_2(c))
     else:
         block_n, block_s, block_c = triton.next_power_of_2(n), triton.next_power_of_2(s), 1
-    per_thread = ELEMENTS_PER_THREAD[backward]
-    if block_c * block_n * block_s > capacity(backward):
+    if block_c * block_n * block_s > per_thread * 32 * MAX_WARPS:
         return None
     sms = _num_programs_per_wave(view.tensor.device)
     while (2 * block_c * block_n * block_s <= PROGRAM_ELEMENTS and 2 * block_c <= triton.next_power_of_2(c)
@@ -111,24 +117,25 @@ def _fit(view: ChannelView, group: int, backward: bool) -> ResidentPlan | None:
         block_c *= 2
     elements = block_c * block_n * block_s
     warps = min(MAX_WARPS, max(MIN_WARPS, triton.next_power_of_2(triton.cdiv(elements, 32 * per_thread))))
-    return ResidentPlan(block_c, block_n, block_s, group, row_align(view) if group == 1 else 1, warps,
-                        triton.cdiv(c, block_c), view.tensor.numel() >= 2**31)
+    return ResidentPlan(block_c, block_n, block_s, group, row_align(grouped), warps, triton.cdiv(c, block_c),
+                        view.tensor.numel() >= 2**31)
 
 
 def plan(view: ChannelView, selected: int, *, backward: bool) -> ResidentPlan | None:
     """The on-chip plan of a training pass over ``view``, or None for the split path.
-    ``selected``: the K of L-inf / Top-k (0 for L1); Top-k (K > 1) ranks one channel per
-    row, so it takes no grouped view."""
+    ``selected``: the K of L-inf / Top-k (0 for L1); Top-k's forward (K > 1) ranks one
+    channel per row, so it takes no grouped view."""
     forced = path()
     if forced == "split" or view.numel_per_channel == 0:
         return None
-    groups = (row_group(view), 1) if selected <= 1 else (1,)
-    fit = next((p for p in (_fit(view, g, backward) for g in dict.fromkeys(groups)) if p is not None), None)
+    groups = (row_group(view), 1) if backward or selected <= 1 else (1,)
+    per_thread = ELEMENTS_PER_THREAD[_pass(selected, backward)]
+    fit = next((p for p in (_fit(view, g, per_thread) for g in dict.fromkeys(groups)) if p is not None), None)
     if forced == "onchip":
         if fit is None:
             raise ValueError(
                 f"{PATH_VARIABLE}=onchip: a channel of {view.numel_per_channel} elements does not fit on chip "
-                f"(at most {capacity(backward)} with padding); unset it to take the split path")
+                f"(at most {capacity(selected, backward)} with padding); unset it to take the split path")
         return fit
     if fit is None:
         return None
