@@ -14,10 +14,10 @@ the ``row_align`` hint and, where a row is not a multiple of 16 bytes, the group
 of ``channel_reduce``); NSC (channels_last) rows run along c, so BLOCK_N = 1, BLOCK_S
 covers N * S and BLOCK_C channels cover at least 16 bytes of each row.
 
-Limits (``plan``): a thread holds at most ELEMENTS_PER_THREAD elements of each resident
-tensor (x forward; x and dy backward) at up to MAX_WARPS warps, padding included (a
-row of 784 takes 1024 lanes); larger channels, or a grid too small to fill the GPU, take
-the split path.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for tests: "onchip"
+Limits (``plan``): a thread holds at most ``elements_per_thread`` elements of each
+resident tensor (x forward; x and dy backward: 4 to 16, from the sm_90 compiles) at up to
+MAX_WARPS warps, padding included (a row of 784 takes 1024 lanes); larger channels, or a
+grid too small to fill the GPU, take the split path.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for tests: "onchip"
 raises if a channel does not fit).
 """
 
@@ -39,10 +39,15 @@ from .channel_reduce import (
     spread,
 )
 
-# Resident elements per thread of each tensor held (fp32 registers), by pass: the L1 forward
-# holds x (a replaces it), L-inf / Top-k's also a rank and an index per element, the
-# backward x and dy.  At 1024 threads a thread has 64 registers: L-inf spilled at 16.
-ELEMENTS_PER_THREAD = {"forward": 16, "select": 8, "backward": 8}
+# Resident elements per thread of each tensor held, at most: 16 where a thread holds one
+# fp32 value per element (the L1 forward: a replaces x), fewer where it holds more, from the
+# sm_90 compiles (tests/compile_kernels.py; at 32 warps a thread has 64 registers):
+# L-inf / Top-k also rank and index every element (16 spilled, 8 does not), the backward
+# holds x and dy, a grouped view of 8 channels a row spreads 8 sets of statistics (16
+# spilled 104 bytes), and Top-k's K steps over a channels_last tile spilled at 8.
+ELEMENTS_PER_THREAD = 16
+HEAVY_ELEMENTS_PER_THREAD = 8
+TOPK_NSC_ELEMENTS_PER_THREAD = 4
 MIN_WARPS = 4
 # 1024 threads, at most 64 registers each.
 MAX_WARPS = 32
@@ -92,16 +97,17 @@ def path() -> str:
     return value
 
 
-def _pass(selected: int, backward: bool) -> str:
-    return "backward" if backward else "select" if selected else "forward"
+def elements_per_thread(view: ChannelView, group: int, selected: int, backward: bool) -> int:
+    """The most resident elements a thread of this pass holds (see ELEMENTS_PER_THREAD)."""
+    if selected > 1 and not backward and view.channels_last:
+        return TOPK_NSC_ELEMENTS_PER_THREAD
+    if backward or selected or group >= 8:
+        return HEAVY_ELEMENTS_PER_THREAD
+    return ELEMENTS_PER_THREAD
 
 
-def capacity(selected: int, backward: bool) -> int:
-    """Most elements (padding included) of one resident tensor per program."""
-    return ELEMENTS_PER_THREAD[_pass(selected, backward)] * 32 * MAX_WARPS
-
-
-def _fit(view: ChannelView, group: int, per_thread: int) -> ResidentPlan | None:
+def _fit(view: ChannelView, group: int, selected: int, backward: bool) -> ResidentPlan | None:
+    per_thread = elements_per_thread(view, group, selected, backward)
     grouped = ChannelView(view.tensor, *_grouped_args(view, group))
     n, c, s = grouped.n, grouped.c, grouped.s
     if view.channels_last:
@@ -129,13 +135,14 @@ def plan(view: ChannelView, selected: int, *, backward: bool) -> ResidentPlan | 
     if forced == "split" or view.numel_per_channel == 0:
         return None
     groups = (row_group(view), 1) if backward or selected <= 1 else (1,)
-    per_thread = ELEMENTS_PER_THREAD[_pass(selected, backward)]
-    fit = next((p for p in (_fit(view, g, per_thread) for g in dict.fromkeys(groups)) if p is not None), None)
+    fits = (_fit(view, g, selected, backward) for g in dict.fromkeys(groups))
+    fit = next((p for p in fits if p is not None), None)
     if forced == "onchip":
         if fit is None:
+            most = elements_per_thread(view, 1, selected, backward) * 32 * MAX_WARPS
             raise ValueError(
                 f"{PATH_VARIABLE}=onchip: a channel of {view.numel_per_channel} elements does not fit on chip "
-                f"(at most {capacity(selected, backward)} with padding); unset it to take the split path")
+                f"(at most {most} with padding); unset it to take the split path")
         return fit
     if fit is None:
         return None
