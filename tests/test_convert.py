@@ -624,8 +624,7 @@ class Unfusable(nn.Module):
             torch.tanh(b[5](x) + x),
         ]
         r = x * 3
-        r.add_(b[6](x))  # writes into r: the BN output is not the tensor written
-        outs.append(torch.relu(r) + r)
+        outs.append(torch.relu(r.add_(b[6](x))) + r)  # writes into r, read again: the BN output is not written
         return torch.stack(outs)
 
 
@@ -693,6 +692,14 @@ class WithSubmodule(nn.BatchNorm2d):
         self.scale = nn.Identity()
 
 
+class UnusedAct(nn.BatchNorm2d):
+    """An act submodule, but nn.BatchNorm2d's forward: not a BatchNormAct."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+
 @pytest.mark.parametrize("act_layer, expected", [
     (nn.ReLU, ("relu", 0.01)), (lambda: nn.LeakyReLU(0.2), ("leaky_relu", 0.2)), (nn.SiLU, ("silu", 0.01)),
     (lambda: nn.GELU(approximate="tanh"), ("gelu_tanh", 0.01)), (nn.Hardswish, ("hardswish", 0.01)),
@@ -722,6 +729,7 @@ def test_batchnorm_act_keeps_its_activation(act_layer, expected, fuse):
     (OwnForward(4), r"model.1 \(OwnForward\): a BatchNorm subclass that overrides forward: an Lp layer in its "
                     r"place would not compute what it does"),
     (WithSubmodule(4), r"model.1 \(WithSubmodule\): a BatchNorm subclass that owns submodules \(scale\)"),
+    (UnusedAct(4), r"model.1 \(UnusedAct\): a BatchNorm subclass that owns submodules \(act\)"),
 ])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_batchnorm_subclass_refusals(module, message, fuse):
