@@ -723,11 +723,11 @@ def test_batchnorm_act_keeps_its_activation(act_layer, expected, fuse):
 
 
 @pytest.mark.parametrize("module, message", [
-    (BatchNormAct2d(4, act_layer=nn.Tanh), r"model.1 \(BatchNormAct2d\): its act is Tanh, which the Lp layers "
-                                             r"cannot fuse"),
+    (BatchNormAct2d(4, act_layer=nn.Tanh), (r"model.1 \(BatchNormAct2d\): its act is Tanh, which the Lp layers "
+                                             r"cannot fuse")),
     (BatchNormAct2d(4, drop_layer=nn.Dropout), r"model.1 \(BatchNormAct2d\): its drop is Dropout, not nn.Identity"),
-    (OwnForward(4), r"model.1 \(OwnForward\): a BatchNorm subclass that overrides forward: an Lp layer in its "
-                    r"place would not compute what it does"),
+    (OwnForward(4), (r"model.1 \(OwnForward\): a BatchNorm subclass that overrides forward: an Lp layer in its "
+                     r"place would not compute what it does")),
     (WithSubmodule(4), r"model.1 \(WithSubmodule\): a BatchNorm subclass that owns submodules \(scale\)"),
     (UnusedAct(4), r"model.1 \(UnusedAct\): a BatchNorm subclass that owns submodules \(act\)"),
 ])

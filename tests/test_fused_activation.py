@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from lp_utils import NORMS, call, compare, random_input
 from torch import nn
 
 import tritonorm
-from lp_utils import NORMS, call, compare, random_input
 from tritonorm.reference.activation import ACTIVATIONS, activate, activation_of
 
 SLOPE = 0.2  # not leaky_relu's default: a dropped negative_slope shows
@@ -99,7 +99,7 @@ def test_torch_path_is_the_composition(dtype, norm, activation, with_residual, t
         leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
         xx, rr, ww, bb = leaves
         running = (0.1 * torch.ones(3, dtype=dtype), torch.full((3,), 1.3, dtype=dtype))
-        kwargs = dict(weight=ww, bias=bb, running_mean=running[0], running_dev=running[1], training=training)
+        kwargs = {"weight": ww, "bias": bb, "running_mean": running[0], "running_dev": running[1], "training": training}
         r = rr if with_residual else None
         if fused:
             y = call("l1" if norm is None else norm, xx, backend="torch", residual=r, activation=activation,
@@ -179,20 +179,20 @@ def _state(layer):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(activation="tanh"), ValueError,
+    ({"activation": "tanh"}, ValueError,
      r"activation must be None or one of 'relu', 'leaky_relu', 'silu', 'gelu', 'gelu_tanh', 'hardswish', got 'tanh'"),
-    (dict(activation="ReLU"), ValueError, r"activation must be None or one of .* got 'ReLU'"),
-    (dict(activation="none"), ValueError, r"activation must be None or one of .* got 'none'"),
-    (dict(activation=nn.ReLU()), ValueError, r"activation must be None or one of .* got ReLU\(\)"),
-    (dict(negative_slope=math.nan), ValueError, "negative_slope must be a finite number, got nan"),
-    (dict(negative_slope=math.inf), ValueError, "negative_slope must be a finite number, got inf"),
-    (dict(negative_slope=True), ValueError, "negative_slope must be a finite number, got True"),
-    (dict(negative_slope="0.1"), ValueError, "negative_slope must be a finite number, got '0.1'"),
-    (dict(negative_slope=None), ValueError, "negative_slope must be a finite number, got None"),
-    (dict(residual=[1.0]), TypeError, "residual must be a torch.Tensor or None, got list"),
-    (dict(residual="shape"), ValueError, r"residual must have input's shape \(4, 3, 5, 6\), got \(4, 3, 5, 1\)"),
-    (dict(residual="dtype"), TypeError, "residual must have input's dtype torch.float32, got torch.float64"),
-    (dict(residual="device"), ValueError, "residual is on meta but input is on cpu"),
+    ({"activation": "ReLU"}, ValueError, r"activation must be None or one of .* got 'ReLU'"),
+    ({"activation": "none"}, ValueError, r"activation must be None or one of .* got 'none'"),
+    ({"activation": nn.ReLU()}, ValueError, r"activation must be None or one of .* got ReLU\(\)"),
+    ({"negative_slope": math.nan}, ValueError, "negative_slope must be a finite number, got nan"),
+    ({"negative_slope": math.inf}, ValueError, "negative_slope must be a finite number, got inf"),
+    ({"negative_slope": True}, ValueError, "negative_slope must be a finite number, got True"),
+    ({"negative_slope": "0.1"}, ValueError, "negative_slope must be a finite number, got '0.1'"),
+    ({"negative_slope": None}, ValueError, "negative_slope must be a finite number, got None"),
+    ({"residual": [1.0]}, TypeError, "residual must be a torch.Tensor or None, got list"),
+    ({"residual": "shape"}, ValueError, r"residual must have input's shape \(4, 3, 5, 6\), got \(4, 3, 5, 1\)"),
+    ({"residual": "dtype"}, TypeError, "residual must have input's dtype torch.float32, got torch.float64"),
+    ({"residual": "device"}, ValueError, "residual is on meta but input is on cpu"),
 ])
 @pytest.mark.parametrize("norm", NORMS)
 def test_functional_errors(norm, kwargs, error, message):
@@ -220,10 +220,10 @@ def test_functional_errors(norm, kwargs, error, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(activation="swish"), "activation must be None or one of 'relu', .* got 'swish'"),
-    (dict(activation=""), "activation must be None or one of .* got ''"),
-    (dict(negative_slope=math.nan), "negative_slope must be a finite number, got nan"),
-    (dict(negative_slope=False), "negative_slope must be a finite number, got False"),
+    ({"activation": "swish"}, "activation must be None or one of 'relu', .* got 'swish'"),
+    ({"activation": ""}, "activation must be None or one of .* got ''"),
+    ({"negative_slope": math.nan}, "negative_slope must be a finite number, got nan"),
+    ({"negative_slope": False}, "negative_slope must be a finite number, got False"),
 ])
 def test_constructor_errors(kwargs, message):
     for cls in (tritonorm.L1BatchNorm1d, tritonorm.LinfBatchNorm3d, tritonorm.TopkBatchNorm2d):

@@ -10,8 +10,8 @@ included):
     "silu"        f = z sigmoid(z)                         f' = sigmoid(z) (1 + z (1 - sigmoid(z)))
     "gelu"        f = z Phi(z),                            f' = Phi(z) + z phi(z)
                   Phi(z) = (1 + erf(z / sqrt 2)) / 2,  phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
-    "gelu_tanh"   f = z (1 + tanh u) / 2,                  f' = (1 + tanh u) / 2
-                  u = sqrt(2 / pi) (z + 0.044715 z^3)           + z (1 - tanh^2 u) sqrt(2 / pi) (1 + 3 * 0.044715 z^2) / 2
+    "gelu_tanh"   f = z (1 + tanh u) / 2,                  f' = (1 + tanh u) / 2 + z (1 - tanh^2 u) u' / 2
+                  u = sqrt(2 / pi) (z + 0.044715 z^3)      u' = sqrt(2 / pi) (1 + 3 * 0.044715 z^2)
                   (torch's approximate="tanh")
     "hardswish"   f = 0 for z <= -3, z for z >= 3,         f' = 0 for z < -3, 1 for z > 3,
                   z (z + 3) / 6 between                         (2 z + 3) / 6 for -3 <= z <= 3
