@@ -67,7 +67,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from tritonorm.bench.enorm_cases import STUDY_NETS, build
-from tritonorm.kernels import bounded_weight_norm, channel_reduce, enorm, equinorm, lp_batchnorm, running_stats
+from tritonorm.kernels import (
+    bounded_weight_norm, channel_reduce, channel_resident, enorm, equinorm, lp_batchnorm, running_stats,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -175,21 +177,26 @@ def resnet50_weights() -> list[tuple[int, ...]]:
     return sorted(shapes) + [(1000, 2048)]
 
 
-def _lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, affine: bool = True, modes=TRAIN_AND_EVAL):
+def _lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, affine: bool = True, modes=TRAIN_AND_EVAL,
+                   activation: str = "none", residual: bool = False, path: str = "auto"):
     """Forward and backward of one norm for each (batch_stats, param_grads) of ``modes``,
-    and the running statistics' update after a training forward."""
+    and the running statistics' update after a training forward; ``activation`` and
+    ``residual``: the fused epilogue; ``path``: TRITONORM_LP_PATH (on chip where it fits)."""
     c = x.shape[1]
     weight, bias = (torch.empty(c, dtype=x.dtype) if affine else None for _ in range(2))
     running_mean, running_dev = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype)
     dy = torch.empty_like(x)
-    common = dict(eps=1e-5, norm=norm, k=k, normalized=True)
+    common = dict(eps=1e-5, norm=norm, k=k, normalized=True, residual=torch.empty_like(x) if residual else None,
+                  activation=activation, activation_param=0.01)
     for batch_stats, param_grads in modes:
-        y, mean, dev, wbar, sel_i, sel_sign = lp_batchnorm.lp_batch_norm_forward(
-            x, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev,
-            batch_stats=batch_stats, **common)
-        lp_batchnorm.lp_batch_norm_backward(
-            dy, x=x, weight=weight, mean=mean, dev=dev, wbar=wbar, sel_i=sel_i, sel_sign=sel_sign,
-            batch_stats=batch_stats, param_grads=param_grads, **common)
+        with mock.patch.dict(os.environ, {channel_resident.PATH_VARIABLE: path}):
+            y, mean, dev, wbar, sel_i, sel_sign, affine_coefs = lp_batchnorm.lp_batch_norm_forward(
+                x, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev,
+                batch_stats=batch_stats, **common)
+            lp_batchnorm.lp_batch_norm_backward(
+                dy, x=x, weight=weight, mean=mean, dev=dev, wbar=wbar, sel_i=sel_i, sel_sign=sel_sign,
+                affine=affine_coefs, batch_stats=batch_stats, param_grads=param_grads, residual_grad=residual,
+                **common)
         if batch_stats:
             running_stats.update_running([(running_mean, mean), (running_dev, dev)], num_batches_tracked=None,
                                          momentum=0.1)
@@ -256,6 +263,10 @@ def resnet50_workloads():
                     x = dict(shape=(n, *chw), dtype=dtype, memory_format=memory_format)
                     for norm, k in (("l1", 1), ("linf", 1), ("topk", TOPK)):
                         yield _on(norm, _lp_batch_norm, **x, norm=norm, k=k)
+                        # the split kernels where the on-chip path takes the layer
+                        yield _on(f"{norm} split", _lp_batch_norm, **x, norm=norm, k=k, path="split")
+                        yield _on(f"{norm} + residual + relu", _lp_batch_norm, **x, norm=norm, k=k,
+                                  activation="relu", residual=True, modes=((True, True),))
                     yield _on("equinorm input", _equinorm_input, **x)
     for shape in resnet50_weights():
         for dtype in (torch.float32, torch.bfloat16):
@@ -284,6 +295,10 @@ def coverage_workloads():
                 yield _on(f"{norm} k={k} no affine", _lp_batch_norm, **x, norm=norm, k=k, affine=False,
                           modes=every_mode)
         yield _on("equinorm input", _equinorm_input, **x)
+    for shape in ((32, 64, 56, 56), (32, 512, 7, 7)):
+        for activation in ("leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish"):
+            yield _on(f"l1 {activation}", _lp_batch_norm, shape, torch.bfloat16, budgeted=False, norm="l1", k=1,
+                      activation=activation)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         common = dict(dtype=dtype, budgeted=False)
         yield _on("cumulative average", _cumulative_average, (64,), **common)
@@ -448,10 +463,24 @@ class Kernel:
         (in loops), and the accesses not traced to one argument or the table."""
         accesses = self.result.get("accesses", [])
         return dict(kernel=self.launch.kernel, name=self.launch.name, workloads=self.workloads,
-                    budgeted=self.budgeted, big=sorted(self.big),
-                    big_accesses=[a for a in accesses if a["loop"] and a["arg"] in self.big],
+                    budgeted=self.budgeted, big=sorted(self.big), big_accesses=big_accesses(accesses, self.big),
                     untraced=[a for a in accesses if a["arg"] == "?" or "|" in a["arg"]],
                     **{k: v for k, v in self.result.items() if k != "accesses"})
+
+
+def big_accesses(accesses: list[dict], big: set) -> list[dict]:
+    """The accesses that move a big tensor: those to a big argument in the kernel's loops
+    (which stream tiles), or in a kernel without such loops (an on-chip kernel holds its
+    tile in registers), each big argument's widest accesses per op: the tile's (the few
+    narrower ones are per-channel gathers such as x_0)."""
+    to_big = [a for a in accesses if a["arg"] in big]
+    streamed = [a for a in to_big if a["loop"]]
+    if streamed:
+        return streamed
+    widest = defaultdict(int)
+    for a in to_big:
+        widest[(a["arg"], a["op"])] = max(widest[(a["arg"], a["op"])], a["bytes"])
+    return [a for a in to_big if a["bytes"] == widest[(a["arg"], a["op"])]]
 
 
 def collect(workloads) -> list[Kernel]:

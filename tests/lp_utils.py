@@ -34,11 +34,14 @@ def random_input(shape, dtype, device, channels_last=False, seed=0):
 
 
 def run(norm, x, backend, *, affine=True, training=True, running=True, momentum=0.1, grad=True, seed=1, k=3,
-        param_dtype=torch.float32, grad_dtype=None):
+        param_dtype=torch.float32, grad_dtype=None, residual=False, activation=None, negative_slope=0.01):
     """Forward (+ backward with a random upstream gradient, whose values are those of
-    ``grad_dtype``, y's dtype by default) of one configuration.
+    ``grad_dtype``, y's dtype by default) of one configuration.  ``residual``: a random
+    residual of x's dtype (values of ``grad_dtype``'s) is added, "channels_last" in that
+    layout whatever x's; ``activation`` / ``negative_slope`` the fused activation.
 
-    Returns a dict of y, the gradients and the running buffers after the call."""
+    Returns a dict of y, the gradients (``dresidual`` too) and the running buffers after
+    the call."""
     g = torch.Generator().manual_seed(seed)
     c = x.shape[1]
     dev = x.device
@@ -48,13 +51,23 @@ def run(norm, x, backend, *, affine=True, training=True, running=True, momentum=
     rm = (0.1 * torch.randn(c, generator=g)).to(dev, param_dtype) if running else None
     rd = (1 + torch.rand(c, generator=g)).to(dev, param_dtype) if running else None
     nbt = torch.tensor(3, device=dev) if momentum is None else None
+    fused = {}
+    if residual:
+        r = torch.randn(x.shape, generator=g).to(dev, grad_dtype or x.dtype).to(x.dtype)
+        if residual == "channels_last":
+            r = r.to(memory_format=torch.channels_last if r.dim() == 4 else torch.channels_last_3d)
+        fused["residual"] = r.requires_grad_(grad)
+    if activation is not None:
+        fused.update(activation=activation, negative_slope=negative_slope)
     y = call(norm, x, backend=backend, k=k, running_mean=rm, running_dev=rd, weight=weight, bias=bias,
-             training=training, momentum=momentum, num_batches_tracked=nbt)
+             training=training, momentum=momentum, num_batches_tracked=nbt, **fused)
     out = {"y": y.detach(), "running_mean": rm, "running_dev": rd, "y_stride": y.stride()}
     if grad:
         dy = torch.randn(y.shape, generator=g).to(dev, grad_dtype or y.dtype).to(y.dtype)
         y.backward(dy)
         out["dx"] = x.grad
+        if residual:
+            out["dresidual"] = fused["residual"].grad
         if affine:
             out["dweight"], out["dbias"] = weight.grad, bias.grad
     return out
@@ -73,7 +86,7 @@ def compare(norm, x, **kwargs):
     ref_kwargs = dict(kwargs, param_dtype=torch.float64, grad_dtype=x.dtype)  # the same dy values
     ref = run(norm, x.double(), "torch", **ref_kwargs)
     n = x.numel() // x.shape[1]
-    for key in ("y", "dx"):
+    for key in ("y", "dx", "dresidual"):
         if key in tri:
             assert_close(tri[key], ref[key], x.dtype, key)
     # momentum reaches the update kernel as an fp32 scalar, so fp64 buffers agree to fp32

@@ -51,10 +51,22 @@ def test_opcheck_forward(norm, batch_stats, channels_last, device):
 
 
 @pytest.mark.parametrize("norm", NORMS)
-def test_opcheck_backward(norm, device):
-    x, w, b, rm, rd, *_ = _lp_op_args(norm, device, True)
-    y, mean, dev, wbar, sel_i, sel_sign = lp_ops.lp_batch_norm(x, w, b, None, None, True, 1e-5, norm, 3, True)
-    args = (torch.randn_like(y), x.detach(), w.detach(), mean, dev, wbar, sel_i, sel_sign, True, True, 1e-5, norm, 3, True)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_opcheck_fused_forward(norm, activation, device):
+    args = _lp_op_args(norm, device, True)
+    residual = torch.randn_like(args[0]).requires_grad_()
+    torch.library.opcheck(lp_ops.lp_batch_norm, args + (residual, activation, 0.01))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("activation, residual", [("none", False), ("gelu", True)])
+def test_opcheck_backward(norm, activation, residual, device):
+    x, w, b, *_ = _lp_op_args(norm, device, True)
+    res = torch.randn_like(x) if residual else None
+    y, mean, dev, wbar, sel_i, sel_sign, affine = lp_ops.lp_batch_norm(
+        x, w, b, None, None, True, 1e-5, norm, 3, True, res, activation, 0.01)
+    args = (torch.randn_like(y), x.detach(), w.detach(), mean, dev, wbar, sel_i, sel_sign, affine, True, True, 1e-5,
+            norm, 3, True, res, activation, 0.01, residual)
     torch.library.opcheck(lp_ops.lp_batch_norm_backward, args)
 
 

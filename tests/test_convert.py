@@ -470,3 +470,277 @@ def test_lp_conversion_of_an_unusable_batchnorm_names_it():
     message = r"model.1 \(BatchNorm2d\): momentum must be a number in \[0, 1\] or None, got 1.5"
     with pytest.raises(ValueError, match=message):
         tritonorm.convert(model, "l1")
+
+
+# --- fused activations and residual adds (fuse=True), BatchNormAct-style subclasses -------
+
+
+def lp_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, tritonorm.nn.lp_batchnorm._LpBatchNorm)}
+
+
+def randomized(model):
+    """Random BatchNorm affines and running statistics (eval equality must not be luck)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BATCHNORMS):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def assert_same_step(fused, plain, x):
+    """Same output, input gradient, parameter gradients and running statistics."""
+    outputs = []
+    for model in (fused, plain):
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        outputs.append((y, xx.grad, dict(model.named_parameters()), dict(model.named_buffers())))
+    (y, dx, params, buffers), (y0, dx0, params0, buffers0) = outputs
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(dx, dx0)
+    assert params.keys() == params0.keys() and buffers.keys() == buffers0.keys()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, params0[name].grad, msg=lambda m, name=name: f"{name}: {m}")
+    for name, b in buffers.items():
+        torch.testing.assert_close(b, buffers0[name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("norm", list(LP))
+def test_fuse_resnet_blocks(norm, block, channels_last):
+    """Every BN -> ReLU and BN -> add -> ReLU of a BasicBlock / Bottleneck (with a
+    downsample) is fused; eval output, training forward and backward equal the unfused
+    conversion's."""
+    torch.manual_seed(0)
+    model = BasicBlock(4, 6, stride=2, downsample=down(4, 6, 2)) if block == "basic" else \
+        Bottleneck(8, 2, downsample=down(8, 8, 1))
+    model = randomized(model)
+    options = {"k": 5} if norm == "topk" else {}
+    x = torch.randn(4, model.conv1.in_channels, 6, 6) * 2 + 1
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    for training in (False, True):
+        model.train(training)
+        fused = tritonorm.convert(model, norm, fuse=True, backend="torch", **options)
+        plain = tritonorm.convert(model, norm, backend="torch", **options)
+        assert isinstance(fused, fx.GraphModule) and not isinstance(plain, fx.GraphModule)
+        layers = lp_layers(fused)
+        last = "bn2" if block == "basic" else "bn3"
+        expected = {"bn1": "relu", last: "relu", "downsample.1": None}
+        if block == "bottleneck":
+            expected["bn2"] = "relu"
+        assert {n: m.activation for n, m in layers.items()} == expected
+        assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+        calls = [n for n in fused.graph.nodes if n.op == "call_module" and n.target == last]
+        assert len(calls) == 1 and set(calls[0].kwargs) == {"residual"}
+        assert not [n for n in fused.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+        if training:
+            assert_same_step(fused, plain, x)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(fused(x), plain(x))
+                torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(type(m) is not nn.ReLU or m.inplace for m in model.modules())  # the input model untouched
+
+
+def test_fuse_resnet_eval_equals_batchnorm():
+    model, x = trained("resnet")
+    fused = tritonorm.convert(model, "l1", fuse=True)
+    activations = {n: m.activation for n, m in lp_layers(fused).items()}
+    assert len(activations) == 13 and [n for n, a in activations.items() if a is None] == [
+        "4.downsample.1", "5.downsample.1"]
+    assert set(activations.values()) == {"relu", None}
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Forms(nn.Module):
+    """One BatchNorm per way of writing an activation or a residual add (all fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(12))
+        self.lrelu, self.gelu_tanh, self.silu, self.hswish = (
+            nn.LeakyReLU(0.3), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish())
+
+    def forward(self, x):
+        f = nn.functional
+        b = self.bns
+        outs = [
+            f.relu(b[0](x)), torch.relu(b[1](x)), b[2](x).relu(), f.leaky_relu(b[3](x), 0.25),
+            f.gelu(b[4](x), approximate="tanh"), f.silu(b[5](x)), f.hardswish(b[6](x)), self.lrelu(b[7](x)),
+            self.gelu_tanh(x + b[8](x)), self.silu(torch.add(b[9](x), x)), self.hswish(b[10](x).add(x)),
+        ]
+        h = b[11](x)
+        h += x
+        outs.append(f.gelu(h))
+        return torch.stack(outs)
+
+
+FORMS = [("relu", 0.01), ("relu", 0.01), ("relu", 0.01), ("leaky_relu", 0.25), ("gelu_tanh", 0.01),
+         ("silu", 0.01), ("hardswish", 0.01), ("leaky_relu", 0.3), ("gelu_tanh", 0.01), ("silu", 0.01),
+         ("hardswish", 0.01), ("gelu", 0.01)]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fuse_every_form(training):
+    model = randomized(Forms()).train(training)
+    fused = tritonorm.convert(model, "linf", fuse=True, backend="torch")
+    plain = tritonorm.convert(model, "linf", backend="torch")
+    layers = lp_layers(fused)
+    assert [(layers[f"bns.{i}"].activation, layers[f"bns.{i}"].negative_slope) for i in range(12)] == FORMS
+    assert [n.op for n in fused.graph.nodes] == ["placeholder", *["call_module"] * 12, "call_function", "output"]
+    assert sum("residual" in n.kwargs for n in fused.graph.nodes) == 4
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    assert_same_step(fused, plain, x)
+
+
+class Unfusable(nn.Module):
+    """Each BatchNorm here keeps its activation outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.BatchNorm2d(3)  # called twice
+        self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(7))
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x):
+        f = nn.functional
+        b = self.bns
+        shared = torch.relu(self.shared(x)) + torch.relu(self.shared(x * 2))
+        two_users = b[0](x)
+        outs = [
+            shared, torch.relu(two_users) + two_users,      # the BN output also feeds the add
+            torch.relu(b[1](x) + 1.0),                      # a scalar add
+            torch.relu(torch.add(b[2](x), x, alpha=2)),     # alpha
+            self.relu6(b[3](x)),                            # not a supported activation
+            f.elu(b[4](x)),
+            torch.tanh(b[5](x) + x),
+        ]
+        r = x * 3
+        outs.append(torch.relu(r.add_(b[6](x))) + r)  # writes into r, read again: the BN output is not written
+        return torch.stack(outs)
+
+
+def test_fuse_leaves_the_rest_unfused():
+    model = randomized(Unfusable()).eval()
+    fused = tritonorm.convert(model, "l1", fuse=True)
+    assert all(m.activation is None for m in lp_layers(fused).values())
+    assert not any("residual" in n.kwargs for n in fused.graph.nodes)
+    plain = tritonorm.convert(model, "l1")
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x))
+    assert_same_step(fused.train(), plain.train(), x)
+
+
+def test_fuse_shared_activation_module_and_root():
+    """One nn.ReLU called after two BatchNorms: both calls fused; a BatchNorm root has
+    nothing to fuse."""
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.bn2, self.act = nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.LeakyReLU(0.2)
+
+        def forward(self, x):
+            return self.act(self.bn2(self.act(self.bn1(x))))
+
+    model = randomized(TwoCalls()).eval()
+    fused = tritonorm.convert(model, "topk", k=2, fuse=True)
+    assert [(m.activation, m.negative_slope) for m in lp_layers(fused).values()] == [("leaky_relu", 0.2)] * 2
+    assert not hasattr(fused, "act")
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), tritonorm.convert(model, "topk", k=2)(x))
+    assert type(tritonorm.convert(nn.BatchNorm2d(3), "l1", fuse=True)) is tritonorm.L1BatchNorm2d
+
+
+def test_fuse_errors():
+    with pytest.raises(TypeError, match="fuse must be a bool, got 1"):
+        tritonorm.convert(mlp(), "l1", fuse=1)
+    with pytest.raises(ValueError, match="torch.fx could not trace Untraceable .* or convert without fuse=True"):
+        tritonorm.convert(Untraceable(), "linf", fuse=True)
+    assert type(tritonorm.convert(Untraceable(), "linf").bn) is tritonorm.LinfBatchNorm2d
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, in shape: a BatchNorm2d with act and drop submodules."""
+
+    def __init__(self, num_features, act_layer=nn.ReLU, drop_layer=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class WithSubmodule(nn.BatchNorm2d):
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.scale = nn.Identity()
+
+
+class UnusedAct(nn.BatchNorm2d):
+    """An act submodule, but nn.BatchNorm2d's forward: not a BatchNormAct."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+
+@pytest.mark.parametrize("act_layer, expected", [
+    (nn.ReLU, ("relu", 0.01)), (lambda: nn.LeakyReLU(0.2), ("leaky_relu", 0.2)), (nn.SiLU, ("silu", 0.01)),
+    (lambda: nn.GELU(approximate="tanh"), ("gelu_tanh", 0.01)), (nn.Hardswish, ("hardswish", 0.01)),
+    (None, (None, 0.01)),
+])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_batchnorm_act_keeps_its_activation(act_layer, expected, fuse):
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=act_layer), nn.ReLU()).eval())
+    converted = tritonorm.convert(model, "l1", fuse=fuse)
+    (layer,) = lp_layers(converted).values()
+    if fuse and act_layer is None:  # nn.Identity: no activation of its own, so the ReLU after it is fused
+        expected = ("relu", 0.01)
+    assert (layer.activation, layer.negative_slope) == expected
+    assert not any(isinstance(m, BatchNormAct2d) for m in converted.modules())
+    # with fuse, the ReLU after a layer with no activation of its own is fused; else kept
+    relu_kept = any(isinstance(m, nn.ReLU) for m in converted.modules())
+    assert relu_kept == (not fuse or act_layer is not None)
+    x = torch.randn(2, 3, 6, 6) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module, message", [
+    (BatchNormAct2d(4, act_layer=nn.Tanh), (r"model.1 \(BatchNormAct2d\): its act is Tanh, which the Lp layers "
+                                             r"cannot fuse")),
+    (BatchNormAct2d(4, drop_layer=nn.Dropout), r"model.1 \(BatchNormAct2d\): its drop is Dropout, not nn.Identity"),
+    (OwnForward(4), (r"model.1 \(OwnForward\): a BatchNorm subclass that overrides forward: an Lp layer in its "
+                     r"place would not compute what it does")),
+    (WithSubmodule(4), r"model.1 \(WithSubmodule\): a BatchNorm subclass that owns submodules \(scale\)"),
+    (UnusedAct(4), r"model.1 \(UnusedAct\): a BatchNorm subclass that owns submodules \(act\)"),
+])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_batchnorm_subclass_refusals(module, message, fuse):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), module)
+    with pytest.raises(ValueError, match=message):
+        tritonorm.convert(model, "topk", fuse=fuse)
+
+
+def test_equinorm_leaves_batchnorm_act_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"`1` \(BatchNormAct2d\): a BatchNorm subclass that overrides forward and "
+                                         r"owns submodules \(drop, act\): EquiNorm would drop what it adds"):
+        converted = tritonorm.convert(model, "equinorm")
+    assert type(converted.get_submodule("1")) is BatchNormAct2d

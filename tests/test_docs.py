@@ -143,8 +143,9 @@ def _public_names() -> list[tuple[str, object]]:
 
 
 def _plain_signature(obj) -> str | None:
-    """``obj``'s signature without annotations, as api.md writes it; None for a module."""
-    if inspect.ismodule(obj):
+    """``obj``'s signature without annotations, as api.md writes it; None for a module or
+    a constant (``tritonorm.ACTIVATIONS``)."""
+    if inspect.ismodule(obj) or not callable(obj):
         return None
     sig = inspect.signature(obj)
     params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]

@@ -65,6 +65,12 @@ NARROW_CONFIGS_ALLOWED = {
     # K = 1 included) puts GROUP channels in a row, which would turn each fold step into GROUP
     # segmented reductions.  Coalescing is unaffected: a warp still reads whole lines.
     "lp_batchnorm._extremes_kernel": r"\bK=(?!1,)\d+,",
+    # The on-chip kernels hold whole channels in registers.  Where a row is not a multiple of
+    # 16 bytes (7x7, 14x14 in bf16) the grouped view that aligns it holds GROUP channels a
+    # program: GROUP times the registers, past the capacity of the backward (x and dy), of
+    # Top-k's forward (which ranks one channel a row) and of N=256.  Coalescing is unaffected.
+    "lp_batchnorm._resident_forward_kernel": r"\bGROUP=1\b",
+    "lp_batchnorm._resident_backward_kernel": r"\bGROUP=1\b",
 }
 
 

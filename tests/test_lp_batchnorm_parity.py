@@ -24,7 +24,7 @@ SHAPES = [
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,channels_last", SHAPES, ids=str)
-def test_training_parity(norm, dtype, shape, channels_last, device):
+def test_training_parity(norm, dtype, shape, channels_last, device, lp_path):
     x = random_input(shape, dtype, device, channels_last)
     tri, _ = compare(norm, x)
     assert tri["y"].dtype == dtype
@@ -38,7 +38,7 @@ def test_training_parity(norm, dtype, shape, channels_last, device):
     [((40, 2, 5, 5), 32), ((300, 5), 32), ((16, 3, 40, 40), None)],
     ids=["many-splits", "many-splits-nsc", "several-tiles-per-program"],
 )
-def test_split_plans(norm, shape, programs_per_wave, device, monkeypatch):
+def test_split_plans(norm, shape, programs_per_wave, device, monkeypatch, split_path):
     """A channel split over many programs (partial sums, and the top-k merge across
     splits in several chunks), and programs that walk several tiles each."""
     from tritonorm.kernels import channel_reduce
@@ -100,21 +100,22 @@ def test_ties_pick_the_lowest_index(norm, device):
 @pytest.mark.parametrize("norm", ["linf", "topk"])
 @pytest.mark.parametrize("order", ["ascending", "descending", "few-levels"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_extremes_whatever_the_order(norm, order, channels_last, device, monkeypatch):
+def test_extremes_whatever_the_order(norm, order, channels_last, device, monkeypatch, lp_path):
     """The top-K state of each split holds the K best candidates in any data order: sorted
     ascending (every element outranks the state: K fold steps a tile), descending (none
     does after the first tile), and a few distinct levels (ties everywhere, decided by the
-    lowest index), over many splits whose lists are merged in several chunks."""
+    lowest index), over many splits whose lists are merged in several chunks; on chip,
+    the K steps of extraction over the whole channel, ties to the same element."""
     from tritonorm.kernels import channel_reduce
 
     monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 8)
-    n, c, h, w = 40, 3, 6, 7
+    n, c, h, w = 40 if lp_path == "split" else 16, 3, 6, 7  # on chip: what fits Top-k's channels_last tile
     r = torch.arange(n * h * w, dtype=torch.float32)
     values = {"ascending": r, "descending": -r, "few-levels": (r * 7919 % 5) - 2.0}[order]
     x = (values.view(n, 1, h, w) * (1.0 + torch.arange(c).view(1, c, 1, 1))).contiguous()
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    assert channel_reduce.plan(channel_reduce.channel_view(x)).splits > 1
+    assert lp_path == "onchip" or channel_reduce.plan(channel_reduce.channel_view(x)).splits > 1
     compare(norm, x.to(device), k=10)
 
 
@@ -124,22 +125,29 @@ def test_extremes_whatever_the_order(norm, order, channels_last, device, monkeyp
     [((5, 8, 7, 7), torch.float32, 4), ((3, 8, 7, 7), torch.bfloat16, 8), ((3, 4, 14, 14), torch.bfloat16, 2)],
     ids=["7x7-fp32", "7x7-bf16", "14x14-bf16"],
 )
-def test_grouped_rows(norm, shape, dtype, group, device, monkeypatch):
+def test_grouped_rows(norm, shape, dtype, group, device, monkeypatch, lp_path):
     """Rows that are not a multiple of 16 bytes are read as rows of `group` channels (the
     per-lane channel, the per-segment sums and maxima, the reduction indices, the selected
-    elements' gradient), over several splits."""
-    from tritonorm.kernels import channel_reduce
+    elements' gradient), over several splits, or on chip (Top-k's forward excepted: it
+    ranks one channel a row)."""
+    from tritonorm.kernels import channel_reduce, channel_resident
 
     monkeypatch.setattr(channel_reduce, "_num_programs_per_wave", lambda device: 4)
     x = random_input(shape, dtype, device)
-    pl = channel_reduce.plan(channel_reduce.channel_view(x), grouped=True)
-    assert pl.group == group and pl.splits > 1
+    view = channel_reduce.channel_view(x)
+    if lp_path == "split":
+        pl = channel_reduce.plan(view, grouped=True)
+        assert pl.group == group and pl.splits > 1
+    else:
+        selected = {"l1": 0, "linf": 1, "topk": 3}[norm]
+        assert channel_resident.plan(view, selected, backward=False).group == (1 if norm == "topk" else group)
+        assert channel_resident.plan(view, selected, backward=True).group == group
     compare(norm, x, k=3)
 
 
 @pytest.mark.parametrize("mean_once", [False, True], ids=["mean-in-every-program", "mean-kernel"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_l1_mean_paths(mean_once, channels_last, device, monkeypatch):
+def test_l1_mean_paths(mean_once, channels_last, device, monkeypatch, split_path):
     """L1's abs-dev pass centres on the mean recombined in each program, or on the mean a
     kernel computed once (chosen by the cost of the re-read; forced both ways here)."""
     from tritonorm.kernels import channel_reduce, lp_batchnorm

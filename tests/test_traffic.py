@@ -18,7 +18,7 @@ import tritonorm
 from tritonorm.bench import enorm_cases, traffic
 from tritonorm.bench.traffic import AVERAGED, COPY, FILL, OUTSIDE, SYNC, Sampling, count, count_step
 from tritonorm.cli import main
-from tritonorm.kernels import channel_reduce
+from tritonorm.kernels import channel_reduce, channel_resident
 
 pytestmark = pytest.mark.skipif(not channel_reduce.INTERPRETED, reason="the counter runs Triton's interpreter")
 
@@ -226,9 +226,9 @@ def _check(counted: traffic.Traffic, tensor_bytes: int, passes: float, launches:
     assert sorted(op.name for op in counted.torch_ops) == sorted(ops), report
 
 
-# The issue's budgets, per norm and pass: (passes over x, launches); no torch op outside the
-# kernels in either pass (so no zero-fill or copy in the backward).  The running statistics
-# are aside: the layers here have none, test_running_statistics_cost counts them.
+# The split path's budgets, per norm and pass: (passes over x, launches); no torch op outside
+# the kernels in either pass (so no zero-fill or copy in the backward).  The running
+# statistics are aside: the layers here have none, test_running_statistics_cost counts them.
 BN_SHAPE = (32, 32, 28, 28)
 BN_BUDGETS = {
     "l1": {"forward": (4.1, 4), "backward": (5.1, 3)},
@@ -239,11 +239,31 @@ BN_BUDGETS = {
 
 @pytest.mark.parametrize("memory_format, dtype", LAYOUTS)
 @pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
-def test_batch_norm_budgets(norm, memory_format, dtype):
+def test_batch_norm_budgets(norm, memory_format, dtype, monkeypatch):
+    monkeypatch.setenv(channel_resident.PATH_VARIABLE, "split")
     x, dy = _inputs(BN_SHAPE, memory_format, dtype)
     step = _step(_bn(norm, BN_SHAPE[1], dtype, track_running_stats=False), x, dy)
     for direction, counted in zip(DIRECTIONS, step, strict=True):
         _check(counted, x.numel() * x.element_size(), *BN_BUDGETS[norm][direction])
+
+
+# The on-chip path (kernels/channel_resident.py), every norm: the floor of any batch norm,
+# forward 1 read + 1 write in 1 launch, backward 2 reads + 1 write in 1 launch, plus the
+# per-channel vectors (statistics, x_0, Top-k's selected elements: at most 0.1 pass here).
+ONCHIP_SHAPE = (4, 16, 16, 16)
+ONCHIP_BUDGETS = {"forward": (2.1, 1), "backward": (3.1, 1)}
+
+
+@pytest.mark.parametrize("memory_format, dtype", LAYOUTS)
+@pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
+def test_on_chip_budgets(norm, memory_format, dtype):
+    """Planned for 132 SMs, as the automatic choice makes it on an H100."""
+    x, dy = _inputs(ONCHIP_SHAPE, memory_format, dtype)
+    layer = _bn(norm, ONCHIP_SHAPE[1], dtype, track_running_stats=False)
+    step = count_step(functools.partial(layer, x), (x, *layer.parameters()), dy, sms=traffic.H100_SMS)
+    for direction, counted in zip(DIRECTIONS, step, strict=True):
+        assert all("_resident_" in launch.kernel for launch in counted.launches), traffic.describe(counted, 1)
+        _check(counted, x.numel() * x.element_size(), *ONCHIP_BUDGETS[direction])
 
 
 def test_running_statistics_cost():
@@ -358,14 +378,15 @@ def test_cli_traffic_estimate(capsys, tmp_path):
     header, _, table = out.partition("\n\n")
     assert "launches planned for 2 SMs" in header
     lines = table.splitlines()
-    assert lines[0].split() == ["norm", "shape", "layout", "dtype", "pass", "launches", "MB", "passes", "floor",
+    assert lines[0].split() == ["norm", "shape", "layout", "dtype", "pass", "path", "launches", "MB", "passes", "floor",
                                 "cuDNN", "bytes", "torch", "ops", "outside", "the", "kernels", "est.", "us", "cuDNN",
                                 "est.", "us", "/", "cuDNN"]
     rows = [line.split() for line in lines[2:2 + 24]]  # 3 norms x 2 layouts x 2 dtypes x 2 passes
     assert {(r[0], r[2], r[3], r[4]) for r in rows} == {
         (norm, layout, dtype, direction) for norm in ("l1", "linf", "topk") for layout in ("nchw", "nhwc")
         for dtype in ("fp32", "bf16") for direction in DIRECTIONS}
-    assert all(r[1] == "2x4x4x4" and r[10] == traffic.COUNTED for r in rows)
+    assert all(r[1] == "2x4x4x4" and r[5] == "on-chip" and r[11] == traffic.COUNTED for r in rows)
+    assert "On-chip layers: forward+backward >= 1.4 x faster than cuDNN: 12 of 12 cases" in out
     assert "a MODEL, not a measurement" in out and "Targets (estimated):" in out
     page = next(tmp_path.glob("traffic-*.md")).read_text()
     assert "ESTIMATED (a model, not a measurement)" in page

@@ -12,6 +12,7 @@ from .enorm import ENorm
 from .lr_correction import corrected_lr, slice_norms
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
+from .reference.activation import ACTIVATIONS
 
 __version__ = "0.1.0"
-__all__ = ["functional", "convert", "ENorm", "corrected_lr", "slice_norms", *_nn_all]
+__all__ = ["functional", "convert", "ENorm", "corrected_lr", "slice_norms", "ACTIVATIONS", *_nn_all]

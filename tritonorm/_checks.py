@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from .reference.activation import ACTIVATIONS
+
 NUMBER_TYPES = (int, float, torch.SymInt, torch.SymFloat)
 
 
@@ -77,6 +79,14 @@ def check_choice(name: str, value, choices, what: str | None = None):
     if isinstance(value, str) and value in choices:
         return value
     raise ValueError(f"{what or name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_activation(activation, negative_slope) -> None:
+    """A fused activation: None or one of ``ACTIVATIONS``, and a finite negative_slope
+    (a real number, not a bool; checked whatever the activation, as a layer keeps it)."""
+    if activation is not None and not (isinstance(activation, str) and activation in ACTIVATIONS):
+        raise ValueError(f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    check_number("negative_slope", negative_slope)
 
 
 def check_momentum(momentum):

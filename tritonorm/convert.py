@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import warnings
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -16,6 +18,7 @@ from torch import fx, nn
 from . import functional as F
 from ._chain import BATCHNORMS, Tracer
 from ._chain import _describe as _describe_node
+from ._checks import check_bool, is_number
 from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
 from .nn.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear, _EquiNorm
@@ -23,6 +26,7 @@ from .nn.lp_batchnorm import (
     L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d, LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d, TopkBatchNorm1d,
     TopkBatchNorm2d, TopkBatchNorm3d, _LpBatchNorm,
 )
+from .reference.activation import ACTIVATIONS, NEGATIVE_SLOPE, activation_of
 
 __all__ = ["convert"]
 
@@ -60,9 +64,33 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         eval output gamma (x - mu) / (running_dev + eps) + beta the BatchNorm's
         gamma (x - mu) / sqrt(running_var + eps) + beta (to rounding).  Options: ``backend``;
         ``k`` for "topk" (10 by default, as TopkBatchNorm: training needs k values or more
-        per channel).  Modules keep their names and the model its type (a model that is
-        itself a BatchNorm gives the Lp layer); a BatchNorm used at several places becomes
-        one Lp layer used at the same places.
+        per channel); ``fuse`` (below).  Modules keep their names and the model its
+        type (a model that is itself a BatchNorm gives the Lp layer); a BatchNorm used at
+        several places becomes one Lp layer used at the same places.  A subclass of nn.BatchNorm converts like
+        it when it adds nothing; a timm BatchNormAct-style subclass (its own forward,
+        drop(act(bn(x))), with ``act`` and ``drop`` submodules) gives the Lp layer with
+        ``activation`` set to act's when act is nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU,
+        nn.Hardswish or nn.Identity and drop nn.Identity (or absent); any other subclass
+        with its own forward or submodules is a ValueError naming it (an Lp layer in its
+        place would silently change the function).
+
+        ``fuse=True`` also moves what follows each BatchNorm into its Lp layer: the model
+        is traced with torch.fx (BatchNorms as leaves), so the result is a
+        ``torch.fx.GraphModule`` running the traced forward, and a model fx cannot trace
+        is a ValueError.  A BatchNorm whose output goes only to a supported activation
+        (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, F.relu / torch.relu /
+        x.relu(), F.leaky_relu, F.silu, F.gelu, F.hardswish) becomes
+        ``layer(x)`` with ``activation`` set; one whose output goes only to an add
+        (``+``, torch.add, x.add, ``+=``; either operand order) whose output goes only to
+        such an activation becomes ``layer(x, residual=other)``; the activation and add
+        nodes are removed.  Left as they are (converted, unfused): a BatchNorm called at
+        several places (one layer cannot hold one activation per call), a BatchNorm output
+        or add output that feeds anything else too, an add with a scalar, with alpha != 1
+        or writing into the other operand, activations not in the list (or non-constant
+        arguments), a BatchNormAct-style layer (it has its activation already).  The
+        other operand of a fused add must have the BatchNorm output's shape, dtype and
+        device (a broadcasting add would fail at the call).  The eval output is the
+        unfused conversion's, and so are the training forward and backward.
 
     norm "equinorm": each nn.Conv1d/2d/3d (nn.Linear) whose output goes only to an
         nn.BatchNorm of its dimension (BatchNorm1d for Linear) and its number of channels
@@ -115,16 +143,33 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
 # convert accepts for its norm.
 
 
-def _l1(model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    return _swap_batchnorms(model, "l1", {"backend": backend})
+def _l1(model: nn.Module, *, backend: str = "auto", fuse: bool = False) -> nn.Module:
+    return _lp_model(model, "l1", {"backend": backend}, fuse)
 
 
-def _linf(model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    return _swap_batchnorms(model, "linf", {"backend": backend})
+def _linf(model: nn.Module, *, backend: str = "auto", fuse: bool = False) -> nn.Module:
+    return _lp_model(model, "linf", {"backend": backend}, fuse)
 
 
-def _topk(model: nn.Module, *, k: int = 10, backend: str = "auto") -> nn.Module:
-    return _swap_batchnorms(model, "topk", {"k": k, "backend": backend})
+def _topk(model: nn.Module, *, k: int = 10, backend: str = "auto", fuse: bool = False) -> nn.Module:
+    return _lp_model(model, "topk", {"k": k, "backend": backend}, fuse)
+
+
+def _lp_model(model: nn.Module, norm: str, options: dict, fuse: bool) -> nn.Module:
+    """Every BatchNorm swapped for its Lp layer; with ``fuse``, in the traced model, each
+    activation (and residual add before it) that follows one moved into its layer."""
+    check_bool("fuse", fuse)
+    if not fuse or isinstance(model, BATCHNORMS):  # a model that is one BatchNorm has nothing to fuse
+        return _swap_batchnorms(model, norm, options)
+    graph_module = _trace(model, "or convert without fuse=True")
+    targets = {n.target for n in graph_module.graph.nodes
+               if n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), BATCHNORMS)}
+    _swap_batchnorms(graph_module, norm, options)
+    _fuse_activations(graph_module, targets)
+    graph_module.delete_all_unused_submodules()
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
 
 
 def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
@@ -155,7 +200,8 @@ def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
     tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
     factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
     layer = _LP_CLASSES[norm][dim](
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **options, **factory
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_bn_activation(bn), **options,
+        **factory,
     )
     if bn.affine:
         layer.weight.copy_(bn.weight)
@@ -165,6 +211,151 @@ def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
         layer.running_dev.copy_((bn.running_var.double() + bn.eps).sqrt() - bn.eps)
         layer.num_batches_tracked.copy_(bn.num_batches_tracked)
     return layer.train(bn.training)
+
+
+_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _changes_function(bn: nn.Module) -> str | None:
+    """What a BatchNorm subclass adds to nn.BatchNorm's function (an own forward, its
+    submodules), or None for a subclass that only renames it."""
+    children = [name for name, _ in bn.named_children()]
+    what = []
+    if type(bn).forward is not _BATCHNORM_FORWARD:
+        what.append("overrides forward")
+    if children:
+        what.append(f"owns submodules ({', '.join(children)})")
+    return " and ".join(what) or None
+
+
+def _bn_activation(bn: nn.Module) -> dict:
+    """The Lp layer's activation arguments for ``bn``: none for nn.BatchNorm (or a subclass
+    that adds nothing); act's for a timm BatchNormAct-style subclass, an own forward and
+    ``act`` (and ``drop``) submodules, computing drop(act(bn(x))).  Anything else a
+    ValueError: a bare Lp layer would silently drop what the subclass adds."""
+    changes = _changes_function(bn)
+    if changes is None:
+        return {}
+    children = dict(bn.named_children())
+    if type(bn).forward is _BATCHNORM_FORWARD or "act" not in children or not set(children) <= {"act", "drop"}:
+        raise ValueError(
+            f"a BatchNorm subclass that {changes}: an Lp layer in its place would not compute what it does (only "
+            "the act / drop submodules of a BatchNormAct-style layer are understood); convert it by hand"
+        )
+    act, drop = children["act"], children.get("drop")
+    if drop is not None and type(drop) is not nn.Identity:
+        raise ValueError(f"its drop is {type(drop).__name__}, not nn.Identity: the Lp layers fuse no dropout")
+    if type(act) is nn.Identity:
+        return {}
+    found = activation_of(act)
+    if found is None:
+        raise ValueError(
+            f"its act is {type(act).__name__}, which the Lp layers cannot fuse (they take nn.ReLU, nn.LeakyReLU, "
+            "nn.SiLU, nn.GELU, nn.Hardswish or nn.Identity)"
+        )
+    return {"activation": found[0], "negative_slope": found[1]}
+
+
+# --- fuse=True: activations and residual adds into the Lp layers -------------------
+
+_ADDS = {operator.add, torch.add}
+_IN_PLACE_ADDS = {operator.iadd}
+# The parameters of the activation functions fx may record, in order.
+_ACTIVATION_PARAMETERS = {
+    nn.functional.relu: ("input", "inplace"),
+    torch.relu: ("input",),
+    nn.functional.leaky_relu: ("input", "negative_slope", "inplace"),
+    nn.functional.silu: ("input", "inplace"),
+    nn.functional.gelu: ("input", "approximate"),
+    nn.functional.hardswish: ("input", "inplace"),
+}
+
+
+def _fuse_activations(graph_module: fx.GraphModule, targets: set[str]) -> None:
+    """For each call of an Lp layer in ``targets`` (the converted BatchNorms) whose layer
+    is called once and has no activation yet: bn -> act becomes bn(activation=act), and
+    bn -> add(other) -> act becomes bn(x, residual=other)(activation=act), when each node
+    on the way has that one user."""
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
+    for bn_node in list(graph.nodes):
+        if bn_node.op != "call_module" or bn_node.target not in targets:
+            continue
+        layer = modules[bn_node.target]
+        if calls[id(layer)] != 1 or layer.activation is not None or len(bn_node.args) != 1 or bn_node.kwargs:
+            continue
+        found = _match(bn_node, modules)
+        if found is None:
+            continue
+        act_node, activation, add_node, residual = found
+        layer.activation, layer.negative_slope = activation
+        if add_node is None:
+            act_node.replace_all_uses_with(bn_node)
+            graph.erase_node(act_node)
+            continue
+        with graph.inserting_before(add_node):  # after the residual's node, which may follow bn_node's
+            fused = graph.call_module(bn_node.target, bn_node.args, {"residual": residual})
+        act_node.replace_all_uses_with(fused)
+        for node in (act_node, add_node, bn_node):
+            graph.erase_node(node)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _match(bn_node: fx.Node, modules: dict):
+    """(activation node, (name, negative_slope), add node or None, residual node or None)
+    of the pattern that follows ``bn_node``, or None."""
+    user = _only_user(bn_node)
+    if user is None:
+        return None
+    activation = _activation(user, bn_node, modules)
+    if activation is not None:
+        return user, activation, None, None
+    residual = _residual(user, bn_node)
+    act_node = _only_user(user) if residual is not None else None
+    activation = None if act_node is None else _activation(act_node, user, modules)
+    return None if activation is None else (act_node, activation, user, residual)
+
+
+def _activation(node: fx.Node, source: fx.Node, modules: dict) -> tuple[str, float] | None:
+    """(name, negative_slope) if ``node`` applies a supported activation to ``source``
+    and nothing else (constant arguments only), else None."""
+    if node.op == "call_module":
+        found = activation_of(modules[node.target])
+        return found if node.args == (source,) and not node.kwargs else None
+    if node.op == "call_method":
+        return ("relu", NEGATIVE_SLOPE) if node.target in ("relu", "relu_") and node.args == (source,) \
+            and not node.kwargs else None
+    if node.op != "call_function" or activation_of(node.target) is None:
+        return None
+    names = _ACTIVATION_PARAMETERS[node.target]
+    if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args):]):
+        return None
+    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    if bound.get("input") is not source or any(isinstance(v, fx.Node) for k, v in bound.items() if k != "input"):
+        return None
+    name = activation_of(node.target)[0]
+    if name == "gelu":
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(bound.get("approximate", "none"))
+    slope = bound.get("negative_slope", NEGATIVE_SLOPE)
+    return None if name not in ACTIVATIONS or not is_number(slope) else (name, float(slope))
+
+
+def _residual(node: fx.Node, source: fx.Node) -> fx.Node | None:
+    """The other operand if ``node`` is source + other (either order; an in-place add
+    only with source first, the tensor it writes), else None."""
+    in_place = (node.op == "call_function" and node.target in _IN_PLACE_ADDS) or (
+        node.op == "call_method" and node.target == "add_")
+    plain = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")
+    if not (in_place or plain) or len(node.args) != 2 or set(node.kwargs) - {"alpha"} \
+            or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    other = b if a is source else a if b is source and not in_place else None
+    return other if isinstance(other, fx.Node) and other is not source else None
 
 
 # --- equinorm -----------------------------------------------------------------------
@@ -213,14 +404,14 @@ def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fractio
     return graph_module
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def _trace(model: nn.Module, alternative: str = "") -> fx.GraphModule:
     """``model`` as a GraphModule over its own submodules, every module's training flag kept."""
     try:
         graph = Tracer(_LEAVES).trace(model)
     except Exception as err:  # fx raises many types; the message says what to do instead
         raise ValueError(
             f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); convert its "
-            "traceable submodules one by one instead"
+            f"traceable submodules one by one instead{' ' + alternative if alternative else ''}"
         ) from err
     graph_module = fx.GraphModule(model, graph, type(model).__name__)
     for name, module in graph_module.named_modules():  # fx's new containers start in training mode
@@ -236,6 +427,9 @@ def _equinorm_layer(graph_module: fx.GraphModule, bn_node: fx.Node, modules: dic
     """The EquiNorm layer that replaces ``bn_node`` and the layer feeding it; raises
     _LeftAlone with the reason where there is none."""
     bn = modules[bn_node.target]
+    changes = _changes_function(bn)
+    if changes is not None:
+        raise _LeftAlone(f"a BatchNorm subclass that {changes}: EquiNorm would drop what it adds")
     src = bn_node.all_input_nodes[0]
     candidates = next(pairs for cls, pairs in _EQUINORM_PAIRS.items() if isinstance(bn, cls))
     layer = modules.get(src.target) if src.op == "call_module" else None

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn import functional as _F
 
 from ._checks import (
+    check_activation,
     check_bool,
     check_eps,
     check_int,
@@ -32,6 +33,7 @@ from .reference import accumulator_dtype, update_running
 from .reference import bounded_weight_norm as _bwn_ref
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
+from .reference.activation import NEGATIVE_SLOPE
 
 if TRITON_AVAILABLE:
     from .kernels.lp_batchnorm import MAX_K as _TRITON_MAX_K
@@ -74,13 +76,30 @@ def _check_update(names: tuple[str, ...], buffers: tuple[Tensor, ...], momentum,
 # ----------------------------------------------------------------------------- Lp batch norm
 
 
+def _check_residual(residual, input: Tensor) -> None:
+    """None, or a tensor with input's shape, dtype and device (any memory layout)."""
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
+    if residual.device != input.device:
+        raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+
+
 def _lp_batch_norm(
     input, *, running_mean, running_dev, weight, bias, training, momentum, eps, norm, k, normalized,
-    num_batches_tracked, backend, count_batch: bool = False,
+    num_batches_tracked, backend, count_batch: bool = False, residual=None, activation=None,
+    negative_slope=NEGATIVE_SLOPE,
 ) -> Tensor:
     """Check every argument, then run the op on the chosen backend; with ``count_batch``
     (what a layer does in training) add 1 to ``num_batches_tracked`` once the checks pass."""
     _check_input(input)
+    _check_residual(residual, input)
+    check_activation(activation, negative_slope)
     c = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_dev", running_dev)):
         check_vector(name, t, c, input, "input", f"for input with {c} channels")
@@ -119,10 +138,15 @@ def _lp_batch_norm(
         return _lp_ref.lp_batch_norm(
             input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
             momentum=momentum, eps=eps, norm=norm, k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
+            residual=residual, activation=activation, negative_slope=negative_slope,
         )
+    # the fused arguments only when used: the unfused call is the op's call as it always was
+    fused = {} if residual is None and activation is None else {
+        "residual": residual, "activation": activation or "none", "activation_param": torch.sym_float(negative_slope),
+    }
     y, mean, dev, *_ = _lp_ops.lp_batch_norm(
         input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
-        eps=torch.sym_float(eps), norm=norm, k=k, normalized=normalized,
+        eps=torch.sym_float(eps), norm=norm, k=k, normalized=normalized, **fused,
     )
     if update:
         _running_ops.update_running_stats(
@@ -144,7 +168,13 @@ _LP_DOC = """{title}
     running = (1 - momentum) * running + momentum * batch, or with momentum=None the
     cumulative average over ``num_batches_tracked`` (the caller increments it first); eps
     must then be > 0 (a batch's sigma can be 0), in eval >= 0.  ``normalized=False`` drops
-    the constant.{extra}"""
+    the constant.{extra}
+
+    Fused epilogue: out = act(y + residual), with ``residual`` (input's shape, dtype and
+    device, any memory layout) added and ``activation`` (None, or one of
+    ``tritonorm.ACTIVATIONS``: "relu", "leaky_relu" with ``negative_slope``, "silu",
+    "gelu", "gelu_tanh", "hardswish") applied in the accumulator dtype, rounded once to
+    input's dtype.  Gradients reach residual too."""
 
 
 def l1_batch_norm(
@@ -159,12 +189,15 @@ def l1_batch_norm(
     *,
     normalized: bool = True,
     num_batches_tracked: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     backend: str = "auto",
 ) -> Tensor:
     return _lp_batch_norm(
         input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
         momentum=momentum, eps=eps, norm="l1", k=0, normalized=normalized, num_batches_tracked=num_batches_tracked,
-        backend=backend,
+        residual=residual, activation=activation, negative_slope=negative_slope, backend=backend,
     )
 
 
@@ -180,12 +213,15 @@ def linf_batch_norm(
     *,
     normalized: bool = True,
     num_batches_tracked: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     backend: str = "auto",
 ) -> Tensor:
     return _lp_batch_norm(
         input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
         momentum=momentum, eps=eps, norm="linf", k=1, normalized=normalized, num_batches_tracked=num_batches_tracked,
-        backend=backend,
+        residual=residual, activation=activation, negative_slope=negative_slope, backend=backend,
     )
 
 
@@ -202,12 +238,15 @@ def topk_batch_norm(
     k: int = 10,
     normalized: bool = True,
     num_batches_tracked: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     backend: str = "auto",
 ) -> Tensor:
     return _lp_batch_norm(
         input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
         momentum=momentum, eps=eps, norm="topk", k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
-        backend=backend,
+        residual=residual, activation=activation, negative_slope=negative_slope, backend=backend,
     )
 
 

@@ -9,8 +9,8 @@ respect to x, weight and bias), its launches planned for ``sms`` SMs, with
 ``traffic.Sampling()``: a row says whether its bytes were counted, predicted or averaged
 (``traffic.Launch.method``).
 
-Per pass: launches (Triton launches and torch ops, the running-statistics update
-included), bytes, and passes = bytes / bytes of x, beside the floor of any batch norm (2
+Per pass: the path (on-chip: ``kernels.channel_resident``, or split), launches (Triton
+launches and torch ops, the running-statistics update included), bytes, and passes = bytes / bytes of x, beside the floor of any batch norm (2
 forward: read x, write y; 3 backward: read x and dy, write dx) and cuDNN's BatchNorm (3
 passes and 3 launches forward: statistics, normalize, num_batches_tracked += 1; 5 passes
 and 2 launches backward).
@@ -57,6 +57,10 @@ TARGETS = (
     ("L1 forward <= 1.35 x cuDNN", "l1", "forward", "cudnn", 1.35),
     ("L1 backward <= cuDNN", "l1", "backward", "cudnn", 1.0),
 )
+# The on-chip path's target: a layer whose passes both take it is at least this many times
+# faster than cuDNN forward + backward.
+ON_CHIP_SPEEDUP = 1.4
+ON_CHIP, SPLIT = "on-chip", "split"
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,17 @@ def count_input(case: Input, norms=NORMS, *, sms: int = traffic.H100_SMS,
             cudnn_us = estimate_us(passes * x_bytes, launches)
             results.append(({
                 "norm": norm, "shape": shape_name(case.shape), "layout": case.layout, "dtype": dtype_name(case.dtype),
-                "pass": direction, "launches": counted.launch_count, "bytes": counted.bytes,
+                "pass": direction, "path": path_of(counted), "launches": counted.launch_count, "bytes": counted.bytes,
                 "passes": counted.passes(x_bytes), "floor": FLOOR_PASSES[direction], "cudnn_passes": passes,
                 "method": counted.method, "outside": outside_summary(counted.torch_ops, x.numel()), "time_us": time_us,
                 "cudnn_us": cudnn_us, "vs_cudnn": time_us / cudnn_us,
             }, counted))
     return results
+
+
+def path_of(counted: traffic.Traffic) -> str:
+    """"on-chip" when the pass ran the on-chip kernels (``kernels.channel_resident``)."""
+    return ON_CHIP if any("_resident_" in launch.kernel for launch in counted.launches) else SPLIT
 
 
 def run(cases: list[Input], log: Callable[[str], None] = print, **options) -> list[tuple[dict, traffic.Traffic]]:
@@ -140,10 +149,24 @@ def targets(rows: list[dict]) -> list[dict]:
             if other:
                 ratios.append((r["time_us"] / other, f"{shape} {layout} {dtype}"))
         if ratios:
-            worst, at = max(ratios)
-            verdicts.append({"target": what, "bound": bound, "cases": len(ratios),
-                             "met": sum(ratio <= bound for ratio, _ in ratios), "worst": worst, "at": at})
+            verdicts.append(_verdict(what, bound, ratios))
+    layers = {}
+    for (shape, layout, dtype, pass_, norm), r in index.items():
+        layers.setdefault((shape, layout, dtype, norm), {})[pass_] = r
+    ratios = [(sum(p["time_us"] for p in passes.values()) / sum(p["cudnn_us"] for p in passes.values()),
+               f"{norm} {shape} {layout} {dtype}")
+              for (shape, layout, dtype, norm), passes in layers.items()
+              if len(passes) == len(DIRECTIONS) and all(p["path"] == ON_CHIP for p in passes.values())]
+    if ratios:
+        verdicts.append(_verdict(f"On-chip layers: forward+backward >= {ON_CHIP_SPEEDUP} x faster than cuDNN",
+                                 1 / ON_CHIP_SPEEDUP, ratios))
     return verdicts
+
+
+def _verdict(what: str, bound: float, ratios: list[tuple[float, str]]) -> dict:
+    worst, at = max(ratios)
+    return {"target": what, "bound": bound, "cases": len(ratios), "met": sum(ratio <= bound for ratio, _ in ratios),
+            "worst": worst, "at": at}
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:

@@ -209,14 +209,15 @@ def _stack_rows(rows: list[dict]) -> list[dict]:
 
 TRAFFIC_COLUMNS = (
     ("norm", "norm", None), ("shape", "shape", None), ("layout", "layout", None), ("dtype", "dtype", None),
-    ("pass", "pass", None), ("launches", "launches", "d"), ("MB", "mb", ".4g"), ("passes", "passes", ".2f"),
+    ("pass", "pass", None), ("path", "path", None), ("launches", "launches", "d"), ("MB", "mb", ".4g"), ("passes", "passes", ".2f"),
     ("floor", "floor", "d"), ("cuDNN", "cudnn_passes", "d"), ("bytes", "method", None),
     ("torch ops outside the kernels", "outside", None),
 )
 ESTIMATE_COLUMNS = (("est. us", "time_us", ".1f"), ("cuDNN est. us", "cudnn_us", ".1f"), ("/ cuDNN", "vs_cudnn", ".2f"))
 TRAFFIC_LEGEND = (
     "Counted in Triton's interpreter, not measured: bytes read and written by the kernels' unmasked lanes, plus the "
-    "torch ops outside them (their bytes modelled from their tensors; * marks an op on an x-sized tensor). launches: "
+    "torch ops outside them (their bytes modelled from their tensors; * marks an op on an x-sized tensor). path: "
+    "on-chip (each channel held in registers: one read of x) or split (channels split over many programs). launches: "
     "Triton launches and torch ops, the running-statistics update included. passes: bytes / bytes of x. floor: any "
     "batch norm (forward: read x, write y; backward: read x, dy, write dx). cuDNN: cuDNN BatchNorm's passes. bytes: "
     "counted (every program and loop iteration ran), predicted (sampled, the rest predicted exactly from loop "

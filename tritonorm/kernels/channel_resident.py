@@ -12,12 +12,12 @@ A program holds a [BLOCK_C, BLOCK_N, BLOCK_S] tile of the ``ChannelView`` (n, c,
 its BLOCK_C channel rows whole, all N and all S.  NCS rows run along s (contiguous, with
 the ``row_align`` hint and, where a row is not a multiple of 16 bytes, the grouped view
 of ``channel_reduce``); NSC (channels_last) rows run along c, so BLOCK_N = 1, BLOCK_S
-covers N * S and BLOCK_C channels cover at least a 32-byte sector of each row.
+covers N * S and BLOCK_C channels cover at least 16 bytes of each row.
 
-Limits (``plan``): a thread holds at most ELEMENTS_PER_THREAD elements of each resident
-tensor (x forward; x and dy backward) at up to MAX_WARPS warps, padding included (a
-row of 784 takes 1024 lanes); larger channels, or a grid too small to fill the GPU, take
-the split path.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for tests: "onchip"
+Limits (``plan``): a thread holds at most ``elements_per_thread`` elements of each
+resident tensor (x forward; x and dy backward: 4 to 16, from the sm_90 compiles) at up to
+MAX_WARPS warps, padding included (a row of 784 takes 1024 lanes); larger channels, or a
+grid too small to fill the GPU, take the split path.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for tests: "onchip"
 raises if a channel does not fit).
 """
 
@@ -39,16 +39,23 @@ from .channel_reduce import (
     spread,
 )
 
-# Resident elements per thread for each tensor held (fp32 registers): forward holds x, the
-# backward x and dy (and what is computed from them).
-ELEMENTS_PER_THREAD = {False: 16, True: 8}
+# Resident elements per thread of each tensor held, at most: 16 where a thread holds one
+# fp32 value per element (the L1 forward: a replaces x), fewer where it holds more, from the
+# sm_90 compiles (tests/compile_kernels.py; at 32 warps a thread has 64 registers):
+# L-inf / Top-k also rank and index every element (16 spilled, 8 does not), the backward
+# holds x and dy, a grouped view of 8 channels a row spreads 8 sets of statistics (16
+# spilled 104 bytes), and Top-k's K steps over a channels_last tile spilled at 8.
+ELEMENTS_PER_THREAD = 16
+HEAVY_ELEMENTS_PER_THREAD = 8
+TOPK_NSC_ELEMENTS_PER_THREAD = 4
 MIN_WARPS = 4
 # 1024 threads, at most 64 registers each.
 MAX_WARPS = 32
 # Elements a program aims at when channels are small enough to share one.
 PROGRAM_ELEMENTS = 4096
-# Fewest bytes of a channels_last row that a program's channels cover.
-SECTOR_BYTES = 32
+# Fewest bytes of a channels_last row that a program's channels cover: one 128-bit vector
+# (the rest of its 32-byte sector is the next program's, which runs beside it and finds it in L2).
+SECTOR_BYTES = 16
 # Below this many bytes of input the on-chip path is taken even when its grid (one
 # program per channel block) leaves SMs idle: launches cost more than the bandwidth.
 SMALL_BYTES = 8 << 20
@@ -90,20 +97,25 @@ def path() -> str:
     return value
 
 
-def capacity(backward: bool) -> int:
-    """Most elements (padding included) of one resident tensor per program."""
-    return ELEMENTS_PER_THREAD[backward] * 32 * MAX_WARPS
+def elements_per_thread(view: ChannelView, group: int, selected: int, backward: bool) -> int:
+    """The most resident elements a thread of this pass holds (see ELEMENTS_PER_THREAD)."""
+    if selected > 1 and not backward and view.channels_last:
+        return TOPK_NSC_ELEMENTS_PER_THREAD
+    if backward or selected or group >= 8:
+        return HEAVY_ELEMENTS_PER_THREAD
+    return ELEMENTS_PER_THREAD
 
 
-def _fit(view: ChannelView, group: int, backward: bool) -> ResidentPlan | None:
-    n, c, s = _grouped_args(view, group)[:3]
+def _fit(view: ChannelView, group: int, selected: int, backward: bool) -> ResidentPlan | None:
+    per_thread = elements_per_thread(view, group, selected, backward)
+    grouped = ChannelView(view.tensor, *_grouped_args(view, group))
+    n, c, s = grouped.n, grouped.c, grouped.s
     if view.channels_last:
         block_n, block_s = 1, triton.next_power_of_2(s)
         block_c = min(max(1, SECTOR_BYTES // view.tensor.element_size()), triton.next_power_of_2(c))
     else:
         block_n, block_s, block_c = triton.next_power_of_2(n), triton.next_power_of_2(s), 1
-    per_thread = ELEMENTS_PER_THREAD[backward]
-    if block_c * block_n * block_s > capacity(backward):
+    if block_c * block_n * block_s > per_thread * 32 * MAX_WARPS:
         return None
     sms = _num_programs_per_wave(view.tensor.device)
     while (2 * block_c * block_n * block_s <= PROGRAM_ELEMENTS and 2 * block_c <= triton.next_power_of_2(c)
@@ -111,24 +123,26 @@ def _fit(view: ChannelView, group: int, backward: bool) -> ResidentPlan | None:
         block_c *= 2
     elements = block_c * block_n * block_s
     warps = min(MAX_WARPS, max(MIN_WARPS, triton.next_power_of_2(triton.cdiv(elements, 32 * per_thread))))
-    return ResidentPlan(block_c, block_n, block_s, group, row_align(view) if group == 1 else 1, warps,
-                        triton.cdiv(c, block_c), view.tensor.numel() >= 2**31)
+    return ResidentPlan(block_c, block_n, block_s, group, row_align(grouped), warps, triton.cdiv(c, block_c),
+                        view.tensor.numel() >= 2**31)
 
 
 def plan(view: ChannelView, selected: int, *, backward: bool) -> ResidentPlan | None:
     """The on-chip plan of a training pass over ``view``, or None for the split path.
-    ``selected``: the K of L-inf / Top-k (0 for L1); Top-k (K > 1) ranks one channel per
-    row, so it takes no grouped view."""
+    ``selected``: the K of L-inf / Top-k (0 for L1); Top-k's forward (K > 1) ranks one
+    channel per row, so it takes no grouped view."""
     forced = path()
     if forced == "split" or view.numel_per_channel == 0:
         return None
-    groups = (row_group(view), 1) if selected <= 1 else (1,)
-    fit = next((p for p in (_fit(view, g, backward) for g in dict.fromkeys(groups)) if p is not None), None)
+    groups = (row_group(view), 1) if backward or selected <= 1 else (1,)
+    fits = (_fit(view, g, selected, backward) for g in dict.fromkeys(groups))
+    fit = next((p for p in fits if p is not None), None)
     if forced == "onchip":
         if fit is None:
+            most = elements_per_thread(view, 1, selected, backward) * 32 * MAX_WARPS
             raise ValueError(
                 f"{PATH_VARIABLE}=onchip: a channel of {view.numel_per_channel} elements does not fit on chip "
-                f"(at most {capacity(backward)} with padding); unset it to take the split path")
+                f"(at most {most} with padding); unset it to take the split path")
         return fit
     if fit is None:
         return None

@@ -8,6 +8,10 @@ momentum=None for a cumulative average), eval uses the running statistics, and
 ``running_dev`` holds sigma (not a variance), and sigma is the scaled mean absolute
 deviation (L1), maximum absolute deviation (L-inf) or mean of the k largest absolute
 deviations (Top-k); see ``tritonorm.reference.lp_batchnorm`` for the math.
+
+Each layer can also fuse what follows a batch norm in a network: ``activation=`` (one of
+``tritonorm.ACTIVATIONS``) and, at the call, ``layer(x, residual=identity)``, computing
+act(bn(x) + residual) in the same pass (``tritonorm.reference.activation`` has the math).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_bool, check_eps, check_int, check_momentum
+from .._checks import check_activation, check_bool, check_eps, check_int, check_momentum
 from .._dispatch import check_backend
 
 __all__ = [
@@ -41,6 +45,8 @@ class _LpBatchNorm(nn.Module):
         track_running_stats: bool = True,
         *,
         normalized: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -52,6 +58,7 @@ class _LpBatchNorm(nn.Module):
         for name, flag in (("affine", affine), ("track_running_stats", track_running_stats),
                            ("normalized", normalized)):
             check_bool(name, flag)
+        check_activation(activation, negative_slope)
         check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -60,6 +67,8 @@ class _LpBatchNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.normalized = normalized
+        self.activation = activation
+        self.negative_slope = negative_slope
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -94,12 +103,13 @@ class _LpBatchNorm(nn.Module):
     def _extra_args(self) -> dict:
         return {}
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return _lp_batch_norm_layer(
             input, self.weight, self.bias, self.running_mean, self.running_dev, self.num_batches_tracked,
             layer=type(self).__name__, ndims=self._ndims, num_features=self.num_features, training=self.training,
             track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps, norm=self._norm,
-            normalized=self.normalized, backend=self.backend, **self._extra_args(),
+            normalized=self.normalized, residual=residual, activation=self.activation,
+            negative_slope=self.negative_slope, backend=self.backend, **self._extra_args(),
         )
 
     def extra_repr(self) -> str:
@@ -110,6 +120,10 @@ class _LpBatchNorm(nn.Module):
         )
         if not self.normalized:
             s += ", normalized=False"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+        if self.negative_slope != 0.01:
+            s += f", negative_slope={self.negative_slope}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -166,46 +180,111 @@ class _Topk(_LpBatchNorm):
 _1D, _2D, _3D = (2, 3), (4,), (5,)
 
 
+_DOC = """{title} batch norm over {shape} input, nn.BatchNorm{nd}'s drop-in: it divides by
+
+        sigma = {sigma}
+
+    instead of the standard deviation, and can fuse an activation and a residual add:
+    out = act(gamma * (x - mu) / (sigma + eps) + beta + residual).
+
+    Args:
+        num_features: C, the number of channels (dim 1).
+        eps: added to sigma (not to a variance), as nn.BatchNorm adds it to the variance.
+        momentum: running = (1 - momentum) * running + momentum * batch; None for the
+            cumulative average.
+        affine: learnable gamma (``weight``, ones) and beta (``bias``, zeros).
+        track_running_stats: keep ``running_mean`` / ``running_dev`` (sigma) and use them in
+            eval; False always uses the batch.{k_arg}
+        normalized: keep the constant that makes sigma the standard deviation of Gaussian
+            data (False: sigma = {plain}).
+        activation: None, or the activation applied after the (residual add and the)
+            normalization, in the same pass: one of ``tritonorm.ACTIVATIONS``, "relu",
+            "leaky_relu", "silu", "gelu", "gelu_tanh" (nn.GELU(approximate="tanh")),
+            "hardswish".
+        negative_slope: the slope of "leaky_relu" for z < 0 (nn.LeakyReLU's, 0.01).
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+        device, dtype: of the parameters and buffers.
+
+    Forward: ``layer(input, residual=None)``; ``residual``, if given, is added to the
+    normalized value before the activation (input's shape, dtype and device, any memory
+    layout) and receives a gradient.
+
+    Shape:
+        input, residual and output: {shape}, all three the same.
+
+    Example::
+
+        >>> bn = tritonorm.{name}({example})
+        >>> x = torch.randn({example_shape})
+        >>> y = bn(x)                                  # relu(bn(x))
+        >>> y = bn(x, residual=torch.randn_like(x))    # relu(bn(x) + residual), in one pass
+    """
+
+_SIGMAS = {
+    "L1": "sqrt(pi/2) * mean|x - mu|",
+    "L-inf": "Cinf(n) * max|x - mu|",
+    "Top-k": "Cinf(n) * (mean of the k largest |x - mu|)",
+}
+_SHAPES = {
+    1: ("(N, C) or (N, C, L)", "1d", "4, 3"),
+    2: ("(N, C, H, W)", "2d", "4, 16, 8, 8"),
+    3: ("(N, C, D, H, W)", "3d", "2, 16, 4, 4, 4"),
+}
+
+
+def _document(cls: type, title: str, nd: int) -> type:
+    shape, suffix, example_shape = _SHAPES[nd]
+    topk = title == "Top-k"
+    channels = example_shape.split(", ")[1]
+    cls.__doc__ = _DOC.format(
+        title=title, shape=shape, nd=suffix, sigma=_SIGMAS[title], name=cls.__name__,
+        k_arg="\n        k: how many of the largest |x - mu| define sigma (10; the Triton path takes k <= 64;\n"
+              "            training needs k values or more per channel)." if topk else "",
+        plain={"L1": "mean|x - mu|", "L-inf": "max|x - mu|", "Top-k": "the mean of the k largest |x - mu|"}[title],
+        example=f"{channels}, {'k=3, ' if topk else ''}activation=\"relu\"", example_shape=example_shape,
+    )
+    return cls
+
+
 class L1BatchNorm1d(_L1):
-    """L1 batch norm over (N, C) or (N, C, L) input; see the module docstring."""
     _ndims = _1D
 
 
 class L1BatchNorm2d(_L1):
-    """L1 batch norm over (N, C, H, W) input; see the module docstring."""
     _ndims = _2D
 
 
 class L1BatchNorm3d(_L1):
-    """L1 batch norm over (N, C, D, H, W) input; see the module docstring."""
     _ndims = _3D
 
 
 class LinfBatchNorm1d(_Linf):
-    """L-inf batch norm over (N, C) or (N, C, L) input; see the module docstring."""
     _ndims = _1D
 
 
 class LinfBatchNorm2d(_Linf):
-    """L-inf batch norm over (N, C, H, W) input; see the module docstring."""
     _ndims = _2D
 
 
 class LinfBatchNorm3d(_Linf):
-    """L-inf batch norm over (N, C, D, H, W) input; see the module docstring."""
     _ndims = _3D
 
 
 class TopkBatchNorm1d(_Topk):
-    """Top-k batch norm over (N, C) or (N, C, L) input (k=10 by default)."""
     _ndims = _1D
 
 
 class TopkBatchNorm2d(_Topk):
-    """Top-k batch norm over (N, C, H, W) input (k=10 by default)."""
     _ndims = _2D
 
 
 class TopkBatchNorm3d(_Topk):
-    """Top-k batch norm over (N, C, D, H, W) input (k=10 by default)."""
     _ndims = _3D
+
+
+for _title, _classes in (("L1", (L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d)),
+                         ("L-inf", (LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d)),
+                         ("Top-k", (TopkBatchNorm1d, TopkBatchNorm2d, TopkBatchNorm3d))):
+    for _nd, _cls in enumerate(_classes, 1):
+        _document(_cls, _title, _nd)
+del _title, _classes, _nd, _cls

@@ -47,6 +47,7 @@ import math
 import torch
 
 from . import accumulator_dtype, update_running
+from .activation import NEGATIVE_SLOPE, activate
 
 C_L1 = math.sqrt(math.pi / 2)
 
@@ -194,11 +195,18 @@ def lp_batch_norm(
     k: int,
     normalized: bool,
     num_batches_tracked: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = NEGATIVE_SLOPE,
 ) -> torch.Tensor:
-    """y = gamma * (x - mu) / (sigma + eps) + beta; arguments are validated by the caller.
+    """out = act(gamma * (x - mu) / (sigma + eps) + beta + residual); arguments are
+    validated by the caller.
 
     With ``batch_stats`` the statistics come from the batch and the running buffers (if
-    given) are updated in place; otherwise the running buffers are used."""
+    given) are updated in place; otherwise the running buffers are used.  The normalized
+    value, the residual (converted to it) and the activation (``reference.activation``)
+    are computed in the accumulator dtype, and rounded once to x's dtype at the end, as the
+    kernels do; no residual / activation=None leave those steps out."""
     if batch_stats:
         mean, dev, a = statistics(x, norm, k, normalized)
         if running_mean is not None:
@@ -214,4 +222,7 @@ def lp_batch_norm(
     y = a * scale.view(1, -1, 1)
     if bias is not None:
         y += bias.to(y.dtype).view(1, -1, 1)  # in place: one tensor fewer; beta in y's dtype, as in the kernels
-    return y.view(x.shape).to(x.dtype)
+    y = y.view(x.shape)
+    if residual is not None:
+        y += residual.to(y.dtype)  # in place: y keeps x's memory format whatever the residual's
+    return activate(y, activation, negative_slope).to(x.dtype)
