@@ -16,8 +16,9 @@ end with them, so a partial run does not overwrite the day's full table.
 
 Without CUDA it prints a message and exits 0 writing nothing.  ``--cpu-smoke`` instead
 runs one tiny shape (and one tiny EquiNorm layer, small ENorm nets, a small conv and linear
-weight for bounded weight norm, a stack with channels / 16 at 16x16) on the CPU, PyTorch implementations only (timed with
-perf_counter), to check that the script works; it writes files only when --out is given.
+weight for bounded weight norm, a stack with channels / 16 at 16x16) on the CPU, PyTorch
+implementations only (timed with perf_counter), to check that the script works; it writes
+files only when --out is given.
 """
 
 from __future__ import annotations
