@@ -21,25 +21,25 @@ interpreted = pytest.mark.skipif(not channel_reduce.INTERPRETED, reason="counts 
 SHAPE = (2, 4, 6, 6)
 
 
-def run_case(norm: str, impl: str, epilogue: str):
+def run_case(norm: str, impl: str, epilogue: str, device: str):
     torch.manual_seed(0)
-    x, dy = make_inputs(SHAPE, torch.float32, "cpu")
-    module = fused_cases.build(norm, impl, SHAPE[1], "cpu")
+    x, dy = make_inputs(SHAPE, torch.float32, device)
+    module = fused_cases.build(norm, impl, SHAPE[1], device)
     with torch.no_grad():  # parameters off their initial 1 and 0, so their gradients mean something
         for p in module.parameters():
-            p.add_(torch.rand(p.shape) - 0.5)
+            p.add_(torch.rand_like(p) - 0.5)
     residual = fused_cases.make_residual(x) if epilogue == RESIDUAL_RELU else None
     return fused_cases.step(module, x, residual, dy, "forward+backward")()
 
 
 @pytest.mark.parametrize("epilogue", fused_cases.EPILOGUES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_fused_contenders_agree(norm, epilogue):
-    reference = run_case(norm, EAGER, epilogue)
+def test_fused_contenders_agree(norm, epilogue, device):
+    reference = run_case(norm, EAGER, epilogue, device)
     assert len(reference) == 4 + (epilogue == RESIDUAL_RELU)  # out, dx, [dr,] dweight, dbias
     assert (reference[0] == 0).any() and (reference[0] > 0).any()  # the ReLU clipped some, not all
     for impl in (TRITON, UNFUSED):
-        for got, want in zip(run_case(norm, impl, epilogue), reference, strict=True):
+        for got, want in zip(run_case(norm, impl, epilogue, device), reference, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -129,13 +129,14 @@ def test_stack_step_on_the_torch_path(norm):
     assert (outputs[0] == 0).any()  # ReLU at the end
 
 
-def test_stack_step_triton_matches_torch():
+def test_stack_step_triton_matches_torch(device):
     case = stack_cases.StackCase(2, channel_scale=32, resolution=8, blocks=stack_cases.ONE_BLOCK)
-    x, dy = stack_cases.make_inputs(case, "cpu")
+    x, dy = stack_cases.make_inputs(case, device)
     results = []
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        model = stack_cases.build_stack("linf", channel_scale=32, blocks=stack_cases.ONE_BLOCK, backend=backend)
+        model = stack_cases.build_stack("linf", channel_scale=32, blocks=stack_cases.ONE_BLOCK, backend=backend,
+                                        device=device)
         results.append(stack_cases.train_step(model, x, dy, torch.float32)())
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
