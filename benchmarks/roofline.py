@@ -1,5 +1,6 @@
-"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms, EquiNorm, ENorm and bounded
-weight norm on a GPU.
+"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms (alone, with a fused ReLU and
+residual add, and in a ResNet-50-shaped training step), EquiNorm, ENorm and bounded weight
+norm on a GPU.
 
     python benchmarks/roofline.py [--quick] [--only SECTION ...] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 
@@ -10,13 +11,14 @@ benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to --out DIR), with 
 name, the peak bandwidth used, the torch and triton versions and the date.  A case that
 fails is reported and left out; the script then exits with status 1.
 
-``--only lp|equinorm|enorm|bwn`` (repeatable) runs those sections alone; the file names then
+``--only lp|equinorm|enorm|bwn|fused|stack`` (repeatable) runs those sections alone; the file names then
 end with them, so a partial run does not overwrite the day's full table.
 
 Without CUDA it prints a message and exits 0 writing nothing.  ``--cpu-smoke`` instead
 runs one tiny shape (and one tiny EquiNorm layer, small ENorm nets, a small conv and linear
-weight for bounded weight norm) on the CPU, PyTorch implementations only (timed with
-perf_counter), to check that the script works; it writes files only when --out is given.
+weight for bounded weight norm, a stack with channels / 16 at 16x16) on the CPU, PyTorch
+implementations only (timed with perf_counter), to check that the script works; it writes
+files only when --out is given.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"only the shapes {roofline.QUICK_SHAPES}, two EquiNorm layers (one compiled) and "
-                             f"{len(roofline.QUICK_BWN_WEIGHTS)} bounded-weight-norm weights")
+                        help=f"only the shapes {roofline.QUICK_SHAPES}, two EquiNorm layers (one compiled), "
+                             f"{len(roofline.QUICK_BWN_WEIGHTS)} bounded-weight-norm weights, the fused norms in "
+                             "bf16 only and the stack with one block per stage")
     parser.add_argument("--only", action="append", choices=roofline.SECTIONS,
                         help="run this section only (repeatable; default: all); the file names get the sections")
     parser.add_argument("--out", type=Path, help=f"directory of the .md and .json (default {RESULTS_DIR})")

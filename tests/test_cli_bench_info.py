@@ -1,6 +1,7 @@
 """``tritonorm info`` and ``tritonorm bench``: the report's content, text and JSON; the bench
 table on the CPU (columns, finite numbers, one row per measured case), the files of --out,
-the errors of a bad --only and of --device cuda without CUDA."""
+the fused-norm and end-to-end sections, the errors of a bad --only and of --device cuda
+without CUDA."""
 
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import triton
 
 import tritonorm
 from tritonorm._dispatch import ENV_VAR, describe, resolve_backend
-from tritonorm.bench import roofline
+from tritonorm.bench import fused_cases, roofline, stack_cases
 from tritonorm.bench.bwn_cases import COMPILED_CONTENDERS
 from tritonorm.bench.lp_cases import COMPILED
 from tritonorm.cli import bench, main
@@ -23,7 +24,11 @@ from tritonorm.cli import bench, main
 # (op, contender) of the rows that the "/ torch" column divides by.
 TORCH_BASELINES = {("bn", "nn.BatchNorm2d"), ("conv+bn", "nn.Conv2d+nn.BatchNorm2d"), ("enorm", "sgd-step"),
                    ("bounded-wn", "weight_norm"), ("equinorm input_sums", "reference-eager"),
-                   ("equinorm weight_transform", "reference-eager")}
+                   ("equinorm weight_transform", "reference-eager"), ("bn+relu", "torch-eager"),
+                   ("bn+add+relu", "torch-eager"), ("stack bn", "eager")}
+FUSED_OPS = {f"{norm}-bn+{epilogue}" for norm in ("l1", "linf", "topk") for epilogue in ("relu", "add+relu")} | {
+    "bn+relu", "bn+add+relu"}
+STACK_OPS = {f"stack {norm}" for norm in stack_cases.NORMS}
 HEADERS = ["op", "contender", "shape", "dtype", "pass", "time (us)", "GB/s", "floor/time", "/ torch", "/ compiled"]
 
 
@@ -43,6 +48,8 @@ def eager_only(monkeypatch):
         return plan._replace(
             lp_cases=[case for case in plan.lp_cases if case[1] != COMPILED], equinorm_compiled=(),
             bwn_contenders=tuple(n for n in plan.bwn_contenders if n not in COMPILED_CONTENDERS),
+            fused_cases=[case for case in plan.fused_cases if not fused_cases.is_compiled(case)],
+            stack_contenders=tuple(c for c in plan.stack_contenders if c[1] != stack_cases.COMPILED),
         )
 
     monkeypatch.setattr(roofline, "plan_for", eager)
@@ -169,14 +176,14 @@ def test_bench_cpu_every_section_one_table(capsys, eager_only):
     check_rows(rows)
     assert {r[0] for r in rows} == {
         "l1-bn", "linf-bn", "topk-bn", "bn", "equinorm", "equinorm norm-only", "conv", "conv+bn",
-        "equinorm input_sums", "equinorm weight_transform", "enorm", "bounded-wn",
+        "equinorm input_sums", "equinorm weight_transform", "enorm", "bounded-wn", *FUSED_OPS, *STACK_OPS,
     }
     assert {r[3] for r in rows} == {"fp32"}
     assert {r[4] for r in rows} == {"forward", "forward+backward", "backward", "cycle", "step"}
     for r in rows:
         if (r[0], r[1]) in TORCH_BASELINES:
             assert r[8] == "1.00", r
-        if r[0] in ("equinorm", "equinorm norm-only", "conv", "conv+bn"):
+        if r[0] in ("equinorm", "equinorm norm-only", "conv", "conv+bn", *STACK_OPS):
             assert r[6] == r[7] == "-", r  # layers: no bytes
         elif r[1] != "sgd-step":
             assert r[6] != "-" and r[7].endswith("%"), r
@@ -225,3 +232,37 @@ def test_bench_cuda_enorm_quick(capsys):
     header, *rows = table(capsys.readouterr().out)
     check_rows(rows)
     assert {"enorm-triton-parallel", "enorm-triton-sequential"} <= {r[1] for r in rows}
+
+
+def test_bench_cpu_fused_and_stack_sections(capsys, tmp_path, eager_only):
+    assert main(["bench", "--device", "cpu", "--only", "fused", "--only", "stack", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header, *rows = table(out)
+    assert header == HEADERS
+    check_rows(rows)
+    fused, stack = [r for r in rows if r[0] in FUSED_OPS], [r for r in rows if r[0] in STACK_OPS]
+    assert len(fused) + len(stack) == len(rows)
+    # every fused op, with its contenders (the norms on the PyTorch path here), in both passes
+    assert {(r[0], r[1], r[4]) for r in fused} == {
+        (op, "torch-eager" if op.startswith("bn") else "reference-eager", p)
+        for op in FUSED_OPS for p in ("forward", "forward+backward")}
+    for r in fused:
+        assert r[2] == "x".join(map(str, roofline.SMOKE_SHAPE)) and r[7].endswith("%"), r
+        assert r[9] == "-", r  # no compiled contender ran (eager_only)
+    smoke = roofline.SMOKE_STACK_CASE
+    assert {(r[0], r[1], r[2], r[4]) for r in stack} == {(op, "eager", smoke.name, "step") for op in STACK_OPS}
+    assert all(r[6] == r[7] == r[9] == "-" for r in stack)  # no bytes, no compiled bn stack
+
+    (json_file,) = tmp_path.glob("*.json")
+    record = json.loads(json_file.read_text())
+    assert record["meta"]["sections"] == ["fused", "stack"] and record["errors"] == []
+    assert json_file.name == f"cpu-{record['meta']['date']}-fused-stack.json"
+    x_bytes = math.prod(roofline.SMOKE_SHAPE) * 4
+    for r in record["fused"]:  # the floor: 2 + 3 passes, 3 + 4 with the residual
+        residual = r["epilogue"] == fused_cases.RESIDUAL_RELU
+        passes = {"forward": 2 + residual, "forward+backward": 5 + 2 * residual}[r["pass"]]
+        assert r["compulsory_bytes"] == passes * x_bytes, r
+        assert r["algorithm_bytes"] is None and r["path"] is None, r  # Triton rows only
+    assert [r["norms"] for r in record["stack"]] == [16] * 4  # 4 blocks x 3 + 4 shortcut norms
+    page = (tmp_path / json_file.name.replace(".json", ".md")).read_text()
+    assert "## Fused batch norm + ReLU (+ residual add)" in page and "## End to end" in page

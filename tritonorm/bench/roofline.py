@@ -1,11 +1,12 @@
-"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms, EquiNorm, ENorm and bounded
-weight norm: what ``benchmarks/roofline.py`` and ``tritonorm bench`` measure and report.
+"""Bandwidth roofline of the L1 / L-inf / Top-k batch norms (alone, with a fused ReLU and
+residual add, and in a ResNet-50-shaped training step), EquiNorm, ENorm and bounded weight
+norm: what ``benchmarks/roofline.py`` and ``tritonorm bench`` measure and report.
 
 ``plan_for(device, quick)`` says what to run: on "cuda" the GPU cases below (``quick``: a few of
 them), on "cpu" one tiny shape (and one tiny EquiNorm layer, small ENorm nets, a small conv
 and linear weight for bounded weight norm), PyTorch implementations only, timed with
 perf_counter, to check that the benchmarks work.  ``run(plan, sections)`` measures the
-sections (any of ``SECTIONS``: "lp", "equinorm", "enorm", "bwn") and returns a ``Roofline``:
+sections (any of ``SECTIONS``: "lp", "equinorm", "enorm", "bwn", "fused", "stack") and returns a ``Roofline``:
 the set-up (device, the peak bandwidth used, torch / triton / tritonorm versions, date), the
 JSON record of every row and the markdown page of the tables.  A case that fails is reported
 in ``errors`` and left out.  ``write(result, out_dir)`` writes the page and the record as
@@ -66,6 +67,16 @@ the plain formula ``rho * v / v.norm(...)`` eager and compiled:
   time / the floor's time at most ``BWN_FLOOR_TARGET`` on weights of more than
   ``BWN_FLOOR_MIN_NUMEL`` elements (the ops' own ratio beside it, without the
   parametrization's and autograd's host overhead).
+
+Fused batch norms (``fused_cases`` defines the contenders, the bytes, the measurement and
+the table).  At the batch-norm shapes, norm + ReLU and norm + residual add + ReLU: the
+fused Triton layers against nn.BatchNorm2d + ReLU eager and ``torch.compile``-d, forward
+and forward+backward, GB/s over the fused floor (the batch norm's 2 + 3 passes, with a
+residual 3 + 4) and over the Triton kernels' own passes (by the path each case takes).
+
+End to end (``stack_cases``).  One training step (forward and the gradients of every
+parameter) of ResNet-50's bottleneck stack with each norm, eager and compiled, at N=32 and
+N=256: time per step and its ratio to the nn.BatchNorm2d + ReLU stack's, eager and compiled.
 """
 
 from __future__ import annotations
@@ -73,7 +84,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,7 +95,6 @@ import tritonorm
 
 try:
     import triton
-    import triton.testing
 except ImportError:  # no triton on this platform: the CPU timings still run
     triton = None
 
@@ -140,7 +149,6 @@ from .lp_cases import (
     BASELINE,
     COMPILED,
     EAGER,
-    PASSES,
     TOPK_K,
     TRITON,
     algorithm_bytes,
@@ -153,12 +161,15 @@ from .lp_cases import (
     step,
     variants,
 )
+from . import fused_cases, stack_cases
+from .timing import by_pass, guarded, markdown_table, median_seconds, time_passes
+from .timing import fmt as _fmt
+from .timing import ratio as _ratio
 
 SHAPES = ((256, 64, 56, 56), (128, 128, 28, 28), (128, 256, 14, 14), (128, 512, 7, 7), (64, 64, 56, 56))
 QUICK_SHAPES = ((64, 64, 56, 56), (128, 256, 14, 14))
 DTYPES = (torch.float32, torch.bfloat16)
 SMOKE_SHAPE = (4, 8, 8, 8)
-SMOKE_REPEATS = 5
 # EquiNormConv2d layers of a ResNet: the 3x3 convolutions of the four stages, the 1x1
 # reduction of a bottleneck and the stride-2 entry of stage 2.
 EQUINORM_LAYERS = (
@@ -181,59 +192,29 @@ QUICK_BWN_WEIGHTS = tuple(w for w in WEIGHTS if w.shape in ((64, 64, 3, 3), (512
 # times faster than torch.nn.utils.parametrizations.weight_norm, and at most this many times
 # the bandwidth floor's time on weights of more than BWN_FLOOR_MIN_NUMEL elements.
 BWN_SPEEDUP_TARGET, BWN_FLOOR_TARGET, BWN_FLOOR_MIN_NUMEL = 2.0, 1.5, 1_000_000
-SECTIONS = ("lp", "equinorm", "enorm", "bwn")
+# Fused norm + ReLU (+ residual): the lp shapes; --quick: QUICK_SHAPES in bf16, the fused Triton
+# layers against nn.BatchNorm2d + ReLU eager and compiled (one compile per shape and epilogue).
+FUSED_QUICK_DTYPES = (torch.bfloat16,)
+# The end-to-end stack: N=32 fp32 and bf16, N=256 bf16 (an fp32 step at N=256 may not fit);
+# --quick: one block per stage, N=32 fp32 and N=256 bf16, torch.compile for bn and L1 only.
+STACK_CASES = (stack_cases.StackCase(32), stack_cases.StackCase(32, torch.bfloat16),
+               stack_cases.StackCase(256, torch.bfloat16))
+QUICK_STACK_CASES = (stack_cases.StackCase(32, blocks=stack_cases.ONE_BLOCK),
+                     stack_cases.StackCase(256, torch.bfloat16, blocks=stack_cases.ONE_BLOCK))
+QUICK_STACK_CONTENDERS = (stack_cases.contenders(modes=(stack_cases.EAGER,))
+                          + stack_cases.contenders(("bn", "l1"), (stack_cases.COMPILED,)))
+SMOKE_STACK_CASE = stack_cases.StackCase(3, channel_scale=16, resolution=16, blocks=stack_cases.ONE_BLOCK)
+SECTIONS = ("lp", "equinorm", "enorm", "bwn", "fused", "stack")
 # The JSON record's entries of every section, as they stand when the section does not run.
 EMPTY_RECORD = {
     "rows": [], "topk_over_l1": [], "equinorm_layers": [], "equinorm_kernels": [], "equinorm_overhead": None,
     "enorm": [], "enorm_targets": [], "bounded_weight_norm": [], "bounded_weight_norm_targets": [],
-    "bounded_weight_norm_summary": None,
+    "bounded_weight_norm_summary": None, "fused": [], "stack": [],
 }
 # Peak DRAM bandwidth in GB/s by device-name substring (first match), unless the caller
 # passes one.
 KNOWN_PEAKS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0))
 DEFAULT_PEAK = 3350.0  # H100 SXM
-
-
-def median_seconds(fn, device: str) -> float:
-    """Median time of one call of ``fn``."""
-    if device == "cuda":
-        return triton.testing.do_bench(fn, return_mode="median") / 1e3
-    times = []
-    for _ in range(SMOKE_REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def guarded(where: str, errors: list[str], log, device: str, run: Callable[[], list]) -> list:
-    """``run()``'s rows, or none if it fails: the error goes to ``errors`` and the log, so
-    one failing case does not lose the rest of the table."""
-    log(where)
-    try:
-        return run()
-    except Exception as e:
-        errors.append(f"{where}: {type(e).__name__}: {e}")
-        log(f"FAILED {errors[-1]}")
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        return []
-
-
-def by_pass(rows: list[dict]) -> list[dict]:
-    """Forward rows first; stable, so the cases stay in order."""
-    return sorted(rows, key=lambda r: PASSES.index(r["pass"]))
-
-
-def time_passes(step_of: Callable[[str], Callable], check: Callable[[tuple], None], device: str) -> dict:
-    """{pass: median microseconds} of ``step_of(pass)`` for each pass; its first call, checked
-    by ``check``, is the warm-up (compiles happen there)."""
-    times = {}
-    for pass_ in PASSES:
-        fn = step_of(pass_)
-        check(fn())
-        times[pass_] = median_seconds(fn, device) * 1e6
-    return times
 
 
 def _time_norm(norm: str, impl: str, shape, x, dy, device: str) -> list[dict]:
@@ -356,10 +337,6 @@ def measure_bwn(cases, dtypes, device: str, names, log) -> tuple[list[dict], lis
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows, errors
-
-
-def _ratio(num: dict, den: dict | None) -> float | None:
-    return num["time_us"] / den["time_us"] if den else None
 
 
 def _add_bandwidth(r: dict, floor_bytes: int, peak_gbps: float) -> None:
@@ -497,16 +474,6 @@ def overhead_summary(layers: list[dict]) -> dict | None:
     worst = max(rows, key=lambda r: r["overhead_vs_bn"])
     return {"target": OVERHEAD_TARGET, "worst": worst["overhead_vs_bn"], "layer": worst["layer"],
             "dtype": worst["dtype"], "met": worst["overhead_vs_bn"] <= OVERHEAD_TARGET}
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def markdown_table(headers, lines) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
 
 
 def lp_section(rows: list[dict], topk_over_l1: list[dict]) -> list[str]:
@@ -712,6 +679,11 @@ class Plan(NamedTuple):
     enorm_contenders: tuple
     bwn_weights: tuple
     bwn_contenders: tuple
+    fused_shapes: tuple
+    fused_dtypes: tuple
+    fused_cases: list  # (norm, implementation) pairs, both epilogues each
+    stack_cases: tuple
+    stack_contenders: tuple  # (norm, mode) pairs
 
 
 class Roofline(NamedTuple):
@@ -725,18 +697,24 @@ class Roofline(NamedTuple):
 
 def plan_for(device: str, quick: bool = False) -> Plan:
     """The GPU cases on "cuda" (``quick``: ``QUICK_SHAPES``, two EquiNorm layers, one
-    compiled, and ``QUICK_BWN_WEIGHTS``); on "cpu" the tiny ones, PyTorch implementations
-    only (``quick`` changes nothing)."""
+    compiled, ``QUICK_BWN_WEIGHTS``, the fused norms in bf16 only, the one-block stacks);
+    on "cpu" the tiny ones, PyTorch implementations only (``quick`` changes nothing)."""
     if device == "cpu":
         return Plan(
             device, (SMOKE_SHAPE,), (torch.float32,), variants((EAGER, COMPILED)), (SMOKE_EQUINORM_LAYER,),
             (SMOKE_EQUINORM_LAYER,), (EAGER,), SMALL_NETS, tuple(n for n in CONTENDERS if n not in TRITON_CONTENDERS),
             SMALL_WEIGHTS, tuple(n for n in BWN_CONTENDERS if not is_triton(n)),
+            (SMOKE_SHAPE,), (torch.float32,), fused_cases.variants((EAGER,)), (SMOKE_STACK_CASE,),
+            QUICK_STACK_CONTENDERS,
         )
     layers = QUICK_EQUINORM_LAYERS if quick else EQUINORM_LAYERS
+    fused = fused_cases.variants((TRITON,) if quick else (TRITON, fused_cases.UNFUSED))
     return Plan(
         device, QUICK_SHAPES if quick else SHAPES, DTYPES, variants(), layers, layers[:1] if quick else layers,
         (TRITON, EAGER), STUDY_NETS, CONTENDERS, QUICK_BWN_WEIGHTS if quick else WEIGHTS, BWN_CONTENDERS,
+        QUICK_SHAPES if quick else SHAPES, FUSED_QUICK_DTYPES if quick else DTYPES, fused,
+        QUICK_STACK_CASES if quick else STACK_CASES,
+        QUICK_STACK_CONTENDERS if quick else tuple(stack_cases.contenders()),
     )
 
 
@@ -809,8 +787,18 @@ def _run_bwn(plan: Plan, peak: float, log) -> tuple[dict, list[str], list[str]]:
     return part, bwn_section(rows, targets, summary), errors
 
 
+def _run_fused(plan: Plan, peak: float, log) -> tuple[dict, list[str], list[str]]:
+    return fused_cases.run_section(plan.fused_shapes, plan.fused_dtypes, fused_cases.EPILOGUES, plan.fused_cases,
+                                   plan.device, peak, log)
+
+
+def _run_stack(plan: Plan, peak: float, log) -> tuple[dict, list[str], list[str]]:
+    return stack_cases.run_section(plan.stack_cases, plan.stack_contenders, plan.device, log)
+
+
 # Each section's measure-derive-report step: (record entries, markdown lines, errors).
-_MEASURE = {"lp": _run_lp, "equinorm": _run_equinorm, "enorm": _run_enorm, "bwn": _run_bwn}
+_MEASURE = {"lp": _run_lp, "equinorm": _run_equinorm, "enorm": _run_enorm, "bwn": _run_bwn, "fused": _run_fused,
+            "stack": _run_stack}
 
 
 def write(result: Roofline, out_dir: Path) -> Path:

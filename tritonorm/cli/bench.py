@@ -42,6 +42,7 @@ import tritonorm
 from ..bench import roofline, traffic, traffic_cases
 from ..bench.enorm_cases import SGD_STEP
 from ..bench.equinorm_cases import NORM_ONLY
+from ..bench.fused_cases import RELU
 from ..bench.lp_cases import BASELINE
 
 # (header, row key, number format; None: text, left-aligned).
@@ -53,13 +54,14 @@ COLUMNS = (
 LEGEND_WIDTH = 110
 LEGEND = (
     "GB/s: the bytes the operation must move / time (none for the EquiNorm layer rows, which include a "
-    "convolution). "
+    "convolution, nor for the stack's training steps). "
     "floor/time: the time those bytes take at the peak bandwidth, over the time. "
     "/ torch: time over the torch baseline's at the same shape, dtype and pass: nn.BatchNorm2d (*-bn), "
     "nn.Conv2d + nn.BatchNorm2d (equinorm layers), the PyTorch reference (equinorm kernels), one SGD step "
-    "(enorm), torch.nn.utils.parametrizations.weight_norm (bounded-wn). "
+    "(enorm), torch.nn.utils.parametrizations.weight_norm (bounded-wn), nn.BatchNorm2d (+ r) + ReLU "
+    "(*+relu: fused norms; stack: the stack's training step with it, eager). "
     "/ compiled: time over torch.compile of the reference's (*-bn, equinorm), of the plain formula "
-    "rho * v / ||v|| (bounded-wn)."
+    "rho * v / ||v|| (bounded-wn), of nn.BatchNorm2d (+ r) + ReLU (*+relu) or of the bn stack (stack)."
 )
 
 
@@ -143,7 +145,7 @@ def table_rows(record: dict) -> list[dict]:
     """The rows of every section in the roofline's JSON ``record``, with the keys of ``COLUMNS``."""
     return [*_lp_rows(record["rows"]), *_equinorm_rows(record["equinorm_layers"]),
             *_kernel_rows(record["equinorm_kernels"]), *_enorm_rows(record["enorm"]),
-            *_bwn_rows(record["bounded_weight_norm"])]
+            *_bwn_rows(record["bounded_weight_norm"]), *_fused_rows(record["fused"]), *_stack_rows(record["stack"])]
 
 
 def _lp_rows(rows: list[dict]) -> list[dict]:
@@ -183,6 +185,23 @@ def _bwn_rows(rows: list[dict]) -> list[dict]:
         "op": "bounded-wn", "contender": r["contender"], "shape": r["weight"], "dtype": r["dtype"],
         "pass": r["pass"], "time_us": r["time_us"], "gbps": r["gbps"], "floor_fraction": r["floor_fraction"],
         "vs_torch": r["vs_weight_norm"], "vs_compiled": r["vs_formula_compiled"],
+    } for r in rows]
+
+
+def _fused_rows(rows: list[dict]) -> list[dict]:
+    return [{
+        "op": ("bn" if r["norm"] == "bn" else f"{r['norm']}-bn") + ("+relu" if r["epilogue"] == RELU else "+add+relu"),
+        "contender": r["impl"], "shape": r["shape"], "dtype": r["dtype"], "pass": r["pass"], "time_us": r["time_us"],
+        "gbps": r["gbps"], "floor_fraction": r["floor_fraction"], "vs_torch": r["vs_torch"],
+        "vs_compiled": r["vs_compiled"],
+    } for r in rows]
+
+
+def _stack_rows(rows: list[dict]) -> list[dict]:
+    return [{
+        "op": f"stack {r['norm']}", "contender": r["mode"], "shape": r["stack"], "dtype": r["dtype"], "pass": "step",
+        "time_us": r["time_ms"] * 1e3, "gbps": None, "floor_fraction": None, "vs_torch": r["vs_torch"],
+        "vs_compiled": r["vs_compiled"],
     } for r in rows]
 
 
