@@ -72,7 +72,7 @@ def test_eval_parity(norm, dtype, device):
     ],
     ids=["no-affine", "no-running-stats", "cumulative-momentum", "eval-no-affine", "bf16-params"],
 )
-def test_option_parity(norm, options, device):
+def test_option_parity(norm, options, device, lp_path):
     x = random_input((6, 4, 3, 5), torch.float32, device)
     tri = run(norm, x, "triton", **options)
     ref = run(norm, x, "torch", **options)
@@ -82,9 +82,9 @@ def test_option_parity(norm, options, device):
 
 
 @pytest.mark.parametrize("norm", ["linf", "topk"])
-def test_ties_pick_the_lowest_index(norm, device):
-    """Equal |x - mu|: both paths give sigma's gradient to the same, lowest-index elements,
-    whatever the memory format."""
+def test_ties_pick_the_lowest_index(norm, device, lp_path):
+    """Equal |x - mu|: the Triton path (on chip and split) and the PyTorch path give
+    sigma's gradient to the same, lowest-index elements, whatever the memory format."""
     x = torch.zeros(4, 2, 3, 3)
     x[:, :, 0, 0] = 5.0  # four equal maxima per channel at r = 0, 9, 18, 27
     x[:, :, 1, 1] = -5.0  # and four equal minima at r = 4, 13, 22, 31
