@@ -266,6 +266,39 @@ def test_on_chip_budgets(norm, memory_format, dtype):
         _check(counted, x.numel() * x.element_size(), *ONCHIP_BUDGETS[direction])
 
 
+# Fused epilogues: out = relu(bn(x)) moves no more than the BN alone on the on-chip path
+# (the backward rebuilds the pre-activation from x, which it reads anyway) and on L1's split
+# path (whose elementwise backward reads x for sign(a)); L-inf / Top-k's split backward reads
+# x once more for it (+1 pass: an unfused ReLU's backward costs 3).  With a residual:
+# forward +1 read (the residual), backward +1 read (the residual, to rebuild z) and +1
+# write (its gradient), in the same launches.
+FUSED_EXTRA = {  # (path, residual) -> extra passes over x: (forward, backward)
+    ("onchip", False): (0, 0), ("split", False): (0, 0), ("onchip", True): (1, 2), ("split", True): (1, 3),
+}
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "residual-relu"])
+@pytest.mark.parametrize("path", ["onchip", "split"])
+@pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
+def test_fused_relu_budgets(norm, path, residual, monkeypatch):
+    monkeypatch.setenv(channel_resident.PATH_VARIABLE, path)
+    shape = ONCHIP_SHAPE if path == "onchip" else BN_SHAPE
+    x, dy = _inputs(shape, torch.contiguous_format, torch.float32)
+    res = torch.randn(shape, generator=torch.Generator().manual_seed(2)).requires_grad_() if residual else None
+    plain = _bn(norm, shape[1], torch.float32, track_running_stats=False)
+    fused = _bn(norm, shape[1], torch.float32, track_running_stats=False, activation="relu")
+    alone = _step(plain, x, dy)
+    inputs = (x, *fused.parameters(), *([res] if residual else []))
+    step = count_step(functools.partial(fused, x, residual=res), inputs, dy, sms=SMS, sampling=BUDGET_SAMPLING)
+    x_bytes = x.numel() * x.element_size()
+    extra = FUSED_EXTRA[(path, residual)]
+    for i, (counted, reference) in enumerate(zip(step, alone, strict=True)):
+        more = extra[i] + (i == 1 and path == "split" and norm != "l1")
+        report = traffic.describe(counted, x_bytes) + "\nalone:\n" + traffic.describe(reference, x_bytes)
+        assert counted.bytes <= reference.bytes + (more + 0.01) * x_bytes, report
+        assert counted.launch_count == reference.launch_count and counted.torch_ops == (), report
+
+
 def test_running_statistics_cost():
     """The running statistics add one launch to a training forward (both buffers and the
     batch count), of a few per-channel vectors, and nothing to the backward."""
