@@ -229,7 +229,7 @@ def test_bench_cuda_without_cuda(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_cuda_enorm_quick(capsys):
     assert main(["bench", "--quick", "--only", "enorm"]) == 0
-    header, *rows = table(capsys.readouterr().out)
+    _header, *rows = table(capsys.readouterr().out)
     check_rows(rows)
     assert {"enorm-triton-parallel", "enorm-triton-sequential"} <= {r[1] for r in rows}
 

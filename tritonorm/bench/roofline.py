@@ -86,8 +86,10 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -237,7 +239,7 @@ def measure(shapes, dtypes, device: str, cases, log) -> tuple[list[dict], list[s
             block = []
             for norm, impl in cases:
                 where = f"{shape_name(shape)} {dtype_name(dtype)} {norm} {impl}"
-                block += guarded(where, errors, log, device, lambda: _time_norm(norm, impl, shape, x, dy, device))
+                block += guarded(where, errors, log, device, partial(_time_norm, norm, impl, shape, x, dy, device))
             rows += by_pass(block)
     return rows, errors
 
@@ -281,13 +283,13 @@ def measure_equinorm(cases, dtypes, device: str, variants_of, kernel_impls, log)
             for what, impl in variants_of(case):
                 where = f"EquiNorm {case.name} {dtype_name(dtype)} {what} {impl}"
                 block += guarded(where, errors, log, device,
-                                 lambda: _time_equinorm_layer(what, impl, case, inputs, device))
+                                 partial(_time_equinorm_layer, what, impl, case, inputs, device))
             layers += by_pass(block)
             for kernel, direction in KERNELS:
                 for impl in kernel_impls:
                     where = f"EquiNorm {case.name} {dtype_name(dtype)} {kernel} {direction} {impl}"
                     kernels += guarded(where, errors, log, device,
-                                       lambda: _time_equinorm_kernel(kernel, direction, impl, case, inputs.x, device))
+                                       partial(_time_equinorm_kernel, kernel, direction, impl, case, inputs.x, device))
     return layers, kernels, errors
 
 
@@ -307,7 +309,7 @@ def measure_enorm(nets, names, device: str, log) -> tuple[list[dict], list[str]]
     rows, errors = [], []
     for net in nets:
         for name in names:
-            rows += guarded(f"ENorm {net.name} {name}", errors, log, device, lambda: _time_enorm(net, name, device))
+            rows += guarded(f"ENorm {net.name} {name}", errors, log, device, partial(_time_enorm, net, name, device))
     return rows, errors
 
 
@@ -332,7 +334,7 @@ def measure_bwn(cases, dtypes, device: str, names, log) -> tuple[list[dict], lis
             block = []
             for name in names:
                 where = f"bounded weight norm {case.name} {dtype_name(dtype)} {name}"
-                block += guarded(where, errors, log, device, lambda: _time_bwn(case, name, dtype, grad, device))
+                block += guarded(where, errors, log, device, partial(_time_bwn, case, name, dtype, grad, device))
             rows += by_pass(block)
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -358,7 +360,8 @@ def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
         config = (r["shape"], r["dtype"], r["pass"])
         _add_bandwidth(r, r["compulsory_bytes"], peak_gbps)
         r["vs_batchnorm"] = _ratio(r, index.get((*config, *BASELINE)))
-        r["vs_compiled"] = None if (r["norm"], r["impl"]) == BASELINE else _ratio(r, index.get((*config, r["norm"], COMPILED)))
+        compiled = None if (r["norm"], r["impl"]) == BASELINE else index.get((*config, r["norm"], COMPILED))
+        r["vs_compiled"] = _ratio(r, compiled)
     topk_over_l1 = []
     for (shape, dtype, pass_, norm, impl), r in index.items():
         l1 = index.get((shape, dtype, pass_, "l1", impl))
@@ -743,7 +746,8 @@ def run(plan: Plan, sections=SECTIONS, peak_gbps: float | None = None, log=None)
     peak, peak_source = peak_bandwidth(name, peak_gbps)
     meta = {
         "device": name, "peak_gbps": peak, "peak_source": peak_source, "torch": torch.__version__,
-        "triton": triton.__version__ if triton else None, "tritonorm": tritonorm.__version__, "cuda": torch.version.cuda,
+        "triton": triton.__version__ if triton else None, "tritonorm": tritonorm.__version__,
+        "cuda": torch.version.cuda,
         "date": datetime.date.today().isoformat(), "topk_k": TOPK_K, "sections": sections,
     }
     record, pages, errors = {"meta": meta, **EMPTY_RECORD}, [], []

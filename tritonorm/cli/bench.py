@@ -209,7 +209,8 @@ def _stack_rows(rows: list[dict]) -> list[dict]:
 
 TRAFFIC_COLUMNS = (
     ("norm", "norm", None), ("shape", "shape", None), ("layout", "layout", None), ("dtype", "dtype", None),
-    ("pass", "pass", None), ("path", "path", None), ("launches", "launches", "d"), ("MB", "mb", ".4g"), ("passes", "passes", ".2f"),
+    ("pass", "pass", None), ("path", "path", None), ("launches", "launches", "d"), ("MB", "mb", ".4g"),
+    ("passes", "passes", ".2f"),
     ("floor", "floor", "d"), ("cuDNN", "cudnn_passes", "d"), ("bytes", "method", None),
     ("torch ops outside the kernels", "outside", None),
 )
