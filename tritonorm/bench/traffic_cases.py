@@ -60,6 +60,12 @@ TARGETS = (
 # The on-chip path's target: a layer whose passes both take it is at least this many times
 # faster than cuDNN forward + backward.
 ON_CHIP_SPEEDUP = 1.4
+# torch.compile of nn.BatchNorm2d + ReLU, (passes, launches) per pass: an ASSUMPTION, not a
+# count (Inductor's GPU code cannot be generated here): a reduction kernel and a pointwise
+# kernel each way, the running statistics in the first, the ReLU mask rebuilt from x.
+COMPILED_BN_RELU = {"forward": (3, 2), "backward": (5, 2)}
+# What a fused ReLU adds to the norm's own traffic (tests/test_traffic.py, fused budgets):
+# nothing, but for one more read of x in L-inf / Top-k's split backward.
 ON_CHIP, SPLIT = "on-chip", "split"
 
 
@@ -160,6 +166,16 @@ def targets(rows: list[dict]) -> list[dict]:
     if ratios:
         verdicts.append(_verdict(f"On-chip layers: forward+backward >= {ON_CHIP_SPEEDUP} x faster than cuDNN",
                                  1 / ON_CHIP_SPEEDUP, ratios))
+    ratios = []
+    for (shape, layout, dtype, pass_, norm), r in index.items():
+        x_bytes = activation_bytes(r)
+        extra = x_bytes if pass_ == "backward" and r["path"] == SPLIT and norm != "l1" else 0
+        passes, launches = COMPILED_BN_RELU[pass_]
+        ratios.append((estimate_us(r["bytes"] + extra, r["launches"]) / estimate_us(passes * x_bytes, launches),
+                       f"{norm} {pass_} {shape} {layout} {dtype} ({r['path']})"))
+    if ratios:
+        verdicts.append(_verdict("Fused norm + ReLU <= torch.compile(BatchNorm2d + ReLU) (assumed: 3 passes and 2 "
+                                 "launches forward, 5 and 2 backward)", 1.0, ratios))
     return verdicts
 
 
