@@ -106,18 +106,23 @@ def elements_per_thread(view: ChannelView, group: int, selected: int, backward: 
     return ELEMENTS_PER_THREAD
 
 
+def _smallest_tile(view: ChannelView) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_N, BLOCK_S) of the smallest on-chip tile of a (grouped) view: one
+    channel row, or in channels_last the channels of 16 bytes of a row."""
+    if view.channels_last:
+        block_c = min(max(1, SECTOR_BYTES // view.tensor.element_size()), triton.next_power_of_2(view.c))
+        return block_c, 1, triton.next_power_of_2(view.s)
+    return 1, triton.next_power_of_2(view.n), triton.next_power_of_2(view.s)
+
+
 def _fit(view: ChannelView, group: int, selected: int, backward: bool) -> ResidentPlan | None:
     per_thread = elements_per_thread(view, group, selected, backward)
     grouped = ChannelView(view.tensor, *_grouped_args(view, group))
-    n, c, s = grouped.n, grouped.c, grouped.s
-    if view.channels_last:
-        block_n, block_s = 1, triton.next_power_of_2(s)
-        block_c = min(max(1, SECTOR_BYTES // view.tensor.element_size()), triton.next_power_of_2(c))
-    else:
-        block_n, block_s, block_c = triton.next_power_of_2(n), triton.next_power_of_2(s), 1
+    block_c, block_n, block_s = _smallest_tile(grouped)
     if block_c * block_n * block_s > per_thread * 32 * MAX_WARPS:
         return None
     sms = _num_programs_per_wave(view.tensor.device)
+    c = grouped.c
     while (2 * block_c * block_n * block_s <= PROGRAM_ELEMENTS and 2 * block_c <= triton.next_power_of_2(c)
            and triton.cdiv(c, 2 * block_c) >= sms):
         block_c *= 2
@@ -140,9 +145,11 @@ def plan(view: ChannelView, selected: int, *, backward: bool) -> ResidentPlan | 
     if forced == "onchip":
         if fit is None:
             most = elements_per_thread(view, 1, selected, backward) * 32 * MAX_WARPS
+            block_c, block_n, block_s = _smallest_tile(view)
             raise ValueError(
-                f"{PATH_VARIABLE}=onchip: a channel of {view.numel_per_channel} elements does not fit on chip "
-                f"(at most {most} with padding); unset it to take the split path")
+                f"{PATH_VARIABLE}=onchip: a channel of {view.numel_per_channel} elements does not fit on chip: its "
+                f"tile takes {block_c * block_n * block_s} elements with padding ({block_c} channel(s) of "
+                f"{block_n * block_s}), at most {most} fit; unset {PATH_VARIABLE} to take the split path")
         return fit
     if fit is None:
         return None
