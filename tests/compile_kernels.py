@@ -463,24 +463,30 @@ class Kernel:
         (in loops), and the accesses not traced to one argument or the table."""
         accesses = self.result.get("accesses", [])
         return dict(kernel=self.launch.kernel, name=self.launch.name, workloads=self.workloads,
-                    budgeted=self.budgeted, big=sorted(self.big), big_accesses=big_accesses(accesses, self.big),
+                    budgeted=self.budgeted, big=sorted(self.big),
+                    big_accesses=big_accesses(self.launch.kernel, accesses, self.big),
                     untraced=[a for a in accesses if a["arg"] == "?" or "|" in a["arg"]],
                     **{k: v for k, v in self.result.items() if k != "accesses"})
 
 
-def big_accesses(accesses: list[dict], big: set) -> list[dict]:
-    """The accesses that move a big tensor: those to a big argument in the kernel's loops
-    (which stream tiles), or in a kernel without such loops (an on-chip kernel holds its
-    tile in registers), each big argument's widest accesses per op: the tile's (the few
-    narrower ones are per-channel gathers such as x_0)."""
+# Kernels that hold their tile in registers (kernels/channel_resident.py): no loop streams it.
+RESIDENT_KERNELS = {"lp_batchnorm._resident_forward_kernel", "lp_batchnorm._resident_backward_kernel"}
+
+
+def big_accesses(kernel: str, accesses: list[dict], big: set) -> list[dict]:
+    """The accesses that move a big tensor: those to a big argument in the kernel's loops,
+    which stream tiles; in an on-chip kernel (RESIDENT_KERNELS), each big argument's widest
+    stores, or loads if it is only read: its tile's (the narrower ones are per-channel
+    gathers, such as x_0, and the Top-k gradient's scatter into dx)."""
     to_big = [a for a in accesses if a["arg"] in big]
-    streamed = [a for a in to_big if a["loop"]]
-    if streamed:
-        return streamed
+    if kernel not in RESIDENT_KERNELS:
+        return [a for a in to_big if a["loop"]]
+    stored = {a["arg"] for a in to_big if a["op"] == "st"}
+    tile = [a for a in to_big if a["op"] == ("st" if a["arg"] in stored else "ld")]
     widest = defaultdict(int)
-    for a in to_big:
-        widest[(a["arg"], a["op"])] = max(widest[(a["arg"], a["op"])], a["bytes"])
-    return [a for a in to_big if a["bytes"] == widest[(a["arg"], a["op"])]]
+    for a in tile:
+        widest[a["arg"]] = max(widest[a["arg"]], a["bytes"])
+    return [a for a in tile if a["bytes"] == widest[a["arg"]]]
 
 
 def collect(workloads) -> list[Kernel]:

@@ -161,7 +161,7 @@ AVERAGED_BOUND = 5e-3
 
 
 @pytest.mark.parametrize("norm, shape, memory_format, sms", SAMPLED_CASES)
-def test_sampled_count_equals_the_full_count(norm, shape, memory_format, sms):
+def test_sampled_count_equals_the_full_count(norm, shape, memory_format, sms, split_path):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(memory_format=memory_format)
     x.requires_grad_()
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))

@@ -43,8 +43,9 @@ from .channel_reduce import (
 # fp32 value per element (the L1 forward: a replaces x), fewer where it holds more, from the
 # sm_90 compiles (tests/compile_kernels.py; at 32 warps a thread has 64 registers):
 # L-inf / Top-k also rank and index every element (16 spilled, 8 does not), the backward
-# holds x and dy, a grouped view of 8 channels a row spreads 8 sets of statistics (16
-# spilled 104 bytes), and Top-k's K steps over a channels_last tile spilled at 8.
+# holds x and dy, a grouped view spreads a set of statistics per channel of a row (16
+# spilled: 104 bytes at 8 channels a row; 32 at 2 with triton 3.6), and Top-k's K steps
+# over a channels_last tile spilled at 8.
 ELEMENTS_PER_THREAD = 16
 HEAVY_ELEMENTS_PER_THREAD = 8
 TOPK_NSC_ELEMENTS_PER_THREAD = 4
@@ -101,7 +102,7 @@ def elements_per_thread(view: ChannelView, group: int, selected: int, backward: 
     """The most resident elements a thread of this pass holds (see ELEMENTS_PER_THREAD)."""
     if selected > 1 and not backward and view.channels_last:
         return TOPK_NSC_ELEMENTS_PER_THREAD
-    if backward or selected or group >= 8:
+    if backward or selected or group > 1:
         return HEAVY_ELEMENTS_PER_THREAD
     return ELEMENTS_PER_THREAD
 
