@@ -16,9 +16,11 @@ covers N * S and BLOCK_C channels cover at least 16 bytes of each row.
 
 Limits (``plan``): a thread holds at most ``elements_per_thread`` elements of each
 resident tensor (x forward; x and dy backward: 4 to 16, from the sm_90 compiles) at up to
-MAX_WARPS warps, padding included (a row of 784 takes 1024 lanes); larger channels, or a
-grid too small to fill the GPU, take the split path.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for tests: "onchip"
-raises if a channel does not fit).
+MAX_WARPS warps, padding included (a row of 784 takes 1024 lanes); larger channels take
+the split path.  A grid of one program per channel block can leave SMs idle only on small
+tensors (64 channels of 16,384 fp32 elements are 4 MB), where the split path's launches
+cost more than the idle bandwidth.  ``TRITONORM_LP_PATH=onchip|split`` forces a path (for
+tests: "onchip" raises if a channel does not fit).
 """
 
 from __future__ import annotations
@@ -57,9 +59,6 @@ PROGRAM_ELEMENTS = 4096
 # Fewest bytes of a channels_last row that a program's channels cover: one 128-bit vector
 # (the rest of its 32-byte sector is the next program's, which runs beside it and finds it in L2).
 SECTOR_BYTES = 16
-# Below this many bytes of input the on-chip path is taken even when its grid (one
-# program per channel block) leaves SMs idle: launches cost more than the bandwidth.
-SMALL_BYTES = 8 << 20
 PATH_VARIABLE = "TRITONORM_LP_PATH"
 PATHS = ("auto", "onchip", "split")
 
@@ -152,10 +151,7 @@ def plan(view: ChannelView, selected: int, *, backward: bool) -> ResidentPlan | 
                 f"tile takes {block_c * block_n * block_s} elements with padding ({block_c} channel(s) of "
                 f"{block_n * block_s}), at most {most} fit; unset {PATH_VARIABLE} to take the split path")
         return fit
-    if fit is None:
-        return None
-    fills = 2 * fit.programs >= _num_programs_per_wave(view.tensor.device)
-    return fit if fills or view.tensor.nbytes <= SMALL_BYTES else None
+    return fit
 
 
 # ----------------------------------------------------------------------------- jit helpers
