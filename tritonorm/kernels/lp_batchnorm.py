@@ -1,48 +1,63 @@
 """Triton kernels of the L1 / L-inf / Top-k batch norm (math: ``tritonorm.reference.lp_batchnorm``).
 
-Forward, training (statistics, then normalize; a synced variant would all-reduce the
-per-split partials between the two).  Sums of x are taken about each channel's x_0
-(``channel_reduce``), so a constant channel has mu = x_0 and y = beta exactly, and the
-normalize pass computes (x - mu) * scale + beta, not x * scale + shift: the latter loses
-the digits of x - mu when |mu| >> sigma.
+Every pass ends in an epilogue: out = act(y + residual) with y the normalized input
+(``tritonorm.kernels.activation``; "none" and no residual give y), and its backward
+starts from dz = dout * act'(z), z rebuilt from x, the statistics and the residual.
+
+Forward, training.  Where a channel fits in registers (``channel_resident.plan``), one
+launch does it all:
+
+    _resident_forward_kernel        read x (and the residual), write out: mu, a = x - mu and
+                                    sigma from registers (sum |a|; the largest |a|; the K
+                                    largest |a| in K extraction steps)
+
+else the split passes (statistics, then normalize; a synced variant would all-reduce the
+per-split partials between the two):
 
     L1           _partial_sums_kernel("sum")      read x     partial sum(x - x_0)
                  [_mean_kernel]                              mu, once (see below)
                  _partial_sums_kernel("abs_dev")  read x     partial sum|a|, sum sign(a)
                  _l1_finalize_kernel                         mean, sigma, wbar
-                 _channel_affine_kernel           read x, write y
+                 _normalize_kernel                read x, write out
     L-inf/Top-k  _extremes_kernel                 read x     partial sum(x - x_0), K largest and
                                                              K smallest x with indices
                  _extremes_finalize_kernel                   mean, the K largest |a|, sigma
-                 _channel_affine_kernel           read x, write y
+                 _normalize_kernel                read x, write out
 
 then, with running statistics, ``running_stats.update_running`` (a separate op: an op that
 mutates its inputs cannot carry an autograd formula).  Eval: _running_coeffs_kernel and
-_channel_affine_kernel.
+_normalize_kernel.  Sums of x are taken about each channel's x_0 (``channel_reduce``), so
+a constant channel has mu = x_0 and y = beta exactly, and y is (x - mu) * scale + beta,
+not x * scale + shift: the latter loses the digits of x - mu when |mu| >> sigma.
 
-The second read of L1 cannot be avoided: mean |x - mu| needs mu first.  Its programs
+The split L1's second read cannot be avoided: mean |x - mu| needs mu first.  Its programs
 recombine mu from the partial sums (splits x BLOCK_C values each) unless that re-read, over
 all programs, costs more than a launch (channels_last with few channels: 526 splits at
 C=64); then _mean_kernel computes it once, at the price of a fifth launch.  L-inf and Top-k
 need one read because the K largest |x - mu| are among the K largest and the K smallest x.
 
-Top-K state.  Each program keeps, per channel, the K best (value, index) pairs it has seen
-(K=1: one per lane).  A tile costs one tile-wide max when nothing in it outranks the
-state's worst entry, and otherwise one step (two tile-wide reductions) per entry it
+Top-K state (split).  Each program keeps, per channel, the K best (value, index) pairs it
+has seen (K=1: one per lane).  A tile costs one tile-wide max when nothing in it outranks
+the state's worst entry, and otherwise one step (two tile-wide reductions) per entry it
 replaces, at most K: O(n) work whatever the order of the data.  Indices are int32 and
 relative to the split's first element; the K slots of every (channel, split) list are
 stored at [c, split, :K], so a channel's lists are contiguous for the finalize, which turns
 them into absolute int64 indices (``tile_first_index``) as it folds them.
 
-Backward, with g = dy * gamma, d = sigma + eps, w_i = d sigma / d a_i and wbar = mean(w):
+Backward, with dz the gradient of y, d = sigma + eps, w_i = d sigma / d a_i and
+wbar = mean(w):
 
-    dx_i = gamma/d * (dy_i - mean(dy)) - gamma/d * sum(dy * xhat) * (w_i - wbar)
+    dx_i = gamma/d * (dz_i - mean(dz)) - gamma/d * sum(dz * xhat) * (w_i - wbar)
 
-    _partial_sums_kernel("grad")   read x, dy   partial sum(dy), sum(dy * a)
-    _grad_finalize_kernel                       dgamma, dbeta, per-channel coefficients
-    _channel_affine_kernel         read dy (and x for L1: w_i = C1/n sign(a_i)), write dx;
-                                   for L-inf / Top-k, w_i = Cinf/k sign(a_i) at the k selected
-                                   elements: each program adds it to those in its own range
+    on chip: _resident_backward_kernel  read x, dout (and the residual), write dx (and
+                                        d residual = dz)
+    split:   _partial_sums_kernel("grad")  read x, dout   partial sum(dz), sum(dz * a)
+             _grad_finalize_kernel                        dgamma, dbeta, dx's coefficients
+             _grad_input_kernel            read dout (and x for L1, w_i = C1/n sign(a_i),
+                                           or for an activation), write dx
+
+For L-inf / Top-k, w_i = Cinf/k sign(a_i) at the k selected elements only: each program
+adds that term to the selected elements in its own range, after its stores.
 """
 
 from __future__ import annotations
