@@ -334,7 +334,7 @@ def _activation(node: fx.Node, source: fx.Node, modules: dict) -> tuple[str, flo
     names = _ACTIVATION_PARAMETERS[node.target]
     if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args):]):
         return None
-    bound = {**dict(zip(names, node.args)), **node.kwargs}
+    bound = {**dict(zip(names[:len(node.args)], node.args, strict=True)), **node.kwargs}
     if bound.get("input") is not source or any(isinstance(v, fx.Node) for k, v in bound.items() if k != "input"):
         return None
     name = activation_of(node.target)[0]
