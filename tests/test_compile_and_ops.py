@@ -126,3 +126,45 @@ def test_gradcheck_triton_float64(norm, device):
         return lp_ops.lp_batch_norm(x, w, b, None, None, True, 1e-5, norm, 3, True)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+class _FusedBlock(nn.Module):
+    """conv -> norm + relu, conv -> norm + residual + relu: a basic block, fused."""
+
+    def __init__(self, norm, backend):
+        super().__init__()
+        torch.manual_seed(0)
+        extra = {"k": 4} if norm == "topk" else {}
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.bn1 = LAYERS[norm](3, backend=backend, activation="relu", **extra)
+        self.bn2 = LAYERS[norm](3, backend=backend, activation="silu", **extra)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))), residual=x)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_fused_matches_eager(norm, compiler, device):
+    if compiler == "inductor" and norm != "l1":
+        pytest.skip("one inductor run of the fused layers is enough (compile time on 2 cores)")
+    x = random_input((4, 3, 8, 8), torch.float32, device)
+    assert_compiled_matches_eager(lambda: _FusedBlock(norm, "triton").to(device), x, compiler)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish"])
+@pytest.mark.parametrize("path", ["onchip", "split"])
+def test_gradcheck_fused_triton_float64(activation, path, device, monkeypatch):
+    """The fused backward (act'(z) rebuilt from x, the residual's gradient) is the
+    derivative of the fused forward, on both paths (float64 kernels)."""
+    monkeypatch.setenv("TRITONORM_LP_PATH", path)
+    g = torch.Generator().manual_seed(3)
+    x = random_input((3, 2, 4), torch.float64, device).requires_grad_()
+    res = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = torch.randn(2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def f(x, res, w, b):
+        return lp_ops.lp_batch_norm(x, w, b, None, None, True, 1e-5, "l1", 0, True, res, activation, 0.1)[0]
+
+    assert torch.autograd.gradcheck(f, (x, res, w, b), fast_mode=True)
