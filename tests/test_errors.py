@@ -91,12 +91,18 @@ def test_topk_k_beyond_the_triton_limit():
         tritonorm.functional.topk_batch_norm(x, training=True, k=65, backend="triton")
 
 
-def test_non_finite_input_gives_non_finite_output_not_garbage(backend):
-    """As in torch's BatchNorm: a NaN in a channel makes that channel NaN, others are fine."""
+@pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
+def test_non_finite_input_gives_non_finite_output_not_garbage(norm, backend, lp_path):
+    """As in torch's BatchNorm: a NaN in a channel makes that channel NaN, others are fine
+    (forward and backward, on chip and split)."""
     x = torch.randn(6, 2, 3)
     x[0, 0, 0] = float("nan")
-    y = tritonorm.functional.l1_batch_norm(x, training=True, backend=backend)
+    x.requires_grad_()
+    fn = getattr(tritonorm.functional, f"{norm}_batch_norm")
+    y = fn(x, training=True, backend=backend, **({"k": 3} if norm == "topk" else {}))
     assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1]).all()
+    y.backward(torch.randn_like(y))
+    assert torch.isnan(x.grad[:, 0]).all() and torch.isfinite(x.grad[:, 1]).all()
 
 
 # ----------------------------------------------------------------------------- issue 12
