@@ -96,9 +96,10 @@ def activation_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def pre_activation(x, center, scale, shift, res_ptr, offs, mask, ACC: tl.constexpr):
-    """z = (x - center) * scale + shift [+ residual]: the fused layer's pre-activation."""
-    z = (x - center) * scale + shift
+def pre_activation(a, scale, shift, res_ptr, offs, mask, ACC: tl.constexpr):
+    """z = a * scale + shift [+ residual]: the fused layer's pre-activation from the
+    centred input a = x - mu."""
+    z = a * scale + shift
     if res_ptr is not None:
         z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
     return z

@@ -408,7 +408,7 @@ def _partial_sums_kernel(
         else:
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
             if ACT != NONE:
-                y *= activation_grad(pre_activation(x, center, scale, shift, res_ptr, offs, mask, ACC), ACT, slope)
+                y *= activation_grad(pre_activation(x - center, scale, shift, res_ptr, offs, mask, ACC), ACT, slope)
             acc0 += y
             acc1 += y * (x - center)
     out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)

@@ -115,7 +115,7 @@ LAUNCH_BYTES = 11_000_000
 
 
 @triton.jit
-def sign(a, ACC: tl.constexpr):
+def _sign(a, ACC: tl.constexpr):
     return (a > 0).to(ACC) - (a < 0).to(ACC)
 
 
@@ -207,7 +207,7 @@ def _store_affine(c, c_mask, dev, eps, w_ptr, b_ptr, affine_ptr, C):
 
 
 @triton.jit
-def finish_statistics(
+def _finish_statistics(
     c, c_mask, mean, abs_sum, sign_sum, coef, inv_n, eps, C,
     mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
 ):
@@ -282,7 +282,7 @@ def _extremes_kernel(
 
 
 @triton.jit
-def segment_best(lane_v, lane_i, S, GROUP: tl.constexpr, NONE: tl.constexpr):
+def _segment_best(lane_v, lane_i, S, GROUP: tl.constexpr, NONE: tl.constexpr):
     """Each channel's best of the per-lane (value, index) states [BLOCK_C, BLOCK_S] (the
     largest value, the lowest index among equals): over a row, or over each of a grouped
     row's GROUP segments; [BLOCK_C * GROUP] values and indices."""
@@ -307,8 +307,8 @@ def segment_best(lane_v, lane_i, S, GROUP: tl.constexpr, NONE: tl.constexpr):
 
 @triton.jit
 def _store_best(v_ptr, i_ptr, lane_v, lane_i, row, mask, S, GROUP: tl.constexpr):
-    """Store each channel's best of the per-lane states (``segment_best``) at row."""
-    best, index = segment_best(lane_v, lane_i, S, GROUP, NO_INDEX)
+    """Store each channel's best of the per-lane states (``_segment_best``) at row."""
+    best, index = _segment_best(lane_v, lane_i, S, GROUP, NO_INDEX)
     tl.store(v_ptr + row, best, mask=mask)
     tl.store(i_ptr + row, index, mask=mask)
 
@@ -381,11 +381,11 @@ def _extremes_finalize_kernel(
     # sign(a) of each selected element, from its x in whichever list holds it
     x_sel = tl.where(_in_list(sel_i, hi_i), _lookup(sel_i, hi_i, hi_v), -_lookup(sel_i, lo_i, lo_v))
     valid = c_mask[:, None] & (slot < K)
-    signs = tl.where(valid, sign(x_sel - mean[:, None], ACC), 0.0)
+    signs = tl.where(valid, _sign(x_sel - mean[:, None], ACC), 0.0)
     tl.store(sel_i_ptr + c[:, None] * K + slot, sel_i, mask=valid)
     tl.store(sel_sign_ptr + c[:, None] * K + slot, signs, mask=valid)
     abs_sum = tl.sum(tl.where(valid, sel_abs, 0.0), 1)
-    finish_statistics(
+    _finish_statistics(
         c, c_mask, mean, abs_sum, tl.sum(signs, 1), coef, inv_n, eps, C,
         mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     )
@@ -411,7 +411,7 @@ def _l1_finalize_kernel(
         mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     else:
         mean = shifted_mean(x_ptr, stride_c, sum_ptr, splits, C, c, c_mask, inv_n, ACC)
-    finish_statistics(
+    _finish_statistics(
         c, c_mask, mean,
         combine_splits(abs_ptr, splits, C, c, c_mask, ACC),
         combine_splits(sign_ptr, splits, C, c, c_mask, ACC),
@@ -435,7 +435,7 @@ def _running_coeffs_kernel(
 
 
 @triton.jit
-def add_selected(out_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, r_lo, r_hi, S, stride_n, stride_c, stride_s,
+def _add_selected(out_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, r_lo, r_hi, S, stride_n, stride_c, stride_s,
                  K: tl.constexpr, K_PAD: tl.constexpr, ACC: tl.constexpr):
     """out[selected] += gain_c * sign(a) for the selected elements with r in [r_lo, r_hi)
     (gain: [BLOCK_C], per channel c): sigma's gradient reaches only the K selected
@@ -468,7 +468,7 @@ def _normalize_kernel(
     for t in range(first, last):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        z = pre_activation(x, mean, scale, shift, res_ptr, offs, mask, ACC)
+        z = pre_activation(x - mean, scale, shift, res_ptr, offs, mask, ACC)
         tl.store(y_ptr + offs, activate(z, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -481,7 +481,7 @@ def _grad_input_kernel(
 ):
     """dz = dy * act'(z) (dy without an activation; stored as the residual's gradient
     when dres_ptr), then dx = dz * scale_c + shift_c + gain_c * w_i, with (scale, shift,
-    gain) at coef_ptr[c], [C + c], [2C + c] (``grad_coefficients``) and z rebuilt from x
+    gain) at coef_ptr[c], [C + c], [2C + c] (``_grad_coefficients``) and z rebuilt from x
     and the forward's affine coefficients (affine_ptr).  w_i = d sigma / d a_i / coef:
     sign(a_i) at every element for L1 (SIGN_TERM), at the SELECTED elements only for
     L-inf / Top-k, which each program adds into the dx it has just written."""
@@ -502,17 +502,17 @@ def _grad_input_kernel(
         if SIGN_TERM or ACT != NONE:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         if ACT != NONE:
-            dz *= activation_grad(pre_activation(x, mean, fwd_scale, fwd_shift, res_ptr, offs, mask, ACC), ACT, slope)
+            dz *= activation_grad(pre_activation(x - mean, fwd_scale, fwd_shift, res_ptr, offs, mask, ACC), ACT, slope)
             if dres_ptr is not None:
                 tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
         dx = dz * scale + shift
         if SIGN_TERM:
-            dx += gain * sign(x - mean, ACC)
+            dx += gain * _sign(x - mean, ACC)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if SELECTED > 0:
         tl.debug_barrier()  # this program's stores above are visible to all its threads
         out_c, out_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
-        add_selected(
+        _add_selected(
             dx_ptr, sel_i_ptr, sel_sign_ptr, tl.load(coef_ptr + 2 * C * GROUP + out_c, mask=out_mask, other=0.0),
             out_c, out_mask,
             tile_first_index(first, S, BLOCK_S) // GROUP, tile_first_index(last, S, BLOCK_S) // GROUP,
@@ -524,7 +524,7 @@ def _grad_input_kernel(
 
 
 @triton.jit
-def grad_coefficients(
+def _grad_coefficients(
     c, c_mask, sum_dy, sum_dya, dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps,
     BATCH_STATS: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -555,10 +555,10 @@ def _grad_finalize_kernel(
     dy_sum_ptr, dya_sum_ptr, splits, dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, C, inv_n, coef, eps,
     BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``grad_coefficients`` from the per-split partials, stored at coef_ptr[c], [C + c],
+    """``_grad_coefficients`` from the per-split partials, stored at coef_ptr[c], [C + c],
     [2C + c] for _grad_input_kernel."""
     c, c_mask = channel_block(BLOCK_C, C)
-    scale, shift, gain = grad_coefficients(
+    scale, shift, gain = _grad_coefficients(
         c, c_mask, combine_splits(dy_sum_ptr, splits, C, c, c_mask, ACC),
         combine_splits(dya_sum_ptr, splits, C, c, c_mask, ACC),
         dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps, BATCH_STATS, ACC,
@@ -578,7 +578,7 @@ def _resident_select(a, mask, r, c, c_mask, sel_i_ptr, sel_sign_ptr, S, K: tl.co
     their indices (int64) and signs at sel_*[c, :K] and return (the sum of those |a|,
     the sum of their signs).  Entries rank by |a|, then by code = 2r + (a < 0)
     ascending, which orders like r and carries the sign.  K == 1: a max over N, then
-    over each channel's lanes (``segment_best``, grouped views too); K > 1: K steps,
+    over each channel's lanes (``_segment_best``, grouped views too); K > 1: K steps,
     each taking every channel's best remaining entry out of the tile."""
     if GROUP > 1:  # r of the grouped row n * (GROUP * S') + s is n * S' + s % S'
         s = tl.arange(0, a.shape[2])[None, None, :]
@@ -588,7 +588,7 @@ def _resident_select(a, mask, r, c, c_mask, sel_i_ptr, sel_sign_ptr, S, K: tl.co
     if K == 1:
         lane_v = tl.max(v, 1)
         lane_code = tl.min(tl.where(v == lane_v[:, None, :], code, NO_INDEX), 1)
-        best, pick = segment_best(lane_v, lane_code, S, GROUP, NO_INDEX)
+        best, pick = _segment_best(lane_v, lane_code, S, GROUP, NO_INDEX)
         values = best[:, None]
         codes = pick[:, None]
     else:
@@ -629,16 +629,14 @@ def _resident_forward_kernel(
     a = tl.where(mask, x - lanes(mean, S, GROUP, BLOCK_S), 0.0)
     if K == 0:
         abs_sum = channel_sums(tl.abs(a), S, GROUP)
-        sign_sum = channel_sums(sign(a, ACC), S, GROUP)
+        sign_sum = channel_sums(_sign(a, ACC), S, GROUP)
     else:
         abs_sum, sign_sum = _resident_select(a, mask, r, c, c_mask, sel_i_ptr, sel_sign_ptr, S, K, K_PAD, GROUP)
-    scale, shift = finish_statistics(
+    scale, shift = _finish_statistics(
         c, c_mask, mean, abs_sum, sign_sum, coef, inv_n, eps, C * GROUP,
         mean_ptr, dev_ptr, wbar_ptr, w_ptr, b_ptr, affine_ptr,
     )
-    z = a * lanes(scale, S, GROUP, BLOCK_S) + lanes(shift, S, GROUP, BLOCK_S)
-    if res_ptr is not None:
-        z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+    z = pre_activation(a, lanes(scale, S, GROUP, BLOCK_S), lanes(shift, S, GROUP, BLOCK_S), res_ptr, offs, mask, ACC)
     tl.store(y_ptr + offs, activate(z, ACT, slope).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -662,30 +660,29 @@ def _resident_backward_kernel(
     if ACT != NONE:
         fwd_scale = tl.load(affine_ptr + c, mask=c_mask, other=0.0)
         fwd_shift = tl.load(affine_ptr + C * GROUP + c, mask=c_mask, other=0.0)
-        z = a * lanes(fwd_scale, S, GROUP, BLOCK_S) + lanes(fwd_shift, S, GROUP, BLOCK_S)
-        if res_ptr is not None:
-            z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+        z = pre_activation(a, lanes(fwd_scale, S, GROUP, BLOCK_S), lanes(fwd_shift, S, GROUP, BLOCK_S), res_ptr, offs,
+                           mask, ACC)
         dz *= activation_grad(z, ACT, slope)
         if dres_ptr is not None:
             tl.store(dres_ptr + offs, dz.to(dres_ptr.dtype.element_ty), mask=mask)
-    scale, shift, gain = grad_coefficients(
+    scale, shift, gain = _grad_coefficients(
         c, c_mask, channel_sums(dz, S, GROUP), channel_sums(dz * a, S, GROUP),
         dev_ptr, wbar_ptr, w_ptr, dw_ptr, db_ptr, inv_n, coef, eps, BATCH_STATS, ACC,
     )
     dx = dz * lanes(scale, S, GROUP, BLOCK_S) + lanes(shift, S, GROUP, BLOCK_S)
     if SIGN_TERM:
-        dx += lanes(gain, S, GROUP, BLOCK_S) * sign(a, ACC)
+        dx += lanes(gain, S, GROUP, BLOCK_S) * _sign(a, ACC)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if SELECTED > 0:
         tl.debug_barrier()  # this program's stores above are visible to all its threads
-        add_selected(dx_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, 0, N * (S // GROUP), S // GROUP,
+        _add_selected(dx_ptr, sel_i_ptr, sel_sign_ptr, gain, c, c_mask, 0, N * (S // GROUP), S // GROUP,
                      stride_n, stride_c // GROUP, stride_s, SELECTED, SELECTED_PAD, ACC)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def k_pad(count: int) -> int:
+def _k_pad(count: int) -> int:
     return max(2, triton.next_power_of_2(count))
 
 
@@ -742,7 +739,7 @@ def lp_batch_norm_forward(
     if resident is not None:
         _resident_forward_kernel[resident.grid](
             view.tensor, y, res, sel_i, sel_sign, *stats, *resident.args(view), 1.0 / n, coef, eps, activation_param,
-            K=count, K_PAD=k_pad(count), ACC=acc_t, **act, **resident.meta(),
+            K=count, K_PAD=_k_pad(count), ACC=acc_t, **act, **resident.meta(),
         )
         return y, mean, dev, wbar, sel_i, sel_sign, affine
     # Top-k folds tiles of one channel per row, in smaller tiles
@@ -769,12 +766,12 @@ def lp_batch_norm_forward(
         hi_i, lo_i = (torch.empty((c, pl.splits, count), device=x.device, dtype=torch.int32) for _ in range(2))
         _extremes_kernel[pl.grid](
             view.tensor, sums, hi_v, hi_i, lo_v, lo_i, *pl.args(view), pl.tiles_per_program,
-            K=count, K_PAD=k_pad(count), ACC=acc_t, **pl.meta(),
+            K=count, K_PAD=_k_pad(count), ACC=acc_t, **pl.meta(),
         )
         _extremes_finalize_kernel[(c,)](
             view.tensor, view.stride_c, sums, hi_v, hi_i, lo_v, lo_i, pl.splits, c, pl.args(view)[2],
             pl.tiles_per_program, 1.0 / n, coef, eps, sel_i, sel_sign, *stats,
-            K=count, K_PAD=k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
+            K=count, K_PAD=_k_pad(count), CHUNK=CANDIDATE_CHUNK, ACC=acc_t, BLOCK_S=pl.block_s, GROUP=pl.group,
             num_warps=NUM_WARPS,
         )
     _normalize(view, y, res, mean, affine, activation_param, act)
@@ -818,7 +815,7 @@ def lp_batch_norm_backward(
         _resident_backward_kernel[resident.grid](
             dy_view.tensor, view.tensor, res, dx, dres if dres.numel() else None, mean, dev, wbar, weight, affine,
             dw if param_grads else None, db, sel_i, sel_sign, *resident.args(view), 1.0 / n, coef, eps,
-            activation_param, SELECTED=selected, SELECTED_PAD=k_pad(selected), SIGN_TERM=batch_stats and norm == "l1",
+            activation_param, SELECTED=selected, SELECTED_PAD=_k_pad(selected), SIGN_TERM=batch_stats and norm == "l1",
             BATCH_STATS=batch_stats, ACC=triton_dtype(acc), **act, **resident.meta(),
         )
         return dx, dw, db, dres
@@ -841,7 +838,7 @@ def lp_batch_norm_backward(
     _grad_input_kernel[pl.grid](
         dy_view.tensor, view.tensor, res, dx, dres if dres.numel() else None, mean, affine, coefs, sel_i, sel_sign,
         activation_param, *pl.args(view), pl.tiles_per_program,
-        SIGN_TERM=batch_stats and norm == "l1", SELECTED=selected, SELECTED_PAD=k_pad(selected),
+        SIGN_TERM=batch_stats and norm == "l1", SELECTED=selected, SELECTED_PAD=_k_pad(selected),
         ACC=triton_dtype(acc), **act, **pl.meta(),
     )
     return dx, dw, db, dres
