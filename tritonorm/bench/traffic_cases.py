@@ -10,10 +10,11 @@ respect to x, weight and bias), its launches planned for ``sms`` SMs, with
 (``traffic.Launch.method``).
 
 Per pass: the path (on-chip: ``kernels.channel_resident``, or split), launches (Triton
-launches and torch ops, the running-statistics update included), bytes, and passes = bytes / bytes of x, beside the floor of any batch norm (2
-forward: read x, write y; 3 backward: read x and dy, write dx) and cuDNN's BatchNorm (3
-passes and 3 launches forward: statistics, normalize, num_batches_tracked += 1; 5 passes
-and 2 launches backward).
+launches and torch ops, the running-statistics update included), bytes, and passes =
+bytes / bytes of x, beside the floor of any batch norm (2 forward: read x, write y; 3
+backward: read x and dy, write dx) and cuDNN's BatchNorm (3 passes and 3 launches
+forward: statistics, normalize, num_batches_tracked += 1; 5 passes and 2 launches
+backward).
 
 The model, an estimate and not a measurement: time = bytes / (0.85 x 3.35 TB/s) + launches
 x 4 us, an H100 SXM moving data at 85% of its DRAM bandwidth, the same for cuDNN from its
@@ -64,8 +65,6 @@ ON_CHIP_SPEEDUP = 1.4
 # count (Inductor's GPU code cannot be generated here): a reduction kernel and a pointwise
 # kernel each way, the running statistics in the first, the ReLU mask rebuilt from x.
 COMPILED_BN_RELU = {"forward": (3, 2), "backward": (5, 2)}
-# What a fused ReLU adds to the norm's own traffic (tests/test_traffic.py, fused budgets):
-# nothing, but for one more read of x in L-inf / Top-k's split backward.
 ON_CHIP, SPLIT = "on-chip", "split"
 
 
@@ -169,6 +168,8 @@ def targets(rows: list[dict]) -> list[dict]:
     ratios = []
     for (shape, layout, dtype, pass_, norm), r in index.items():
         x_bytes = activation_bytes(r)
+        # what a fused ReLU adds to the norm's own traffic (tests/test_traffic.py, fused
+        # budgets): nothing, but for one more read of x in L-inf / Top-k's split backward
         extra = x_bytes if pass_ == "backward" and r["path"] == SPLIT and norm != "l1" else 0
         passes, launches = COMPILED_BN_RELU[pass_]
         ratios.append((estimate_us(r["bytes"] + extra, r["launches"]) / estimate_us(passes * x_bytes, launches),
