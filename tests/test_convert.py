@@ -452,8 +452,8 @@ def test_errors():
 
 
 @pytest.mark.parametrize("norm, message", [
-    ("l1", "found no nn.BatchNorm1d/2d/3d to convert to 'l1'"),
-    ("topk", "found no nn.BatchNorm1d/2d/3d to convert to 'topk'"),
+    ("l1", "found no nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm to convert to 'l1'"),
+    ("topk", "found no nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm to convert to 'topk'"),
     ("equinorm", "found no nn.BatchNorm1d/2d/3d to convert to 'equinorm'"),
     ("bounded_wn", "found no nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d to convert to 'bounded_wn'"),
 ])
@@ -722,10 +722,35 @@ def test_batchnorm_act_keeps_its_activation(act_layer, expected, fuse):
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act_layer, drop_layer, kept", [
+    (nn.Tanh, None, ["act"]), (nn.Mish, lambda: nn.Dropout(0.5), ["drop", "act"]),
+    (nn.ReLU, lambda: nn.Dropout(0.5), ["drop", "act"]), (None, lambda: nn.Dropout2d(0.5), ["drop"]),
+])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_batchnorm_act_keeps_what_it_cannot_fuse(act_layer, drop_layer, kept, fuse):
+    """An act the layers cannot fuse, or a drop before the act: the Lp layer followed by
+    the same drop and act modules, in timm's order, in training (same dropout masks) and
+    eval."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=act_layer,
+                                                                        drop_layer=drop_layer)))
+    converted = tritonorm.convert(model, "l1", fuse=fuse)
+    block = converted.get_submodule("1")
+    assert type(block) is nn.Sequential and list(block._modules) == ["norm", *kept]
+    assert type(block.norm) is tritonorm.L1BatchNorm2d and block.norm.activation is None
+    assert all(getattr(block, name) is not getattr(model[1], name) for name in kept)  # the copy's modules
+    x = torch.randn(2, 3, 6, 6) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+        torch.manual_seed(1)
+        got = converted.train()(x)
+        torch.manual_seed(1)
+        model.train()  # its drop
+        normalized = tritonorm.functional.l1_batch_norm(model[0](x), weight=model[1].weight, bias=model[1].bias,
+                                                        training=True)
+        torch.testing.assert_close(got, model[1].act(model[1].drop(normalized)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("module, message", [
-    (BatchNormAct2d(4, act_layer=nn.Tanh), (r"model.1 \(BatchNormAct2d\): its act is Tanh, which the Lp layers "
-                                             r"cannot fuse")),
-    (BatchNormAct2d(4, drop_layer=nn.Dropout), r"model.1 \(BatchNormAct2d\): its drop is Dropout, not nn.Identity"),
     (OwnForward(4), (r"model.1 \(OwnForward\): a BatchNorm subclass that overrides forward: an Lp layer in its "
                      r"place would not compute what it does")),
     (WithSubmodule(4), r"model.1 \(WithSubmodule\): a BatchNorm subclass that owns submodules \(scale\)"),
@@ -744,3 +769,46 @@ def test_equinorm_leaves_batchnorm_act_alone():
                                          r"owns submodules \(drop, act\): EquiNorm would drop what it adds"):
         converted = tritonorm.convert(model, "equinorm")
     assert type(converted.get_submodule("1")) is BatchNormAct2d
+
+
+# --- nn.SyncBatchNorm ---------------------------------------------------------------
+
+
+class SyncModel(nn.Module):
+    """What nn.SyncBatchNorm.convert_sync_batchnorm makes of a ResNet stem and block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = BasicBlock(8, 8)
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_sync_batchnorm_converts_with_a_warning(fuse):
+    model = randomized(nn.SyncBatchNorm.convert_sync_batchnorm(SyncModel())).eval()
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 3
+    message = (r"tritonorm.convert\(model, 'linf'\): model.stem.1, model.block.bn1, model.block.bn2 "
+               r"\(nn.SyncBatchNorm\) became LinfBatchNorm2d, which is not synchronized")
+    with pytest.warns(UserWarning, match=message) as caught:
+        converted = tritonorm.convert(model, "linf", fuse=fuse)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert [type(m) for m in lp_layers(converted).values()] == [tritonorm.LinfBatchNorm2d] * 3
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"model.<root> \(nn.SyncBatchNorm\) became L1BatchNorm2d"):
+        assert type(tritonorm.convert(nn.SyncBatchNorm(4), "l1")) is tritonorm.L1BatchNorm2d
+
+
+def test_equinorm_leaves_sync_batchnorm_alone():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    model[3] = nn.BatchNorm2d(4)
+    with pytest.warns(UserWarning, match=r"`1` \(SyncBatchNorm\): nn.SyncBatchNorm: EquiNorm has no synchronized"):
+        converted = tritonorm.convert(model, "equinorm")
+    assert type(converted.get_submodule("1")) is nn.SyncBatchNorm
+    assert type(converted.get_submodule("2")) is tritonorm.EquiNormConv2d

@@ -10,7 +10,7 @@ import copy
 import inspect
 import operator
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import torch
 from torch import fx, nn
@@ -46,6 +46,10 @@ _WEIGHT_DIMS = {
     nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
 }
 _BN_NAMES = "nn.BatchNorm1d/2d/3d"
+# What the Lp conversions replace: the BatchNorms and nn.SyncBatchNorm, which takes any
+# (N, C, *) input and becomes the 2d layer (its usual place: CNNs) until tritonorm has
+# synchronized layers.
+_CONVERTIBLE = (*BATCHNORMS, nn.SyncBatchNorm)
 
 
 def convert(model: nn.Module, norm: str, **options) -> nn.Module:
@@ -53,7 +57,10 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
     (parameters, buffers, modules, training flags).
 
     norm "l1", "linf", "topk": every nn.BatchNorm1d/2d/3d (subclasses included) becomes
-        the L1 / Linf / Topk BatchNorm of the same dimension, with the same num_features,
+        the L1 / Linf / Topk BatchNorm of the same dimension, and every nn.SyncBatchNorm
+        the 2d layer with a UserWarning naming them (tritonorm has no synchronized layers
+        yet: the statistics become each process's own, and the layer takes (N, C, H, W)
+        input, where nn.SyncBatchNorm takes any (N, C, *)); with the same num_features,
         eps, momentum, affine, track_running_stats, device, dtype and training flag;
         weight, bias, running_mean and num_batches_tracked are copied, and
 
@@ -66,13 +73,15 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
         ``k`` for "topk" (10 by default, as TopkBatchNorm: training needs k values or more
         per channel); ``fuse`` (below).  Modules keep their names and the model its
         type (a model that is itself a BatchNorm gives the Lp layer); a BatchNorm used at
-        several places becomes one Lp layer used at the same places.  A subclass of nn.BatchNorm converts like
-        it when it adds nothing; a timm BatchNormAct-style subclass (its own forward,
-        drop(act(bn(x))), with ``act`` and ``drop`` submodules) gives the Lp layer with
-        ``activation`` set to act's when act is nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU,
-        nn.Hardswish or nn.Identity and drop nn.Identity (or absent); any other subclass
-        with its own forward or submodules is a ValueError naming it (an Lp layer in its
-        place would silently change the function).
+        several places becomes one Lp layer used at the same places.  A subclass of nn.BatchNorm
+        converts like it when it adds nothing.  A timm BatchNormAct-style subclass (its own
+        forward computing act(drop(bn(x))), with ``act`` and ``drop`` submodules) gives the
+        Lp layer with ``activation`` set to act's when drop is nn.Identity (or absent) and
+        act is nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish or nn.Identity;
+        otherwise ``nn.Sequential(norm=<Lp layer>, drop=drop, act=act)`` with the same
+        drop and act modules (the Identity ones left out).  Any other subclass with its
+        own forward or submodules is a ValueError naming it (an Lp layer in its place
+        would silently change the function).
 
         ``fuse=True`` also moves what follows each BatchNorm into its Lp layer: the model
         is traced with torch.fx (BatchNorms as leaves), so the result is a
@@ -159,11 +168,11 @@ def _lp_model(model: nn.Module, norm: str, options: dict, fuse: bool) -> nn.Modu
     """Every BatchNorm swapped for its Lp layer; with ``fuse``, in the traced model, each
     activation (and residual add before it) that follows one moved into its layer."""
     check_bool("fuse", fuse)
-    if not fuse or isinstance(model, BATCHNORMS):  # a model that is one BatchNorm has nothing to fuse
+    if not fuse or isinstance(model, _CONVERTIBLE):  # a model that is one BatchNorm has nothing to fuse
         return _swap_batchnorms(model, norm, options)
     graph_module = _trace(model, "or convert without fuse=True")
     targets = {n.target for n in graph_module.graph.nodes
-               if n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), BATCHNORMS)}
+               if n.op == "call_module" and isinstance(graph_module.get_submodule(n.target), _CONVERTIBLE)}
     _swap_batchnorms(graph_module, norm, options)
     _fuse_activations(graph_module, targets)
     graph_module.delete_all_unused_submodules()
@@ -176,32 +185,45 @@ def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
     """Replace, in place, every BatchNorm of ``model`` (every path to it, a shared one by
     one shared layer) with its Lp counterpart; the root itself may be one."""
     replaced: dict[int, nn.Module] = {}
+    unsynchronized = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(module, BATCHNORMS):
+        if not isinstance(module, _CONVERTIBLE):
             continue
+        if isinstance(module, nn.SyncBatchNorm) and id(module) not in replaced:
+            unsynchronized.append(f"model.{name or '<root>'}")
         if id(module) not in replaced:
             try:
                 replaced[id(module)] = _lp_layer(module, norm, options)
             except (TypeError, ValueError) as err:
                 raise type(err)(f"model.{name or '<root>'} ({type(module).__name__}): {err}") from None
         if not name:
-            return replaced[id(module)]
+            model = replaced[id(module)]
+            break
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replaced[id(module)])
     if not replaced:
-        raise ValueError(f"model: found no {_BN_NAMES} to convert to {norm!r}")
+        raise ValueError(f"model: found no {_BN_NAMES} or nn.SyncBatchNorm to convert to {norm!r}")
+    if unsynchronized:
+        lp_class = _LP_CLASSES[norm][1].__name__
+        warnings.warn(
+            f"tritonorm.convert(model, {norm!r}): {', '.join(unsynchronized)} (nn.SyncBatchNorm) became {lp_class}, "
+            "which is not synchronized: tritonorm has no synchronized layers yet, so each process normalizes by "
+            f"its own batch's statistics; and {lp_class} takes (N, C, H, W) input only",
+            UserWarning, stacklevel=5,
+        )
     return model
 
 
 @torch.no_grad()
 def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
-    """The Lp BatchNorm with ``bn``'s settings, parameters and eval-mode output."""
-    dim = next(d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls))
+    """The Lp BatchNorm with ``bn``'s settings, parameters and eval-mode output (followed
+    by the drop and act of a BatchNormAct-style layer that it cannot fuse)."""
+    dim = next((d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls)), 1)  # nn.SyncBatchNorm: 2d
     tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
     factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+    activation, tail = _bn_activation(bn)
     layer = _LP_CLASSES[norm][dim](
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **_bn_activation(bn), **options,
-        **factory,
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **activation, **options, **factory,
     )
     if bn.affine:
         layer.weight.copy_(bn.weight)
@@ -210,10 +232,12 @@ def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
         layer.running_mean.copy_(bn.running_mean)
         layer.running_dev.copy_((bn.running_var.double() + bn.eps).sqrt() - bn.eps)
         layer.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return layer.train(bn.training)
+    layer.train(bn.training)
+    return nn.Sequential(OrderedDict(norm=layer, **tail)) if tail else layer
 
 
-_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+# The forwards that compute a batch norm and nothing else.
+_BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _changes_function(bn: nn.Module) -> str | None:
@@ -221,39 +245,35 @@ def _changes_function(bn: nn.Module) -> str | None:
     submodules), or None for a subclass that only renames it."""
     children = [name for name, _ in bn.named_children()]
     what = []
-    if type(bn).forward is not _BATCHNORM_FORWARD:
+    if type(bn).forward not in _BATCHNORM_FORWARDS:
         what.append("overrides forward")
     if children:
         what.append(f"owns submodules ({', '.join(children)})")
     return " and ".join(what) or None
 
 
-def _bn_activation(bn: nn.Module) -> dict:
-    """The Lp layer's activation arguments for ``bn``: none for nn.BatchNorm (or a subclass
-    that adds nothing); act's for a timm BatchNormAct-style subclass, an own forward and
-    ``act`` (and ``drop``) submodules, computing drop(act(bn(x))).  Anything else a
+def _bn_activation(bn: nn.Module) -> tuple[dict, dict]:
+    """The Lp layer's activation arguments for ``bn`` and the modules that must follow the
+    layer: none for nn.BatchNorm (or a subclass that adds nothing).  For a timm
+    BatchNormAct-style subclass, an own forward computing act(drop(bn(x))) with ``act``
+    (and ``drop``) submodules: act fused when drop is nn.Identity and act is one the layers
+    take, else drop and act after the layer (Identity ones left out).  Anything else a
     ValueError: a bare Lp layer would silently drop what the subclass adds."""
     changes = _changes_function(bn)
     if changes is None:
-        return {}
+        return {}, {}
     children = dict(bn.named_children())
-    if type(bn).forward is _BATCHNORM_FORWARD or "act" not in children or not set(children) <= {"act", "drop"}:
+    if type(bn).forward in _BATCHNORM_FORWARDS or "act" not in children or not set(children) <= {"act", "drop"}:
         raise ValueError(
             f"a BatchNorm subclass that {changes}: an Lp layer in its place would not compute what it does (only "
             "the act / drop submodules of a BatchNormAct-style layer are understood); convert it by hand"
         )
-    act, drop = children["act"], children.get("drop")
-    if drop is not None and type(drop) is not nn.Identity:
-        raise ValueError(f"its drop is {type(drop).__name__}, not nn.Identity: the Lp layers fuse no dropout")
-    if type(act) is nn.Identity:
-        return {}
-    found = activation_of(act)
-    if found is None:
-        raise ValueError(
-            f"its act is {type(act).__name__}, which the Lp layers cannot fuse (they take nn.ReLU, nn.LeakyReLU, "
-            "nn.SiLU, nn.GELU, nn.Hardswish or nn.Identity)"
-        )
-    return {"activation": found[0], "negative_slope": found[1]}
+    tail = {name: children[name] for name in ("drop", "act")
+            if name in children and type(children[name]) is not nn.Identity}
+    found = activation_of(tail["act"]) if set(tail) == {"act"} else None
+    if found is not None:
+        return {"activation": found[0], "negative_slope": found[1]}, {}
+    return {}, tail
 
 
 # --- fuse=True: activations and residual adds into the Lp layers -------------------
@@ -283,7 +303,8 @@ def _fuse_activations(graph_module: fx.GraphModule, targets: set[str]) -> None:
         if bn_node.op != "call_module" or bn_node.target not in targets:
             continue
         layer = modules[bn_node.target]
-        if calls[id(layer)] != 1 or layer.activation is not None or len(bn_node.args) != 1 or bn_node.kwargs:
+        if not isinstance(layer, _LpBatchNorm) or calls[id(layer)] != 1 or layer.activation is not None \
+                or len(bn_node.args) != 1 or bn_node.kwargs:
             continue
         found = _match(bn_node, modules)
         if found is None:
@@ -362,7 +383,7 @@ def _residual(node: fx.Node, source: fx.Node) -> fx.Node | None:
 
 
 # The modules the EquiNorm conversion's trace keeps whole.
-_LEAVES = (*BATCHNORMS, *_WEIGHT_DIMS, _LpBatchNorm, _EquiNorm)
+_LEAVES = (*_CONVERTIBLE, *_WEIGHT_DIMS, _LpBatchNorm, _EquiNorm)
 
 
 def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fraction: float = 1.0,
@@ -377,7 +398,7 @@ def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fractio
     modules = dict(graph_module.named_modules())
     pairs, left_alone = [], []
     for bn_node in graph_module.graph.nodes:
-        if bn_node.op != "call_module" or not isinstance(modules[bn_node.target], BATCHNORMS):
+        if bn_node.op != "call_module" or not isinstance(modules[bn_node.target], _CONVERTIBLE):
             continue
         try:
             pairs.append((bn_node, _equinorm_layer(graph_module, bn_node, modules, options)))
@@ -427,6 +448,8 @@ def _equinorm_layer(graph_module: fx.GraphModule, bn_node: fx.Node, modules: dic
     """The EquiNorm layer that replaces ``bn_node`` and the layer feeding it; raises
     _LeftAlone with the reason where there is none."""
     bn = modules[bn_node.target]
+    if isinstance(bn, nn.SyncBatchNorm):
+        raise _LeftAlone("nn.SyncBatchNorm: EquiNorm has no synchronized form yet")
     changes = _changes_function(bn)
     if changes is not None:
         raise _LeftAlone(f"a BatchNorm subclass that {changes}: EquiNorm would drop what it adds")
