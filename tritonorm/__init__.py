@@ -9,10 +9,11 @@ takes ``backend="auto" | "triton" | "torch"`` and the environment variable
 from . import functional
 from .convert import convert
 from .enorm import ENorm
+from .fold import fold
 from .lr_correction import corrected_lr, slice_norms
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
 from .reference.activation import ACTIVATIONS
 
 __version__ = "0.1.0"
-__all__ = ["functional", "convert", "ENorm", "corrected_lr", "slice_norms", "ACTIVATIONS", *_nn_all]
+__all__ = ["functional", "convert", "fold", "ENorm", "corrected_lr", "slice_norms", "ACTIVATIONS", *_nn_all]

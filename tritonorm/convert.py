@@ -425,13 +425,13 @@ def _equinorm_model(model: nn.Module, *, single_pass: bool = True, stats_fractio
     return graph_module
 
 
-def _trace(model: nn.Module, alternative: str = "") -> fx.GraphModule:
+def _trace(model: nn.Module, alternative: str = "", verb: str = "convert") -> fx.GraphModule:
     """``model`` as a GraphModule over its own submodules, every module's training flag kept."""
     try:
         graph = Tracer(_LEAVES).trace(model)
     except Exception as err:  # fx raises many types; the message says what to do instead
         raise ValueError(
-            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); convert its "
+            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); {verb} its "
             f"traceable submodules one by one instead{' ' + alternative if alternative else ''}"
         ) from err
     graph_module = fx.GraphModule(model, graph, type(model).__name__)

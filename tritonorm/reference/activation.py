@@ -22,14 +22,29 @@ function, for ``tritonorm.convert``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "NEGATIVE_SLOPE", "activate", "activation_of"]
+__all__ = ["ACTIVATIONS", "NEGATIVE_SLOPE", "activate", "activation_of", "functional_form"]
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish")
 NEGATIVE_SLOPE = 0.01  # the default of nn.LeakyReLU and of every layer's negative_slope
+
+
+def functional_form(activation: str, negative_slope: float = NEGATIVE_SLOPE) -> tuple[Callable, dict]:
+    """(function, keyword arguments) of the ``torch.nn.functional`` call that computes
+    ``activation`` (one of ``ACTIVATIONS``): what ``activate`` calls, and what
+    ``tritonorm.fold`` writes into a graph in place of a fused activation."""
+    forms = {
+        "relu": (F.relu, {}), "leaky_relu": (F.leaky_relu, {"negative_slope": negative_slope}), "silu": (F.silu, {}),
+        "gelu": (F.gelu, {}), "gelu_tanh": (F.gelu, {"approximate": "tanh"}), "hardswish": (F.hardswish, {}),
+    }
+    if activation not in forms:
+        raise ValueError(f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    return forms[activation]
 
 
 def activate(z: Tensor, activation: str | None, negative_slope: float = NEGATIVE_SLOPE) -> Tensor:
@@ -37,19 +52,8 @@ def activate(z: Tensor, activation: str | None, negative_slope: float = NEGATIVE
     included); z itself for None.  The caller has checked ``activation``."""
     if activation is None or activation == "none":
         return z
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    if activation == "silu":
-        return F.silu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if activation == "hardswish":
-        return F.hardswish(z)
-    raise ValueError(f"activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    function, kwargs = functional_form(activation, negative_slope)
+    return function(z, **kwargs)
 
 
 # Modules by exact type: a subclass may compute something else in its forward.
