@@ -28,12 +28,25 @@ def _make(name: str, backend: str) -> tuple[nn.Module, tuple[int, ...]]:
         "equinorm_linear": (lambda: tritonorm.EquiNormLinear(5, 4, backend=backend), (5,)),
         "equinorm_fraction": (lambda: tritonorm.EquiNormLinear(5, 4, stats_fraction=0.5, backend=backend), (5,)),
         "bounded_wn": (lambda: tritonorm.BoundedWNConv2d(3, 4, 3, learnable_gain=True, backend=backend), (3, 4, 4)),
+        "lp_fused": (lambda: _Residual(tritonorm.TopkBatchNorm2d(4, k=3, activation="silu", backend=backend)),
+                     (4, 3, 3)),
     }
     factory, sample = layers[name]
     return factory(), sample
 
 
 LAYERS = ("l1", "linf", "topk", "equinorm_conv", "equinorm_linear", "bounded_wn")
+
+
+class _Residual(nn.Module):
+    """An Lp layer with its fused activation and residual add: bn(x, residual=x^2)."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(x, residual=x.square())
 
 
 def _input(batch: int, sample: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -107,7 +120,7 @@ def test_compile_dynamic(name, backend, training):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", [*LAYERS, "lp_fused"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_export_dynamic_batch(name, backend, training):
     """torch.export with a dynamic batch dimension; the exported program, run at two other
