@@ -171,7 +171,7 @@ def test_api_page_documents_name(qualname: str, obj):
 
 def test_api_page_documents_enorm_methods():
     page = _squeeze(API_PAGE.read_text(encoding="utf-8"))
-    for name in ("from_model", "step", "state_dict", "load_state_dict"):
+    for name in ("from_model", "step", "attach", "state_dict", "load_state_dict"):
         sig = _plain_signature(getattr(tritonorm.ENorm, name))
         sig = re.sub(r"^\(self,?\s*", "(", sig)
         assert _squeeze(f"ENorm.{name}{sig}") in page or _squeeze(f"enorm.{name}{sig}") in page, (

@@ -207,7 +207,7 @@ def test_state_dict_round_trip():
     other.load_state_dict(state)
     assert other.state_dict() == state == {
         "num_layers": 3, "c": 1.2, "p": 1.0, "mode": "sequential", "balance_last": True, "scale_biases": True,
-        "balance_biases": True, "eps": 1e-6, "backend": "torch",
+        "balance_biases": True, "eps": 1e-6, "backend": "torch", "optimizer_steps": 0,
     }
     assert other.pairs == 2
     with pytest.raises(ValueError, match=r"state_dict: saved for a chain of 3 layers, this one has 4"):

@@ -3,6 +3,8 @@
     optimizer.step()
     enorm.step()        # rescale the chain's weights, biases and optimizer state in place
 
+or, once, ``enorm.attach()``: the cycle then follows every step the optimizer really takes.
+
 The math is in ``tritonorm.reference.enorm``; the Triton cycle in ``tritonorm.kernels.enorm``.
 """
 
@@ -12,8 +14,9 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ._checks import check_bool, check_choice, check_eps, check_number
+from ._checks import check_bool, check_choice, check_eps, check_int, check_number
 from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
 
@@ -161,6 +164,8 @@ class ENorm:
         self.layers, self._shapes = _check_layers(layers)
         self.optimizer = optimizer
         self._powers = _state_powers(optimizer)
+        self._optimizer_steps = 0  # the optimizer steps that attach's hook has counted
+        self._attachment = None
         self._configure(dict(c=c, p=p, mode=mode, balance_last=balance_last, scale_biases=scale_biases,
                              balance_biases=balance_biases, eps=eps, backend=backend))
 
@@ -274,6 +279,91 @@ class ENorm:
         else:
             self._torch_cycle()
 
+    def attach(self, optimizer=None, *, every: int = 1, cycles: int = 1) -> AttachHandle:
+        r"""Run the cycle from the optimizer's own steps: ``cycles`` cycles after every
+        ``every``-th step that ``optimizer`` really takes.
+
+        Registers a step post-hook on the optimizer (``Optimizer.register_step_post_hook``).
+        The hook counts the optimizer's steps, n, and after step n runs ``cycles`` cycles
+        (``step()``) when n is a multiple of ``every``.  So the cycle follows what the weights
+        go through, not the training loop's calls:
+
+        - gradient accumulation (k backward passes, then one ``optimizer.step()``) runs the
+          cycle once, after the step;
+        - a step that ``torch.amp.GradScaler`` skips (inf or NaN gradients) is not counted and
+          runs no cycle.  The scaler then does not call ``optimizer.step()``, or, for a fused
+          optimizer (``fused=True``), calls it with ``optimizer.found_inf`` set, which the
+          hook reads: one device-to-host copy per step, on that path only.
+
+        With the defaults, attaching is the same as calling ``step()`` after every
+        ``optimizer.step()``.  The count is the ENorm's: it goes on across ``remove()`` and a
+        new ``attach`` (steps taken while detached are not counted), and ``state_dict()``
+        saves it, so a resumed run with ``every=4`` keeps its phase.
+
+        Args:
+            optimizer: the optimizer whose steps run the cycle; by default ``self.optimizer``.
+                An ENorm built with an optimizer rescales that optimizer's state, so only that
+                one may be passed.  One built with ``optimizer=None`` (an optimizer without
+                per-parameter state, or one ``OPTIMIZER_STATE`` does not list) takes any
+                ``torch.optim.Optimizer`` that holds every parameter the cycle rescales, as the
+                constructor checks it; its state is not rescaled.
+            every: run after every ``every``-th optimizer step (a positive int).
+            cycles: cycles per run (a positive int); the paper allows several.
+
+        Returns:
+            AttachHandle: ``handle.remove()`` takes the hook off; a ``with`` block removes it
+            at its end.
+
+        Raises:
+            ValueError: ``every`` or ``cycles`` is not a positive int (a bool is not an int),
+                no optimizer (neither passed nor built with), or an optimizer that is not this
+                ENorm's or does not hold the chain's parameters.
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: the ENorm is already attached (one hook at a time: remove it first).
+
+        Example::
+
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> enorm = tritonorm.ENorm.from_model(model, optimizer, c=1.2)
+            >>> with enorm.attach(every=2):
+            ...     for x, y in batches:
+            ...         F.cross_entropy(model(x), y).backward()
+            ...         optimizer.step()        # every second step also runs a cycle
+            ...         optimizer.zero_grad()
+        """
+        check_int("every", every)
+        check_int("cycles", cycles)
+        if optimizer is None:
+            optimizer = self.optimizer
+            if optimizer is None:
+                raise ValueError(
+                    "optimizer: this ENorm was built with optimizer=None; pass the optimizer whose steps run the cycle"
+                )
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        elif self.optimizer is None:
+            _check_optimizer_holds(optimizer, self.layers[: self.pairs + 1], scale_biases=self.scale_biases)
+        elif optimizer is not self.optimizer:
+            raise ValueError(
+                f"optimizer: this ENorm rescales the state of the {type(self.optimizer).__name__} it was built with, "
+                f"so its cycle must follow that optimizer's steps, not those of another {type(optimizer).__name__}; "
+                "call attach() without it"
+            )
+        if self._attachment is not None:
+            raise RuntimeError("ENorm.attach: already attached to an optimizer; call remove() on its handle first")
+
+        def hook(optimizer, args, kwargs) -> None:
+            found_inf = getattr(optimizer, "found_inf", None)  # a fused step under a GradScaler
+            if found_inf is not None and found_inf.item():
+                return
+            self._optimizer_steps += 1
+            if self._optimizer_steps % every == 0:
+                for _ in range(cycles):
+                    self.step()
+
+        self._attachment = AttachHandle(self, optimizer.register_step_post_hook(hook))
+        return self._attachment
+
     def _bias_norms(self) -> list[torch.Tensor | None]:
         """b_q for pair q's norm, or None."""
         has_bias = [layer.bias is not None for layer in self.layers]
@@ -299,10 +389,14 @@ class ENorm:
         _kernels.cycle(self._plan, c=self.c, p=self.p, eps=self.eps, sequential=self.mode == "sequential")
 
     def state_dict(self) -> dict:
-        """The settings (the layers and the optimizer are references, not state)."""
-        return {"num_layers": len(self.layers), **{name: getattr(self, name) for name in _SETTINGS}}
+        """The settings, and ``optimizer_steps``: the optimizer steps that ``attach``'s hook
+        has counted (the layers and the optimizer are references, not state)."""
+        return {"num_layers": len(self.layers), **{name: getattr(self, name) for name in _SETTINGS},
+                "optimizer_steps": self._optimizer_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the settings, checked as the constructor checks them, and the step count
+        (0 when ``state_dict`` predates it)."""
         missing = {"num_layers", *_SETTINGS} - set(state_dict)
         if missing:
             raise KeyError(f"state_dict: missing {sorted(missing)}")
@@ -310,11 +404,32 @@ class ENorm:
             raise ValueError(
                 f"state_dict: saved for a chain of {state_dict['num_layers']} layers, this one has {len(self.layers)}"
             )
+        steps = check_int("optimizer_steps", state_dict.get("optimizer_steps", 0), minimum=0)
         self._configure({name: state_dict[name] for name in _SETTINGS})
+        self._optimizer_steps = steps
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
         return f"ENorm({len(self.layers)} layers, {self.pairs} pairs, {settings})"
+
+
+class AttachHandle:
+    """What ``ENorm.attach`` returns.  ``remove()`` takes the hook off the optimizer (again:
+    nothing happens); as a context manager, the hook is removed at the end of the block."""
+
+    def __init__(self, enorm: ENorm, handle: RemovableHandle):
+        self._enorm, self._handle = enorm, handle
+
+    def remove(self) -> None:
+        self._handle.remove()
+        if self._enorm._attachment is self:
+            self._enorm._attachment = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
 
 
 def _view(t: torch.Tensor, shape, what: str) -> torch.Tensor:
