@@ -117,7 +117,7 @@ def test_gradcheck_float64(backend, dim, device):
 def test_opcheck(per_slice, dtype, device):
     v, rho, grad = _inputs((6, 4, 3), 1, dtype, device, per_slice, seed=3)
     torch.library.opcheck(bwn_ops.bounded_weight, (_leaf(v), _leaf(rho), 1, 1e-12))
-    w, norm = bwn_ops.bounded_weight(v, rho, 1, 1e-12)
+    norm = bwn_ops.bounded_weight(v, rho, 1, 1e-12)[1]
     torch.library.opcheck(bwn_ops.bounded_weight_backward, (grad, v, rho, norm, 1, 1e-12))
 
 
@@ -342,16 +342,16 @@ def test_compile_fullgraph_matches_eager(backend, compiler, device):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(rho=0.0), ValueError, r"rho must be a finite number > 0 or None, got 0.0"),
-    (dict(rho=-1), ValueError, r"rho must be a finite number > 0 or None, got -1"),
-    (dict(rho=math.inf), ValueError, r"rho must be a finite number > 0 or None, got inf"),
-    (dict(rho=True), ValueError, r"rho must be a finite number > 0 or None, got True"),
-    (dict(dim=2), ValueError, r"dim must be an int in \[-2, 1\] for weight of shape \(4, 3\), got 2"),
-    (dict(dim=1.0), ValueError, r"dim must be an int"),
-    (dict(name="bias2"), ValueError, r"name: Linear has no tensor attribute 'bias2'"),
-    (dict(learnable_gain=1), TypeError, r"learnable_gain must be a bool"),
-    (dict(eps=0.0), ValueError, r"eps must be a finite number > 0"),
-    (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
+    ({"rho": 0.0}, ValueError, r"rho must be a finite number > 0 or None, got 0.0"),
+    ({"rho": -1}, ValueError, r"rho must be a finite number > 0 or None, got -1"),
+    ({"rho": math.inf}, ValueError, r"rho must be a finite number > 0 or None, got inf"),
+    ({"rho": True}, ValueError, r"rho must be a finite number > 0 or None, got True"),
+    ({"dim": 2}, ValueError, r"dim must be an int in \[-2, 1\] for weight of shape \(4, 3\), got 2"),
+    ({"dim": 1.0}, ValueError, r"dim must be an int"),
+    ({"name": "bias2"}, ValueError, r"name: Linear has no tensor attribute 'bias2'"),
+    ({"learnable_gain": 1}, TypeError, r"learnable_gain must be a bool"),
+    ({"eps": 0.0}, ValueError, r"eps must be a finite number > 0"),
+    ({"backend": "cuda"}, ValueError, r"backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
 ], ids=["rho-0", "rho-negative", "rho-inf", "rho-bool", "dim-range", "dim-float", "name", "gain", "eps", "backend"])
 def test_registration_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -386,21 +386,28 @@ def test_twice_and_removal_errors():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(v=torch.ones(3, 4, dtype=torch.int32)), TypeError, r"v must be float16, bfloat16, float32 or float64"),
-    (dict(v=torch.ones(0, 4)), ValueError, r"v must have at least one dim and one element, got shape \(0, 4\)"),
-    (dict(rho=torch.ones((), dtype=torch.long)), TypeError, r"rho must be a number or a floating-point tensor"),
-    (dict(rho=-1.0), ValueError, r"rho must be a finite number > 0, got -1.0"),
-    (dict(rho=torch.tensor(-1.0)), ValueError, r"rho must be a finite number > 0, got -1.0"),
-    (dict(rho=torch.tensor(math.nan)), ValueError, r"rho must be a finite number > 0, got nan"),
-    (dict(rho=torch.ones(4)), ValueError, r"rho must have shape \(\) or \(3,\) \(one per slice along dim=0\)"),
-    (dict(dim=-3), ValueError, r"dim must be an int in \[-2, 1\] for v of shape \(3, 4\), got -3"),
-    (dict(eps=-1e-3), ValueError, r"eps must be a finite number > 0"),
-], ids=["int-v", "empty-v", "int-rho", "negative-rho", "negative-rho-tensor", "nan-rho-tensor", "rho-shape", "dim",
-        "eps"])
+    ({"v": torch.ones(3, 4, dtype=torch.int32)}, TypeError, r"v must be float16, bfloat16, float32 or float64"),
+    ({"v": torch.ones(0, 4)}, ValueError, r"v must have at least one dim and one element, got shape \(0, 4\)"),
+    ({"rho": torch.ones((), dtype=torch.long)}, TypeError, r"rho must be a number or a floating-point tensor"),
+    ({"rho": -1.0}, ValueError, r"rho must be a finite number > 0, got -1.0"),
+    ({"rho": torch.ones(4)}, ValueError, r"rho must have shape \(\) or \(3,\) \(one per slice along dim=0\)"),
+    ({"dim": -3}, ValueError, r"dim must be an int in \[-2, 1\] for v of shape \(3, 4\), got -3"),
+    ({"eps": -1e-3}, ValueError, r"eps must be a finite number > 0"),
+], ids=["int-v", "empty-v", "int-rho", "negative-rho", "rho-shape", "dim", "eps"])
 def test_functional_errors(kwargs, error, message):
-    args = dict(v=torch.randn(3, 4), rho=torch.tensor(1.0), dim=0, eps=1e-12) | kwargs
+    args = {"v": torch.randn(3, 4), "rho": torch.tensor(1.0), "dim": 0, "eps": 1e-12} | kwargs
     with pytest.raises(error, match=message):
         F.bounded_weight(args["v"], args["rho"], dim=args["dim"], eps=args["eps"])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_functional_rho_tensor_used_as_given(backend):
+    """A tensor rho is never read on the host (a device sync on CUDA): a negative () rho
+    flips every slice, as a negative (S,) scale flips its own, and NaN propagates."""
+    v = torch.randn(3, 4)
+    w = F.bounded_weight(v, 1.5, backend=backend)
+    torch.testing.assert_close(F.bounded_weight(v, torch.tensor(-1.5), backend=backend), -w)
+    assert F.bounded_weight(v, torch.tensor(math.nan), backend=backend).isnan().all()
 
 
 # ----------------------------------------------------------------------------- learning-rate correction

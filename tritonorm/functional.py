@@ -43,9 +43,8 @@ if TRITON_AVAILABLE:
     from .ops import running_stats as _running_ops
 
 __all__ = [
+    "bounded_weight", "equinorm_conv1d", "equinorm_conv2d", "equinorm_conv3d", "equinorm_linear", "equinorm_weight",
     "l1_batch_norm", "linf_batch_norm", "topk_batch_norm",
-    "equinorm_weight", "equinorm_conv1d", "equinorm_conv2d", "equinorm_conv3d", "equinorm_linear",
-    "bounded_weight",
 ]
 
 # The dtypes every op takes (fp32 accumulation for the first three).
@@ -548,12 +547,6 @@ equinorm_linear.__doc__ = _EQUINORM_DOC.format(
 # ----------------------------------------------------------------------------- bounded weight norm
 
 
-def _host_readable(t: Tensor) -> bool:
-    """Whether ``t``'s values can be read now without a device sync or a trace break."""
-    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
 def bounded_weight(
     v: Tensor, rho: Tensor | float, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto"
 ) -> Tensor:
@@ -564,9 +557,9 @@ def bounded_weight(
     ``v`` is a floating-point tensor of any rank.  ``rho`` is the norm of every slice, a
     finite number > 0 or a () tensor (the paper: one per layer), or a (S,) tensor of
     per-slice scales, S = v.shape[dim] (the authors' learnable gain; a negative scale flips
-    its slice).  A () or number rho is checked to be finite and > 0 when its value can be
-    read without a device sync (a number, a CPU tensor).  Returns w in v's dtype, norms
-    accumulated in fp32 (fp64 for fp64).  Differentiable in v and rho:
+    its slice).  A number rho is checked; a tensor rho is used as given, its values never
+    read on the host (on CUDA each read would sync the device).  Returns w in v's dtype,
+    norms accumulated in fp32 (fp64 for fp64).  Differentiable in v and rho:
 
         dL/dv_i = rho_i / ||v_i|| * (G_i - u_i <u_i, G_i>),  u_i = v_i / ||v_i||,  G = dL/dw
         dL/drho_i = <u_i, G_i>
@@ -588,8 +581,6 @@ def bounded_weight(
         )
     if rho.device != v.device:
         raise ValueError(f"rho is on {rho.device} but v is on {v.device}")
-    if rho.dim() == 0 and _host_readable(rho):
-        check_number("rho", rho.item(), low=0, low_open=True)
     check_eps(eps)
     chosen = resolve_backend(backend, v)
     check_transforms(chosen, v)
