@@ -28,7 +28,8 @@ class Block(nn.Module):
         self.down_bn = LP_2D[norm](cout)
 
     def forward(self, x):
-        return self.bn2(self.conv2(self.bn1(self.conv1(x))), self.down_bn(self.down(x)))
+        out = self.bn1(input=self.conv1(x))
+        return self.bn2(self.conv2(out), self.down_bn(self.down(x)))  # the residual passed by position
 
 
 def net(norm):

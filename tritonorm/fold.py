@@ -185,8 +185,8 @@ def _fold_lp_batchnorms(model: nn.Module, shapes: dict) -> fx.GraphModule:
                 f"model.{node.target} ({type(layer).__name__}): track_running_stats=False normalizes by each "
                 "batch's statistics in eval too, so no fixed layer computes it"
             )
-        (x, *rest), kwargs = node.args, dict(node.kwargs)
-        residual = rest[0] if rest else kwargs.get("residual")
+        arguments = {**dict(zip(("input", "residual"), node.args)), **node.kwargs}  # forward(input, residual=None)
+        x, residual = arguments["input"], arguments.get("residual")
         scale, shift = _eval_affine(layer)
         absorbed = _absorbs(x, node, layer, modules, calls, shapes)
         if absorbed:
