@@ -23,8 +23,17 @@ from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
 from .nn.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear, _EquiNorm
 from .nn.lp_batchnorm import (
-    L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d, LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d, TopkBatchNorm1d,
-    TopkBatchNorm2d, TopkBatchNorm3d, _LpBatchNorm,
+    L1BatchNorm1d,
+    L1BatchNorm2d,
+    L1BatchNorm3d,
+    LinfBatchNorm1d,
+    LinfBatchNorm2d,
+    LinfBatchNorm3d,
+    TopkBatchNorm1d,
+    TopkBatchNorm2d,
+    TopkBatchNorm3d,
+    _LpBatchNorm,
+    running_dev_from_var,
 )
 from .reference.activation import ACTIVATIONS, NEGATIVE_SLOPE, activation_of
 
@@ -66,10 +75,12 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
 
             running_dev = sqrt(running_var + eps) - eps
 
-        The Lp dispersions are scaled to estimate the standard deviation of Gaussian
-        data, so sqrt(running_var) is their consistent estimate, and the "- eps" makes the
-        eval output gamma (x - mu) / (running_dev + eps) + beta the BatchNorm's
-        gamma (x - mu) / sqrt(running_var + eps) + beta (to rounding).  Options: ``backend``;
+        (``tritonorm.nn.lp_batchnorm.running_dev_from_var``, the map the layers use to load
+        an nn.BatchNorm state_dict too).  The Lp dispersions are scaled to estimate the
+        standard deviation of Gaussian data, so sqrt(running_var) is their consistent
+        estimate, and the "- eps" makes the eval output gamma (x - mu) / (running_dev + eps)
+        + beta the BatchNorm's gamma (x - mu) / sqrt(running_var + eps) + beta (to
+        rounding).  Options: ``backend``;
         ``k`` for "topk" (10 by default, as TopkBatchNorm: training needs k values or more
         per channel); ``fuse`` (below).  Modules keep their names and the model its
         type (a model that is itself a BatchNorm gives the Lp layer); a BatchNorm used at
@@ -230,7 +241,7 @@ def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
         layer.bias.copy_(bn.bias)
     if layer.track_running_stats and bn.running_var is not None:
         layer.running_mean.copy_(bn.running_mean)
-        layer.running_dev.copy_((bn.running_var.double() + bn.eps).sqrt() - bn.eps)
+        layer.running_dev.copy_(running_dev_from_var(bn.running_var, bn.eps))
         layer.num_batches_tracked.copy_(bn.num_batches_tracked)
     layer.train(bn.training)
     return nn.Sequential(OrderedDict(norm=layer, **tail)) if tail else layer

@@ -12,9 +12,16 @@ deviations (Top-k); see ``tritonorm.reference.lp_batchnorm`` for the math.
 Each layer can also fuse what follows a batch norm in a network: ``activation=`` (one of
 ``tritonorm.ACTIVATIONS``) and, at the call, ``layer(x, residual=identity)``, computing
 act(bn(x) + residual) in the same pass (``tritonorm.reference.activation`` has the math).
+
+The layers load an ``nn.BatchNorm`` state_dict (a pretrained model's, through
+``model.load_state_dict``): ``running_var`` becomes ``running_dev`` by
+``running_dev_from_var``, the map ``tritonorm.convert`` uses, with one UserWarning per load.
 """
 
 from __future__ import annotations
+
+import sys
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +35,21 @@ __all__ = [
     "LinfBatchNorm1d", "LinfBatchNorm2d", "LinfBatchNorm3d",
     "TopkBatchNorm1d", "TopkBatchNorm2d", "TopkBatchNorm3d",
 ]
+
+
+@torch.no_grad()
+def running_dev_from_var(running_var: Tensor, eps: float) -> Tensor:
+    """The ``running_dev`` that gives an Lp layer nn.BatchNorm's eval output:
+
+        running_dev = sqrt(running_var + eps) - eps
+
+    so that gamma (x - mu) / (running_dev + eps) + beta is the BatchNorm's
+    gamma (x - mu) / sqrt(running_var + eps) + beta.  The Lp dispersions are scaled to
+    estimate the standard deviation of Gaussian data, so sqrt(running_var) is their
+    consistent estimate.  Computed in float64, returned in ``running_var``'s dtype and
+    device; ``tritonorm.convert`` and the layers' state_dict loading both use it.
+    """
+    return ((running_var.double() + eps).sqrt() - eps).to(running_var.dtype)
 
 
 class _LpBatchNorm(nn.Module):
@@ -103,6 +125,38 @@ class _LpBatchNorm(nn.Module):
     def _extra_args(self) -> dict:
         return {}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load this layer's own state_dict as nn.Module does, and an nn.BatchNorm's too.
+
+        A checkpoint holding ``running_var`` and no ``running_dev`` for this layer (an
+        nn.BatchNorm's, e.g. a pretrained model's loaded into the same architecture built
+        with ``norm_layer=L1BatchNorm2d``) has its ``running_var`` loaded as
+
+            running_dev = sqrt(running_var + eps) - eps        (``running_dev_from_var``)
+
+        with this layer's eps, so that the eval output is the BatchNorm's (to rounding) when
+        the eps is the BatchNorm's.  One UserWarning per ``load_state_dict`` names the layers
+        loaded so.  As nn.BatchNorm does for checkpoints of torch < 0.4.1, such a checkpoint
+        without ``num_batches_tracked`` (metadata version None or < 2) keeps the layer's
+        count.  Everything else is nn.Module's strict loading: a missing key, a wrong shape
+        (of ``running_var``: reported for ``running_dev``, which it becomes), an unexpected
+        key; a checkpoint with both ``running_var`` and ``running_dev`` loads
+        ``running_dev`` and reports ``running_var`` as unexpected.
+        """
+        var_key, dev_key = prefix + "running_var", prefix + "running_dev"
+        running_var = state_dict.get(var_key)
+        if self.track_running_stats and isinstance(running_var, Tensor) and dev_key not in state_dict:
+            state_dict[dev_key] = running_dev_from_var(state_dict.pop(var_key), self.eps)
+            count_key = prefix + "num_batches_tracked"
+            version = local_metadata.get("version")
+            if (version is None or version < 2) and count_key not in state_dict:
+                count = self.num_batches_tracked
+                state_dict[count_key] = count if count.device.type != "meta" else torch.tensor(0, dtype=torch.long)
+            _report_batchnorm_load(prefix, missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         return _lp_batch_norm_layer(
             input, self.weight, self.bias, self.running_mean, self.running_dev, self.num_batches_tracked,
@@ -127,6 +181,70 @@ class _LpBatchNorm(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+
+# The loads in progress that met an nn.BatchNorm checkpoint, by id(missing_keys): the list
+# that every module of one load_state_dict call shares.
+_BATCHNORM_LOADS: dict[int, _WarnAfterLoad] = {}
+_LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
+
+
+class _WarnAfterLoad:
+    """A one-shot post hook of the module whose ``load_state_dict`` is running (its post hooks
+    run after every submodule has loaded): warns once, naming the layers that loaded
+    nn.BatchNorm's running_var during that load (an object, not a closure, so that a
+    module left with it by a load that raised still pickles)."""
+
+    def __init__(self, missing_keys: list):
+        self.missing_keys = missing_keys
+        self.prefixes: list[str] = []
+        self.handle = None
+
+    def __call__(self, module: nn.Module, incompatible_keys) -> None:
+        self.handle.remove()
+        _BATCHNORM_LOADS.pop(id(self.missing_keys), None)
+        if incompatible_keys.missing_keys is self.missing_keys:  # not a later load, after this one raised
+            _warn_batchnorm_load(self.prefixes, self.missing_keys)
+
+
+def _report_batchnorm_load(prefix: str, missing_keys: list) -> None:
+    """Note that the layer at ``prefix`` loaded nn.BatchNorm's running_var; the first such
+    layer of a load registers the ``_WarnAfterLoad`` hook."""
+    hook = _BATCHNORM_LOADS.get(id(missing_keys))
+    if hook is None or hook.missing_keys is not missing_keys:
+        found = _find_load(missing_keys)
+        if found is None:  # _load_from_state_dict called outside load_state_dict: no end of load to wait for
+            _warn_batchnorm_load([prefix], missing_keys)
+            return
+        hook = _BATCHNORM_LOADS[id(missing_keys)] = _WarnAfterLoad(missing_keys)
+        hook.handle = found[0].register_load_state_dict_post_hook(hook)
+    hook.prefixes.append(prefix)
+
+
+def _find_load(missing_keys: list) -> tuple[nn.Module, int] | None:
+    """(the module whose ``nn.Module.load_state_dict`` gathers ``missing_keys``, the
+    ``stacklevel`` of that call's caller as seen from the caller of this function), found
+    on the call stack (torch has no hook at the end of a whole load), or None."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        if frame.f_code is _LOAD_STATE_DICT and frame.f_locals.get("missing_keys") is missing_keys:
+            return frame.f_locals["self"], level + 1
+        frame, level = frame.f_back, level + 1
+    return None
+
+
+def _warn_batchnorm_load(prefixes: list[str], missing_keys: list) -> None:
+    """The UserWarning, attributed to the line that called load_state_dict (outside one: to
+    the caller of _load_from_state_dict)."""
+    found = _find_load(missing_keys)
+    names = ", ".join(p.rstrip(".") or "<root>" for p in prefixes)
+    warnings.warn(
+        f"load_state_dict: loaded nn.BatchNorm's running_var into {len(prefixes)} Lp batch-norm layer(s) ({names}) "
+        "as running_dev = sqrt(running_var + eps) - eps: the eval output is the BatchNorm's, and running_dev is the "
+        "BatchNorm's estimate of the dispersion, not the layer's own (train, or run tritonorm.recalibrate(model, "
+        "data), to get the layer's)",
+        UserWarning, stacklevel=4 if found is None else found[1],
+    )
 
 
 def _lp_batch_norm_layer(
