@@ -1,10 +1,9 @@
 """nn.BatchNorm checkpoints load into the L1 / L-inf / Top-k layers: a whole model's
 state_dict, built with ``norm_layer=nn.BatchNorm2d``, into the same model built with an Lp
-layer gives the BatchNorm model's eval output, with one warning naming the layers; strict
+layer gives the BatchNorm model's eval output, with a warning (one message, shown once); strict
 loading still reports real mismatches; an Lp layer's own state_dict loads as before."""
 
 import functools
-import pickle
 import warnings
 
 import pytest
@@ -12,11 +11,10 @@ import torch
 from torch import nn
 
 import tritonorm
-from tritonorm.nn import lp_batchnorm
 from tritonorm.nn.lp_batchnorm import running_dev_from_var
 
 # The error tests load BatchNorm checkpoints, which warn; the warning has its own tests.
-quiet = pytest.mark.filterwarnings("ignore:load_state_dict. loaded nn.BatchNorm:UserWarning")
+quiet = pytest.mark.filterwarnings("ignore:load_state_dict. an nn.BatchNorm checkpoint:UserWarning")
 
 LP2D = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}
 LP1D = {"l1": tritonorm.L1BatchNorm1d, "linf": tritonorm.LinfBatchNorm1d, "topk": tritonorm.TopkBatchNorm1d}
@@ -90,7 +88,7 @@ def test_batchnorm_model_state_dict_gives_batchnorm_eval_output(norm):
     bn_model = pretrained()
     lp_model = TinyResNet(norm_layer=LP2D[norm]).eval()
     result, record = load(lp_model, bn_model.state_dict())
-    assert not result.missing_keys and not result.unexpected_keys and len(record) == 1
+    assert not result.missing_keys and not result.unexpected_keys and len(record) == len(NORM_PREFIXES)
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(lp_model(x), bn_model(x), rtol=1e-5, atol=1e-5)
@@ -103,20 +101,20 @@ def test_batchnorm_model_state_dict_gives_batchnorm_eval_output(norm):
         assert torch.equal(lp_model.get_submodule(prefix).running_dev, running_dev_from_var(bn.running_var, bn.eps))
 
 
-def test_one_warning_per_load_naming_every_layer_at_the_callers_line():
+def test_the_warning_is_one_message_shown_once_per_model():
+    """Every layer warns with the same message, so that Python's default filter shows it
+    once for the whole model (and "always" once per layer)."""
     bn_state = pretrained().state_dict()
     lp_model = TinyResNet(norm_layer=tritonorm.L1BatchNorm2d)
-    for _ in range(2):  # every load warns again, once
-        _, record = load(lp_model, bn_state)
-        assert len(record) == 1
-        message = str(record[0].message)
-        assert "running_var" in message and "6 Lp batch-norm layer(s)" in message
-        assert all(prefix in message for prefix in NORM_PREFIXES)
-        assert "tritonorm.recalibrate" in message
-        assert record[0].filename == load.__code__.co_filename  # the line that called load_state_dict
-    # Nothing is left behind: no pending load, no post hook.
-    assert not lp_batchnorm._BATCHNORM_LOADS
-    assert all(not m._load_state_dict_post_hooks for m in lp_model.modules())
+    _, record = load(lp_model, bn_state)
+    assert len(record) == len(NORM_PREFIXES) and len({str(w.message) for w in record}) == 1
+    message = str(record[0].message)
+    assert "running_var" in message and "running_dev = sqrt(running_var + eps) - eps" in message
+    assert "tritonorm.recalibrate" in message
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        lp_model.load_state_dict(bn_state)
+    assert len(shown) == 1
 
 
 def test_layer_loads_a_batchnorm_state_dict_directly():
@@ -124,7 +122,7 @@ def test_layer_loads_a_batchnorm_state_dict_directly():
     bn.running_var.uniform_(0.5, 2)
     layer = tritonorm.TopkBatchNorm2d(4)
     _, record = load(layer, bn.state_dict())
-    assert len(record) == 1 and "(<root>)" in str(record[0].message)
+    assert len(record) == 1
     assert torch.equal(layer.running_dev, running_dev_from_var(bn.running_var, bn.eps))
 
 
@@ -172,8 +170,7 @@ def test_running_var_and_running_dev_both_present():
     result, record = load(model, state, strict=False)
     assert result.unexpected_keys == ["bn1.running_var"] and not result.missing_keys
     assert torch.equal(model.bn1.running_dev, torch.full((8,), 0.75))
-    assert len(record) == 1 and "5 Lp batch-norm layer(s)" in str(record[0].message)
-    assert "(layer1.0.bn1," in str(record[0].message)  # bn1 is not among them
+    assert len(record) == 5  # the other layers; bn1 loads its own running_dev
 
 
 @quiet
@@ -269,7 +266,7 @@ def test_3d(norm):
     model_bn.eval()
     model_lp = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), LP3D[norm](4)).eval()
     _, record = load(model_lp, model_bn.state_dict())
-    assert len(record) == 1 and "(1)" in str(record[0].message)
+    assert len(record) == 1
     x = torch.randn(2, 2, 4, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(model_lp(x), model_bn(x), rtol=1e-5, atol=1e-5)
@@ -294,27 +291,3 @@ def test_the_callers_state_dict_is_left_as_it_was():
     keys = list(state)
     load(TinyResNet(norm_layer=tritonorm.L1BatchNorm2d), state)
     assert list(state) == keys and "bn1.running_var" in state and "bn1.running_dev" not in state
-
-
-class _BrokenOnce(nn.Module):
-    """Its first load raises."""
-
-    broken = True
-
-    def _load_from_state_dict(self, *args):
-        if self.broken:
-            self.broken = False
-            raise OSError("disk gone")
-        super()._load_from_state_dict(*args)
-
-
-def test_a_load_that_raises_midway_leaves_nothing_behind():
-    """The hook that warns at the end of a load outlives a load that raised before the end;
-    the module still pickles, and the next load removes the hook without a stale warning."""
-    model = nn.Sequential(tritonorm.L1BatchNorm2d(4), _BrokenOnce())
-    with pytest.raises(OSError, match="disk gone"):
-        model.load_state_dict(nn.Sequential(nn.BatchNorm2d(4)).state_dict(), strict=False)
-    assert len(model._load_state_dict_post_hooks) == 1  # the hook of the load that raised
-    pickle.dumps(model)
-    _, record = load(model, nn.Sequential(tritonorm.L1BatchNorm2d(4)).state_dict(), strict=False)
-    assert not record and not model._load_state_dict_post_hooks and not lp_batchnorm._BATCHNORM_LOADS

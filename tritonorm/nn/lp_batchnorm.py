@@ -15,12 +15,11 @@ act(bn(x) + residual) in the same pass (``tritonorm.reference.activation`` has t
 
 The layers load an ``nn.BatchNorm`` state_dict (a pretrained model's, through
 ``model.load_state_dict``): ``running_var`` becomes ``running_dev`` by
-``running_dev_from_var``, the map ``tritonorm.convert`` uses, with one UserWarning per load.
+``running_dev_from_var``, the map ``tritonorm.convert`` uses, with a UserWarning.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
@@ -136,8 +135,8 @@ class _LpBatchNorm(nn.Module):
             running_dev = sqrt(running_var + eps) - eps        (``running_dev_from_var``)
 
         with this layer's eps, so that the eval output is the BatchNorm's (to rounding) when
-        the eps is the BatchNorm's.  One UserWarning per ``load_state_dict`` names the layers
-        loaded so.  As nn.BatchNorm does for checkpoints of torch < 0.4.1, such a checkpoint
+        the eps is the BatchNorm's, and a UserWarning (one message for every layer: Python's
+        default filter shows it once).  As nn.BatchNorm does for checkpoints of torch < 0.4.1, such a checkpoint
         without ``num_batches_tracked`` (metadata version None or < 2) keeps the layer's
         count.  Everything else is nn.Module's strict loading: a missing key, a wrong shape
         (of ``running_var``: reported for ``running_dev``, which it becomes), an unexpected
@@ -153,7 +152,7 @@ class _LpBatchNorm(nn.Module):
             if (version is None or version < 2) and count_key not in state_dict:
                 count = self.num_batches_tracked
                 state_dict[count_key] = count if count.device.type != "meta" else torch.tensor(0, dtype=torch.long)
-            _report_batchnorm_load(prefix, missing_keys)
+            warnings.warn(_BATCHNORM_LOAD_WARNING, UserWarning, stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -183,68 +182,13 @@ class _LpBatchNorm(nn.Module):
         return s
 
 
-# The loads in progress that met an nn.BatchNorm checkpoint, by id(missing_keys): the list
-# that every module of one load_state_dict call shares.
-_BATCHNORM_LOADS: dict[int, _WarnAfterLoad] = {}
-_LOAD_STATE_DICT = nn.Module.load_state_dict.__code__
-
-
-class _WarnAfterLoad:
-    """A one-shot post hook of the module whose ``load_state_dict`` is running (its post hooks
-    run after every submodule has loaded): warns once, naming the layers that loaded
-    nn.BatchNorm's running_var during that load (an object, not a closure, so that a
-    module left with it by a load that raised still pickles)."""
-
-    def __init__(self, missing_keys: list):
-        self.missing_keys = missing_keys
-        self.prefixes: list[str] = []
-        self.handle = None
-
-    def __call__(self, module: nn.Module, incompatible_keys) -> None:
-        self.handle.remove()
-        _BATCHNORM_LOADS.pop(id(self.missing_keys), None)
-        if incompatible_keys.missing_keys is self.missing_keys:  # not a later load, after this one raised
-            _warn_batchnorm_load(self.prefixes, self.missing_keys)
-
-
-def _report_batchnorm_load(prefix: str, missing_keys: list) -> None:
-    """Note that the layer at ``prefix`` loaded nn.BatchNorm's running_var; the first such
-    layer of a load registers the ``_WarnAfterLoad`` hook."""
-    hook = _BATCHNORM_LOADS.get(id(missing_keys))
-    if hook is None or hook.missing_keys is not missing_keys:
-        found = _find_load(missing_keys)
-        if found is None:  # _load_from_state_dict called outside load_state_dict: no end of load to wait for
-            _warn_batchnorm_load([prefix], missing_keys)
-            return
-        hook = _BATCHNORM_LOADS[id(missing_keys)] = _WarnAfterLoad(missing_keys)
-        hook.handle = found[0].register_load_state_dict_post_hook(hook)
-    hook.prefixes.append(prefix)
-
-
-def _find_load(missing_keys: list) -> tuple[nn.Module, int] | None:
-    """(the module whose ``nn.Module.load_state_dict`` gathers ``missing_keys``, the
-    ``stacklevel`` of that call's caller as seen from the caller of this function), found
-    on the call stack (torch has no hook at the end of a whole load), or None."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        if frame.f_code is _LOAD_STATE_DICT and frame.f_locals.get("missing_keys") is missing_keys:
-            return frame.f_locals["self"], level + 1
-        frame, level = frame.f_back, level + 1
-    return None
-
-
-def _warn_batchnorm_load(prefixes: list[str], missing_keys: list) -> None:
-    """The UserWarning, attributed to the line that called load_state_dict (outside one: to
-    the caller of _load_from_state_dict)."""
-    found = _find_load(missing_keys)
-    names = ", ".join(p.rstrip(".") or "<root>" for p in prefixes)
-    warnings.warn(
-        f"load_state_dict: loaded nn.BatchNorm's running_var into {len(prefixes)} Lp batch-norm layer(s) ({names}) "
-        "as running_dev = sqrt(running_var + eps) - eps: the eval output is the BatchNorm's, and running_dev is the "
-        "BatchNorm's estimate of the dispersion, not the layer's own (train, or run tritonorm.recalibrate(model, "
-        "data), to get the layer's)",
-        UserWarning, stacklevel=4 if found is None else found[1],
-    )
+# One message for every layer, so that Python's default filter shows it once for a whole
+# model (once per process and location, as any warning).
+_BATCHNORM_LOAD_WARNING = (
+    "load_state_dict: an nn.BatchNorm checkpoint's running_var was loaded into an Lp batch norm as running_dev = "
+    "sqrt(running_var + eps) - eps: the eval output is the BatchNorm's, and running_dev is the BatchNorm's estimate "
+    "of the dispersion, not the layer's own (train, or run tritonorm.recalibrate(model, data), to get the layer's)"
+)
 
 
 def _lp_batch_norm_layer(
