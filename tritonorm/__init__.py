@@ -14,10 +14,11 @@ from .lr_correction import corrected_lr, slice_norms
 from .nn import *  # noqa: F401,F403
 from .nn import __all__ as _nn_all
 from .recalibrate import NORM_CLASSES, recalibrate
+from .sync_batchnorm import convert_sync_batchnorm
 from .reference.activation import ACTIVATIONS
 
 __version__ = "0.1.0"
 __all__ = [
-    "functional", "convert", "fold", "recalibrate", "NORM_CLASSES", "ENorm", "corrected_lr", "slice_norms",
+    "functional", "convert", "convert_sync_batchnorm", "fold", "recalibrate", "NORM_CLASSES", "ENorm", "corrected_lr", "slice_norms",
     "ACTIVATIONS", *_nn_all,
 ]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as _F
 
+from . import sync_batchnorm as _sync
 from ._checks import (
     check_activation,
     check_bool,
@@ -92,10 +93,12 @@ def _check_residual(residual, input: Tensor) -> None:
 def _lp_batch_norm(
     input, *, running_mean, running_dev, weight, bias, training, momentum, eps, norm, k, normalized,
     num_batches_tracked, backend, count_batch: bool = False, residual=None, activation=None,
-    negative_slope=NEGATIVE_SLOPE,
+    negative_slope=NEGATIVE_SLOPE, sync_group=None,
 ) -> Tensor:
     """Check every argument, then run the op on the chosen backend; with ``count_batch``
-    (what a layer does in training) add 1 to ``num_batches_tracked`` once the checks pass."""
+    (what a layer does in training) add 1 to ``num_batches_tracked`` once the checks pass.
+    ``sync_group``: a process group to take the batch statistics over
+    (``tritonorm.sync_batchnorm``; the size checks are then the whole batch's)."""
     _check_input(input)
     _check_residual(residual, input)
     check_activation(activation, negative_slope)
@@ -115,7 +118,7 @@ def _lp_batch_norm(
     update = training and running_mean is not None
     if update:
         _check_update(("running_mean", "running_dev"), (running_mean, running_dev), momentum, num_batches_tracked)
-    if training:
+    if training and sync_group is None:
         n = input.numel() // c if c else 0
         if n <= 1:
             raise ValueError(
@@ -131,8 +134,17 @@ def _lp_batch_norm(
         chosen = "torch"  # "auto": the kernels keep k candidates in registers
     check_transforms(chosen, input, (running_mean, running_dev) if update else ())
     triton = chosen == "triton" and input.numel() > 0
-    if count_batch and not (triton and update):  # else the running-statistics op counts it
+    if count_batch and not (triton and update and sync_group is None):  # else the running-statistics op counts it
         num_batches_tracked.add_(1)
+    if sync_group is not None:
+        y, mean, dev = _sync.sync_lp_batch_norm(
+            input, weight, bias, residual, group=sync_group, triton=chosen == "triton", norm=norm, k=k, eps=eps,
+            normalized=normalized, activation=activation, negative_slope=negative_slope,
+        )
+        if update:
+            for running, batch in ((running_mean, mean), (running_dev, dev)):
+                update_running(running, batch, momentum=momentum, num_batches_tracked=num_batches_tracked)
+        return y
     if not triton:
         return _lp_ref.lp_batch_norm(
             input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,

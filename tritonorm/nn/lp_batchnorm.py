@@ -28,11 +28,13 @@ from torch import Tensor, nn
 from .. import functional as F
 from .._checks import check_activation, check_bool, check_eps, check_int, check_momentum
 from .._dispatch import check_backend
+from ..sync_batchnorm import active_group
 
 __all__ = [
     "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",
     "LinfBatchNorm1d", "LinfBatchNorm2d", "LinfBatchNorm3d",
     "TopkBatchNorm1d", "TopkBatchNorm2d", "TopkBatchNorm3d",
+    "SyncL1BatchNorm", "SyncLinfBatchNorm", "SyncTopkBatchNorm",
 ]
 
 
@@ -56,6 +58,9 @@ class _LpBatchNorm(nn.Module):
 
     _norm: str
     _ndims: tuple[int, ...]
+    # the synchronized layers' (``_Synchronized``): statistics over a process group in training
+    _synchronized = False
+    process_group = None
 
     def __init__(
         self,
@@ -162,7 +167,8 @@ class _LpBatchNorm(nn.Module):
             layer=type(self).__name__, ndims=self._ndims, num_features=self.num_features, training=self.training,
             track_running_stats=self.track_running_stats, momentum=self.momentum, eps=self.eps, norm=self._norm,
             normalized=self.normalized, residual=residual, activation=self.activation,
-            negative_slope=self.negative_slope, backend=self.backend, **self._extra_args(),
+            negative_slope=self.negative_slope, backend=self.backend, synchronized=self._synchronized,
+            process_group=self.process_group, **self._extra_args(),
         )
 
     def extra_repr(self) -> str:
@@ -193,12 +199,15 @@ _BATCHNORM_LOAD_WARNING = (
 
 def _lp_batch_norm_layer(
     input, weight, bias, running_mean, running_dev, num_batches_tracked, *, layer: str, ndims: tuple[int, ...],
-    num_features: int, training: bool, track_running_stats: bool, k: int = 0, **options,
+    num_features: int, training: bool, track_running_stats: bool, k: int = 0, synchronized: bool = False,
+    process_group=None, **options,
 ) -> Tensor:
     """The forward of every Lp layer: its own input checks, then nn.BatchNorm's use of the
     buffers (batch statistics in training or without running statistics; the running ones
-    updated in training, num_batches_tracked counted once every check has passed).  A
-    ``torch.fx.wrap`` leaf, so that torch.fx records the layer's call, not its checks."""
+    updated in training, num_batches_tracked counted once every check has passed), and
+    nn.SyncBatchNorm's synchronization (in training, over a group of more than one
+    process).  A ``torch.fx.wrap`` leaf, so that torch.fx records the layer's call, not
+    its checks."""
     if isinstance(input, Tensor):  # anything else: F._lp_batch_norm's TypeError
         if input.dim() not in ndims:
             expected = " or ".join(f"{d}-d" for d in ndims)
@@ -212,7 +221,8 @@ def _lp_batch_norm_layer(
     return F._lp_batch_norm(
         input, running_mean=running_mean if tracked else None, running_dev=running_dev if tracked else None,
         weight=weight, bias=bias, training=training or not track_running_stats, k=k,
-        num_batches_tracked=num_batches_tracked, count_batch=training and track_running_stats, **options,
+        num_batches_tracked=num_batches_tracked, count_batch=training and track_running_stats,
+        sync_group=active_group(process_group) if synchronized and training else None, **options,
     )
 
 
@@ -350,3 +360,83 @@ for _title, _classes in (("L1", (L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d)),
     for _nd, _cls in enumerate(_classes, 1):
         _document(_cls, _title, _nd)
 del _title, _classes, _nd, _cls
+
+
+class _Synchronized(_LpBatchNorm):
+    """The synchronized layers: statistics over ``process_group`` in training."""
+
+    _synchronized = True
+    _ndims = (2, 3, 4, 5)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
+        self.process_group = process_group
+
+    @classmethod
+    def like(cls, layer: _LpBatchNorm, process_group=None) -> _Synchronized:
+        """The synchronized form of ``layer``: its settings and training mode, and its very
+        parameters and buffers (shared, not copied), as
+        nn.SyncBatchNorm.convert_sync_batchnorm makes it."""
+        options = dict(normalized=layer.normalized, activation=layer.activation, negative_slope=layer.negative_slope,
+                       backend=layer.backend, **layer._extra_args())
+        sync = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
+                   process_group, device="meta", **options)
+        sync._parameters.update(layer._parameters)
+        sync._buffers.update(layer._buffers)
+        return sync.train(layer.training)
+
+
+class SyncL1BatchNorm(_Synchronized, _L1):
+    pass
+
+
+class SyncLinfBatchNorm(_Synchronized, _Linf):
+    pass
+
+
+class SyncTopkBatchNorm(_Synchronized, _Topk):
+    pass
+
+
+# the synchronized class of each norm, for convert_sync_batchnorm
+SYNC_CLASSES = {"l1": SyncL1BatchNorm, "linf": SyncLinfBatchNorm, "topk": SyncTopkBatchNorm}
+
+_SYNC_DOC = """{title} batch norm synchronized over processes, nn.SyncBatchNorm's counterpart: in
+    training the statistics are those of the whole batch across ``process_group`` (every
+    process's batch, concatenated in rank order), so each process's output, gradients and
+    running statistics are those of one process running {plain} on the whole batch.
+
+        sigma = {sigma}
+
+    Takes (N, C, *) input of 2 to 5 dimensions, as nn.SyncBatchNorm.  In eval, or when
+    torch.distributed is not initialized or the group holds one process, it is {plain}
+    without communication.  Batch sizes may differ between processes, and a process may
+    have an empty batch.  Cost (``tritonorm.sync_batchnorm``): {collectives} per forward and
+    one all_reduce of 2C values per backward; under torch.compile the layer runs eagerly
+    (a graph break), as its collectives sit between its kernels.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as {plain}.
+        process_group: the group to synchronize over; None for the default group.{k_arg}
+        normalized, activation, negative_slope, backend, device, dtype: as {plain}.
+
+    Forward: ``layer(input, residual=None)``, as {plain}.
+
+    Example::
+
+        >>> model = tritonorm.convert_sync_batchnorm(model)   # every {plain} -> {name}
+        >>> model = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+    """
+
+for _cls, _title, _plain, _collectives in (
+    (SyncL1BatchNorm, "L1", "L1BatchNorm2d", "an all_gather of 1 + C values and an all_reduce of 2C"),
+    (SyncLinfBatchNorm, "L-inf", "LinfBatchNorm2d", "one all_gather of 1 + 5C values"),
+    (SyncTopkBatchNorm, "Top-k", "TopkBatchNorm2d", "one all_gather of 1 + C + 4Ck values"),
+):
+    _cls.__doc__ = _SYNC_DOC.format(
+        title=_title, plain=_plain.replace("2d", "1d/2d/3d"), sigma=_SIGMAS[_title], name=_cls.__name__,
+        collectives=_collectives, k_arg="\n        k: how many of the largest |x - mu| define sigma (10), over the "
+        "whole batch." if _title == "Top-k" else "",
+    )
+del _cls, _title, _plain, _collectives

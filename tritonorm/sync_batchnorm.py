@@ -1,0 +1,219 @@
+"""Synchronized L1 / L-inf / Top-k batch norm over torch.distributed, and
+``tritonorm.convert_sync_batchnorm``.
+
+In training, each process computes the statistics of its own batch (stage 1, the Triton
+kernels of ``kernels.sync_lp_batchnorm`` or the PyTorch stages of
+``reference.sync_lp_batchnorm``, which has the math), the collectives combine them over
+the process group, and each process normalizes its batch by the global statistics
+(stage 2).  Collectives per layer and step, C channels, W processes, K = 1 (L-inf) or k:
+
+    L1           forward   all_gather  W x (1 + C)              count, mean
+                           all_reduce  2C                       sum |x - mu|, sum sign(x - mu)
+                 backward  all_reduce  2C                       sum dz, sum dz * (x - mu)
+    L-inf/Top-k  forward   all_gather  W x (1 + C + 4CK)        count, mean, 2K candidates
+                 backward  all_reduce  2C
+
+(8-byte elements: the gathers are packed into one int64 tensor, the all-reduces are in the
+accumulator dtype.)  nn.SyncBatchNorm moves one all_gather of W x (2C + 1) forward and one
+all_reduce of 2C backward.  Nothing waits on the host: the counts of the other processes
+stay on the device, so uneven batches, and a process with an empty batch, cost no sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .reference import accumulator_dtype
+from .reference import sync_lp_batchnorm as _torch_stages
+from .reference.lp_batchnorm import dispersion_coefficient, selected_count
+
+try:
+    from .kernels import sync_lp_batchnorm as _triton_stages
+except ImportError:  # no triton: the PyTorch stages still work
+    _triton_stages = None
+
+__all__ = ["convert_sync_batchnorm"]
+
+
+def active_group(process_group):
+    """The process group to synchronize over (``process_group``, None for the default
+    one), or None where there is nothing to synchronize: torch.distributed not
+    initialized, or a group of one process (nn.SyncBatchNorm's rule)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    """(W, *t.shape): every process's ``t``, in rank order (one collective)."""
+    size = dist.get_world_size(group)
+    if dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t, group=group)
+        return torch.stack(parts)
+    out = t.new_empty((size, *t.shape))
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out
+
+
+def _check_global(n: Tensor, norm: str, k: int) -> None:
+    """nn.BatchNorm's training check, on the whole batch: more than one value per channel
+    (and k of them for Top-k).  On the CPU a ValueError (the same on every process); on a
+    device an asynchronous assert, so that no process waits on the host."""
+    need = max(2, k if norm == "topk" else 1)
+    if n.device.type == "cpu":
+        if n.item() < need:
+            what = f"k={k} or more values per channel" if norm == "topk" else "more than 1 value per channel"
+            raise ValueError(f"Expected {what} over the synchronized batch when training, got {int(n.item())}")
+    else:
+        torch._assert_async(n >= need, "synchronized Lp batch norm: too few values per channel over the batch")
+
+
+def _global_statistics(x: Tensor, stages, group, norm: str, k: int, normalized: bool):
+    """Stage 1 and the collectives: (mean, sigma, wbar, local selection (C, K) and its
+    signs, n, coef) of the whole batch, in the accumulator dtype (n, coef: 0-d)."""
+    acc = accumulator_dtype(x.dtype)
+    c, count = x.shape[1], x.numel() // x.shape[1]
+    K = selected_count(norm, k)
+    head = x.new_full((1,), count, dtype=torch.float64)
+    if norm == "l1":
+        gathered = _all_gather(torch.cat([head, stages.moments(x).double()]), group)
+        counts, means = gathered[:, 0], gathered[:, 1:]
+    else:
+        mean, hi_v, hi_i, lo_v, lo_i = stages.candidates(x, K)
+        floats = torch.cat([head, mean.double(), hi_v.double().flatten(), lo_v.double().flatten()])
+        gathered = _all_gather(torch.cat([floats.view(torch.int64), hi_i.flatten(), lo_i.flatten()]), group)
+        w = gathered.shape[0]
+        floats, indices = gathered[:, :floats.numel()].view(torch.float64), gathered[:, floats.numel():]
+        counts, means = floats[:, 0], floats[:, 1:1 + c]
+        hi_v, lo_v = floats[:, 1 + c:].view(w, 2, c, K).to(acc).unbind(1)
+        hi_i, lo_i = indices.view(w, 2, c, K).unbind(1)
+    n = counts.sum()
+    _check_global(n, norm, k)
+    mean = _torch_stages.global_mean(counts, means).to(acc)
+    coef = dispersion_coefficient(norm, n, k, normalized).to(acc)
+    n = n.to(acc)
+    if norm == "l1":
+        sums = stages.abs_dev_sums(x, mean)
+        dist.all_reduce(sums, group=group)
+        abs_sum, sign_sum = sums
+        sel_index = torch.empty((c, 0), device=x.device, dtype=torch.int64)
+        sel_sign = torch.empty((c, 0), device=x.device, dtype=acc)
+    else:
+        offsets = (counts.cumsum(0) - counts).long()
+        abs_sum, sel_index, sel_sign = _torch_stages.select(mean, hi_v, hi_i, lo_v, lo_i, offsets, K)
+        sign_sum = sel_sign.sum(1)
+        rank = dist.get_rank(group)
+        sel_index, sel_sign = _torch_stages.local_selection(sel_index, sel_sign, offsets[rank], count)
+    return mean, coef * abs_sum, coef * sign_sum / n, sel_index, sel_sign, n, coef
+
+
+class _SyncLpBatchNorm(torch.autograd.Function):
+    """out = act(gamma * (x - mu) / (sigma + eps) + beta [+ residual]) with mu and sigma
+    over the process group; returns (out, mean, sigma), the last two for the running
+    statistics (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, group, triton, norm, k, eps, normalized, activation, slope):
+        stages = _triton_stages if triton and x.numel() else _torch_stages
+        mean, dev, wbar, sel_index, sel_sign, n, coef = _global_statistics(x, stages, group, norm, k, normalized)
+        affine = _torch_stages.affine_coefficients(dev, weight, bias, eps)
+        out = stages.normalize(x, mean, affine, residual, activation, slope)
+        ctx.save_for_backward(x, weight, residual if activation is not None else None, mean, dev, wbar, affine,
+                              sel_index, sel_sign, n, coef)
+        ctx.stages, ctx.group = stages, group
+        ctx.options = dict(norm=norm, activation=activation, negative_slope=slope)
+        ctx.eps = eps
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, dev)
+        return out, mean, dev
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_dev):
+        x, weight, residual, mean, dev, wbar, affine, sel_index, sel_sign, n, coef = ctx.saved_tensors
+        stages, activation, slope = ctx.stages, ctx.options["activation"], ctx.options["negative_slope"]
+        sums, dz = stages.grad_sums(grad_out, x, mean, affine, residual, activation, slope)
+        # this process's parameter gradients, before the sums become the group's
+        grad_bias = sums[0].clone()
+        grad_weight = sums[1] / (dev + ctx.eps)
+        dist.all_reduce(sums, group=ctx.group)
+        coefs = _torch_stages.grad_coefficients(sums, dev, wbar, weight, n, coef, ctx.eps)
+        need_res = ctx.needs_input_grad[3]
+        dx, dres = stages.grad_input(grad_out, dz, x, mean, affine, coefs, ctx.options["norm"], sel_index, sel_sign,
+                                     residual, activation, slope, need_res)
+        if activation is None:
+            dres = grad_out  # out = y + residual
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            grad_weight.to(weight_dtype) if ctx.needs_input_grad[1] else None,
+            grad_bias.to(bias_dtype) if ctx.needs_input_grad[2] else None,
+            dres if need_res else None,
+            *(None,) * 8,
+        )
+
+
+@torch.compiler.disable  # collectives: torch.compile runs the layer eagerly (a graph break)
+def sync_lp_batch_norm(x, weight, bias, residual, *, group, triton: bool, norm: str, k: int, eps: float,
+                       normalized: bool, activation: str | None, negative_slope: float):
+    """(out, mean, sigma) of a training step synchronized over ``group``; arguments are
+    checked by the caller (``functional._lp_batch_norm``)."""
+    return _SyncLpBatchNorm.apply(x, weight, bias, residual, group, triton, norm, k, eps, normalized, activation,
+                                  negative_slope)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Every L1 / L-inf / Top-k batch norm of ``module`` becomes its synchronized form
+    (``SyncL1BatchNorm``, ``SyncLinfBatchNorm``, ``SyncTopkBatchNorm``) and every
+    nn.BatchNorm1d/2d/3d an nn.SyncBatchNorm, as torch's
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: in place, the new layers sharing the
+    old ones' parameters and buffers, with their settings and training mode.  Returns the
+    module (a new one if ``module`` itself is a batch norm).
+
+    A BatchNorm subclass that adds to a batch norm's function (its own ``forward``, or
+    submodules, as timm's BatchNormAct2d) is refused with an error naming it, rather than
+    losing what it adds.  Layers already synchronized are left as they are.
+
+    Args:
+        module: the model.
+        process_group: the group to synchronize over; None for the default group.
+
+    Example::
+
+        >>> model = tritonorm.convert(torchvision_model, "l1")
+        >>> model = tritonorm.convert_sync_batchnorm(model)
+        >>> model = nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[rank])
+    """
+    from .convert import _changes_function
+    from .nn.lp_batchnorm import SYNC_CLASSES, _LpBatchNorm
+
+    for name, child in module.named_modules():
+        if isinstance(child, _LpBatchNorm) and not isinstance(child, tuple(SYNC_CLASSES.values())):
+            changes = "overrides forward" if type(child).forward is not _LpBatchNorm.forward else None
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+            changes = _changes_function(child)
+        else:
+            continue
+        if changes:
+            raise TypeError(
+                f"convert_sync_batchnorm: module.{name or '<root>'} ({type(child).__name__}) {changes}: its "
+                "synchronized form is not known (map it with tritonorm.convert first, or convert it by hand)"
+            )
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group) -> nn.Module:
+    from .nn.lp_batchnorm import SYNC_CLASSES, _LpBatchNorm
+
+    if isinstance(module, (nn.SyncBatchNorm, *SYNC_CLASSES.values())):
+        return module
+    if isinstance(module, _LpBatchNorm):
+        return SYNC_CLASSES[module._norm].like(module, process_group)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        module.add_module(name, _convert(child, process_group))
+    return module
