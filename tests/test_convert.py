@@ -787,21 +787,20 @@ class SyncModel(nn.Module):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_sync_batchnorm_converts_with_a_warning(fuse):
-    model = randomized(nn.SyncBatchNorm.convert_sync_batchnorm(SyncModel())).eval()
+def test_sync_batchnorm_becomes_the_synchronized_layer(fuse):
+    model = randomized(nn.SyncBatchNorm.convert_sync_batchnorm(SyncModel(), process_group="group")).eval()
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 3
-    message = (r"tritonorm.convert\(model, 'linf'\): model.stem.1, model.block.bn1, model.block.bn2 "
-               r"\(nn.SyncBatchNorm\) became LinfBatchNorm2d, which is not synchronized")
-    with pytest.warns(UserWarning, match=message) as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         converted = tritonorm.convert(model, "linf", fuse=fuse)
-    assert len(caught) == 1 and caught[0].filename == __file__
-    assert [type(m) for m in lp_layers(converted).values()] == [tritonorm.LinfBatchNorm2d] * 3
+    layers = list(lp_layers(converted).values())
+    assert [type(m) for m in layers] == [tritonorm.SyncLinfBatchNorm] * 3
+    assert all(m.process_group == "group" for m in layers)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
-    with pytest.warns(UserWarning, match=r"model.<root> \(nn.SyncBatchNorm\) became L1BatchNorm2d"):
-        assert type(tritonorm.convert(nn.SyncBatchNorm(4), "l1")) is tritonorm.L1BatchNorm2d
+    assert type(tritonorm.convert(nn.SyncBatchNorm(4), "l1")) is tritonorm.SyncL1BatchNorm
 
 
 def test_equinorm_leaves_sync_batchnorm_alone():

@@ -23,6 +23,7 @@ from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
 from .nn.equinorm import EquiNormConv1d, EquiNormConv2d, EquiNormConv3d, EquiNormLinear, _EquiNorm
 from .nn.lp_batchnorm import (
+    SYNC_CLASSES,
     L1BatchNorm1d,
     L1BatchNorm2d,
     L1BatchNorm3d,
@@ -55,9 +56,8 @@ _WEIGHT_DIMS = {
     nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
 }
 _BN_NAMES = "nn.BatchNorm1d/2d/3d"
-# What the Lp conversions replace: the BatchNorms and nn.SyncBatchNorm, which takes any
-# (N, C, *) input and becomes the 2d layer (its usual place: CNNs) until tritonorm has
-# synchronized layers.
+# What the Lp conversions replace: the BatchNorms, and nn.SyncBatchNorm by the synchronized
+# Lp layer of the same norm.
 _CONVERTIBLE = (*BATCHNORMS, nn.SyncBatchNorm)
 
 
@@ -67,9 +67,8 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
 
     norm "l1", "linf", "topk": every nn.BatchNorm1d/2d/3d (subclasses included) becomes
         the L1 / Linf / Topk BatchNorm of the same dimension, and every nn.SyncBatchNorm
-        the 2d layer with a UserWarning naming them (tritonorm has no synchronized layers
-        yet: the statistics become each process's own, and the layer takes (N, C, H, W)
-        input, where nn.SyncBatchNorm takes any (N, C, *)); with the same num_features,
+        the SyncL1 / SyncLinf / SyncTopkBatchNorm over the same process group; with the
+        same num_features,
         eps, momentum, affine, track_running_stats, device, dtype and training flag;
         weight, bias, running_mean and num_batches_tracked are copied, and
 
@@ -196,12 +195,9 @@ def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
     """Replace, in place, every BatchNorm of ``model`` (every path to it, a shared one by
     one shared layer) with its Lp counterpart; the root itself may be one."""
     replaced: dict[int, nn.Module] = {}
-    unsynchronized = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, _CONVERTIBLE):
             continue
-        if isinstance(module, nn.SyncBatchNorm) and id(module) not in replaced:
-            unsynchronized.append(f"model.{name or '<root>'}")
         if id(module) not in replaced:
             try:
                 replaced[id(module)] = _lp_layer(module, norm, options)
@@ -214,14 +210,6 @@ def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
         setattr(model.get_submodule(parent), child, replaced[id(module)])
     if not replaced:
         raise ValueError(f"model: found no {_BN_NAMES} or nn.SyncBatchNorm to convert to {norm!r}")
-    if unsynchronized:
-        lp_class = _LP_CLASSES[norm][1].__name__
-        warnings.warn(
-            f"tritonorm.convert(model, {norm!r}): {', '.join(unsynchronized)} (nn.SyncBatchNorm) became {lp_class}, "
-            "which is not synchronized: tritonorm has no synchronized layers yet, so each process normalizes by "
-            f"its own batch's statistics; and {lp_class} takes (N, C, H, W) input only",
-            UserWarning, stacklevel=5,
-        )
     return model
 
 
@@ -229,13 +217,15 @@ def _swap_batchnorms(model: nn.Module, norm: str, options: dict) -> nn.Module:
 def _lp_layer(bn: nn.Module, norm: str, options: dict) -> nn.Module:
     """The Lp BatchNorm with ``bn``'s settings, parameters and eval-mode output (followed
     by the drop and act of a BatchNormAct-style layer that it cannot fuse)."""
-    dim = next((d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls)), 1)  # nn.SyncBatchNorm: 2d
     tensors = [t for t in (bn.weight, bn.running_mean) if t is not None]
     factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
     activation, tail = _bn_activation(bn)
-    layer = _LP_CLASSES[norm][dim](
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **activation, **options, **factory,
-    )
+    settings = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if isinstance(bn, nn.SyncBatchNorm):
+        layer = SYNC_CLASSES[norm](*settings, bn.process_group, **activation, **options, **factory)
+    else:
+        dim = next(d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls))
+        layer = _LP_CLASSES[norm][dim](*settings, **activation, **options, **factory)
     if bn.affine:
         layer.weight.copy_(bn.weight)
         layer.bias.copy_(bn.bias)

@@ -27,6 +27,9 @@ from .nn.lp_batchnorm import (
     LinfBatchNorm1d,
     LinfBatchNorm2d,
     LinfBatchNorm3d,
+    SyncL1BatchNorm,
+    SyncLinfBatchNorm,
+    SyncTopkBatchNorm,
     TopkBatchNorm1d,
     TopkBatchNorm2d,
     TopkBatchNorm3d,
@@ -39,9 +42,10 @@ NORM_CLASSES: tuple[type[nn.Module], ...] = (
     L1BatchNorm1d, L1BatchNorm2d, L1BatchNorm3d,
     LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d,
     TopkBatchNorm1d, TopkBatchNorm2d, TopkBatchNorm3d,
+    SyncL1BatchNorm, SyncLinfBatchNorm, SyncTopkBatchNorm,
 )
 """The tritonorm layers that are norm layers in the sense of weight-decay and freeze code:
-the L1 / L-inf / Top-k batch norms, whose parameters (gamma, beta) and buffers play the
+the L1 / L-inf / Top-k batch norms and their synchronized forms, whose parameters (gamma, beta) and buffers play the
 roles of nn.BatchNorm's.  Add them where such code lists torch's norm classes, e.g.
 ``torchvision.ops._utils.split_normalization_params(model, norm_classes=[...,
 *tritonorm.NORM_CLASSES])`` to exempt them from weight decay, or ``isinstance(m,
