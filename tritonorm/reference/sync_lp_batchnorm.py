@@ -175,10 +175,9 @@ def grad_input(grad_out: Tensor, dz: Tensor, x: Tensor, mean: Tensor, affine: Te
     if norm == "l1":
         dx += gain * (channel_view(x) - mean.view(1, c, 1)).sign()
     else:
-        s = dx.shape[2]
-        r = sel_index.clamp_min(0)
-        channel = torch.arange(c, device=x.device).view(c, 1).expand_as(r)
-        term = torch.where(sel_index >= 0, gain.view(c, 1) * sel_sign, 0.0)
-        dx = dx.index_put((r // s, channel, r % s), term, accumulate=True)
+        mine = sel_index >= 0
+        r, s = sel_index[mine], dx.shape[2]
+        channel = torch.arange(c, device=x.device).view(c, 1).expand_as(sel_index)[mine]
+        dx = dx.index_put((r // s, channel, r % s), (gain.view(c, 1) * sel_sign)[mine], accumulate=True)
     dres = dz.reshape(x.shape).to(x.dtype) if activation is not None and residual_grad else None
     return dx.reshape(x.shape).to(x.dtype), dres

@@ -1,0 +1,333 @@
+"""Synchronized L1 / L-inf / Top-k batch norm (``tritonorm.sync_batchnorm``).
+
+In one process: the combine of per-process statistics equals the statistics of the whole
+batch (ties included), the Triton stages equal the PyTorch ones, the layers without a
+process group are the plain layers, and ``convert_sync_batchnorm``.  In 2 and 3 gloo
+processes (``dist_utils.run_distributed``, every case in one spawn per world size): each
+process's output, input and residual gradients, the sum of its parameter gradients and
+its running statistics equal one process running the plain layer on the concatenated
+batch, on both paths, with uneven batches (an empty one included), channels_last,
+momentum=None, in eval (no collective) and under DDP; the collectives are those the docs
+count.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import tritonorm
+from tritonorm.reference import lp_batchnorm as lp_ref
+from tritonorm.reference import sync_lp_batchnorm as torch_stages
+
+from dist_utils import run_distributed
+from lp_utils import random_input
+
+triton_stages = pytest.importorskip("tritonorm.kernels.sync_lp_batchnorm")
+
+PLAIN = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}
+SYNC = {"l1": tritonorm.SyncL1BatchNorm, "linf": tritonorm.SyncLinfBatchNorm, "topk": tritonorm.SyncTopkBatchNorm}
+K = 3
+STAGES = {"torch": torch_stages, "triton": triton_stages}
+
+
+def _options(norm, **options):
+    return {"k": K, **options} if norm == "topk" else options
+
+
+# --- in one process ----------------------------------------------------------------------
+
+
+def _tied_input(shape, seed=0):
+    """Few distinct values: many ties in x, so in |x - mu|, broken by the global index."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([-3.0, -1.0, 0.0, 2.0, 5.0])
+    return values[torch.randint(0, len(values), shape, generator=g)]
+
+
+def _combine(x, sizes, norm, k, stages):
+    """What the collectives and the combine make of x split into batches of ``sizes``:
+    (mean, sum of the selected |a|, selected global indices, their signs)."""
+    parts = x.split(sizes)
+    counts = torch.tensor([p.numel() // p.shape[1] for p in parts], dtype=torch.float64)
+    lists = [(torch_stages if not p.numel() else stages).candidates(p, k) for p in parts]
+    means = torch.stack([lst[0] for lst in lists]).double()
+    mean = torch_stages.global_mean(counts, means).float()
+    hi_v, hi_i, lo_v, lo_i = (torch.stack([lst[j] for lst in lists]) for j in range(1, 5))
+    offsets = (counts.cumsum(0) - counts).long()
+    return mean, *torch_stages.select(mean, hi_v, hi_i, lo_v, lo_i, offsets, k)
+
+
+@pytest.mark.parametrize("stages", ["torch", "triton"])
+@pytest.mark.parametrize("data", ["random", "tied"])
+@pytest.mark.parametrize(("norm", "k"), [("linf", 1), ("topk", 3), ("topk", 7)])
+@pytest.mark.parametrize("sizes", [(3, 2), (2, 0, 3), (1, 1, 1, 2)], ids=str)
+def test_combine_selects_what_one_process_selects(sizes, norm, k, data, stages):
+    """The k largest |x - mu| of the whole batch from each part's 2k candidates: the same
+    elements (ties to the lowest global index), sum and signs; k=7 exceeds the 4 elements
+    of a one-sample part (its hi and lo lists overlap: listed twice, counted once)."""
+    shape = (sum(sizes), 2, 2, 2)
+    x = _tied_input(shape) if data == "tied" else random_input(shape, torch.float32, "cpu")
+    mean, abs_sum, sel_index, sel_sign = _combine(x, sizes, norm, k, STAGES[stages])
+    view = lp_ref.channel_view(x)
+    ref_mean, a = lp_ref.centred(view)
+    torch.testing.assert_close(mean, ref_mean.view(-1), rtol=1e-6, atol=1e-6)
+    expected = lp_ref.top_indices(a.abs(), k)
+    assert torch.equal(sel_index.sort(1).values, expected.sort(1).values)
+    torch.testing.assert_close(abs_sum, lp_ref.abs_sum(a, "topk", k), rtol=1e-6, atol=1e-6)
+    s = view.shape[2]
+    chosen = a[sel_index // s, torch.arange(x.shape[1]).view(-1, 1), sel_index % s]
+    assert torch.equal(sel_sign, chosen.sign())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
+def test_triton_stages_equal_torch_stages(norm, channels_last):
+    """Each stage of the Triton path against the PyTorch one on the same process's batch,
+    through a fused SiLU and a residual."""
+    x = random_input((3, 4, 3, 5), torch.float32, "cpu", channels_last)
+    residual, grad_out = torch.randn_like(x), torch.randn_like(x)
+    mean = torch_stages.moments(x)
+    torch.testing.assert_close(triton_stages.moments(x), mean, rtol=1e-6, atol=1e-6)
+    if norm == "l1":
+        torch.testing.assert_close(triton_stages.abs_dev_sums(x, mean), torch_stages.abs_dev_sums(x, mean),
+                                   rtol=1e-6, atol=1e-5)
+        sel_index, sel_sign = torch.empty(4, 0, dtype=torch.int64), torch.empty(4, 0)
+    else:
+        k = 1 if norm == "linf" else K
+        got, want = triton_stages.candidates(x, k), torch_stages.candidates(x, k)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        for v, i in ((1, 2), (3, 4)):  # the same (value, index) pairs, in any order
+            order_got, order_want = got[i].argsort(1), want[i].argsort(1)
+            assert torch.equal(got[i].gather(1, order_got), want[i].gather(1, order_want))
+            assert torch.equal(got[v].gather(1, order_got), want[v].gather(1, order_want))
+        sel_index = want[2][:, :k].flip(1)  # some elements of this process, one beyond it
+        sel_index[0, 0] = -1
+        sel_sign = torch.randn(sel_index.shape).sign()
+    dev = 0.5 + torch.rand(4)
+    affine = torch_stages.affine_coefficients(dev, torch.rand(4) + 0.5, torch.randn(4), 1e-5)
+    options = (residual, "silu", 0.01)
+    torch.testing.assert_close(triton_stages.normalize(x, mean, affine, *options),
+                               torch_stages.normalize(x, mean, affine, *options), rtol=1e-5, atol=1e-6)
+    sums, dz = torch_stages.grad_sums(grad_out, x, mean, affine, *options)
+    torch.testing.assert_close(triton_stages.grad_sums(grad_out, x, mean, affine, *options)[0], sums,
+                               rtol=1e-5, atol=1e-5)
+    coefs = torch.randn(3, 4)
+    got = triton_stages.grad_input(grad_out, None, x, mean, affine, coefs, norm, sel_index, sel_sign, *options, True)
+    want = torch_stages.grad_input(grad_out, dz, x, mean, affine, coefs, norm, sel_index, sel_sign, *options, True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
+def test_without_a_process_group_it_is_the_plain_layer(norm, backend):
+    """torch.distributed not initialized: the plain layer's output, gradients and running
+    statistics, on 2-d to 5-d input (nn.SyncBatchNorm's shapes)."""
+    assert not dist.is_initialized()
+    name = PLAIN[norm].__name__[:-2]
+    for shape, nd in (((6, 4), 1), ((3, 4, 5), 1), ((2, 4, 3, 3), 2), ((2, 4, 2, 2, 2), 3)):
+        x = random_input(shape, torch.float32, "cpu").requires_grad_()
+        plain = getattr(tritonorm, f"{name}{nd}d")(4, backend=backend, **_options(norm))
+        sync = SYNC[norm](4, backend=backend, **_options(norm))
+        outs = []
+        for layer in (plain, sync):
+            y = layer(x)
+            (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+            outs.append((y, grad, layer.running_mean, layer.running_dev))
+        for got, want in zip(*outs, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_layer_checks_its_input():
+    layer = tritonorm.SyncL1BatchNorm(4)
+    with pytest.raises(ValueError, match=r"SyncL1BatchNorm expects 2-d or 3-d or 4-d or 5-d input, got 1-d"):
+        layer(torch.randn(4))
+    with pytest.raises(ValueError, match=r"SyncL1BatchNorm\(4\) expects 4 channels"):
+        layer(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="k=9 is larger than the 8 values per channel"):
+        tritonorm.SyncTopkBatchNorm(4, k=9)(torch.randn(2, 4, 4))  # one process: the plain layer's check
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: an activation inside the batch norm."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), tritonorm.L1BatchNorm2d(4, activation="relu"),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), tritonorm.TopkBatchNorm2d(4, k=2, backend="torch")),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), tritonorm.LinfBatchNorm1d(4, momentum=None), nn.SyncBatchNorm(4),
+    )
+
+
+def test_convert_sync_batchnorm():
+    model = _model().eval()
+    plain = dict(model.named_modules())
+    converted = tritonorm.convert_sync_batchnorm(model, process_group="group")
+    assert converted is model  # in place, as torch's
+    kinds = {name: type(m) for name, m in converted.named_modules() if name.count(".") <= 1 and name}
+    assert kinds["1"] is tritonorm.SyncL1BatchNorm and kinds["2.1"] is tritonorm.SyncTopkBatchNorm
+    assert kinds["4"] is nn.SyncBatchNorm and kinds["5"] is tritonorm.SyncLinfBatchNorm
+    assert converted[6] is plain["6"]  # already synchronized: left as it was
+    for name in ("1", "2.1", "5"):
+        old, new = plain[name], converted.get_submodule(name)
+        assert new.process_group == "group" and not new.training
+        assert (new.eps, new.momentum, new.activation, new.backend) == (old.eps, old.momentum, old.activation,
+                                                                         old.backend)
+        assert new.weight is old.weight and new.running_dev is old.running_dev  # shared, as torch's
+    assert converted[2][1].k == 2
+    assert tritonorm.convert_sync_batchnorm(converted) is converted
+    root = tritonorm.LinfBatchNorm2d(3)
+    assert type(tritonorm.convert_sync_batchnorm(root)) is tritonorm.SyncLinfBatchNorm
+    with pytest.raises(TypeError, match=r"module.1 \(BatchNormAct\) overrides forward and owns submodules \(act\)"):
+        tritonorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct(4)))
+
+
+# --- in 2 and 3 processes ------------------------------------------------------------------
+
+
+class _Collectives:
+    """Counts the collectives of tritonorm.sync_batchnorm (and the elements they move)."""
+
+    def __init__(self):
+        self.calls = []
+        for name in ("all_gather", "all_gather_into_tensor", "all_reduce"):
+            setattr(dist, name, self._counted(name, getattr(dist, name)))
+
+    def _counted(self, name, fn):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            self.calls.append((name, args[1].numel() if name.startswith("all_gather") else args[0].numel()))
+            return fn(*args, **kwargs)
+        return counted
+
+    def take(self):
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _expected_collectives(norm, c, world):
+    per_process = 1 + c if norm == "l1" else 1 + c + 4 * c * (1 if norm == "linf" else K)
+    forward = [("all_gather", per_process)] + ([("all_reduce", 2 * c)] if norm == "l1" else [])
+    return forward, [("all_reduce", 2 * c)]
+
+
+def _check_layers(rank, world, sizes, backends):
+    """Every (backend, norm, layout, momentum) case: two training steps and an eval step of
+    the synchronized layer on this process's part of a batch, against the plain layer on
+    the whole batch; fused SiLU and residual on the channels_last cases."""
+    counter = _Collectives()
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    c = 3
+    for backend, norm, channels_last in itertools.product(backends, ("l1", "linf", "topk"), (False, True)):
+        momentum = None if channels_last else 0.1
+        fused = dict(activation="silu") if channels_last else {}
+        layers = [cls(c, momentum=momentum, backend=backend, **_options(norm, **fused))
+                  for cls in (PLAIN[norm], SYNC[norm])]
+        with torch.no_grad():
+            layers[0].weight.uniform_(0.5, 1.5)
+            layers[0].bias.uniform_(-1, 1)
+        layers[1].load_state_dict(layers[0].state_dict())
+        for step in range(3):
+            training = step < 2
+            for layer in layers:
+                layer.train(training)
+            x = random_input((sum(sizes), c, 2, 3), torch.float32, "cpu", channels_last, seed=step)
+            torch.manual_seed(step)  # the same whole batch on every process
+            residual = torch.randn_like(x) if fused else None
+            grad_out = torch.randn_like(x)
+            results = []
+            for layer, part in ((layers[0], slice(None)), (layers[1], slice(lo, hi))):
+                counter.take()
+                xs = x[part].detach().requires_grad_()
+                rs = None if residual is None else residual[part].detach().requires_grad_()
+                y = layer(xs, rs)
+                y.backward(grad_out[part])
+                results.append([y, xs.grad, *([] if rs is None else [rs.grad])])
+                if layer is layers[1]:
+                    calls = counter.take()
+            where = f"{backend} {norm} channels_last={channels_last} step {step}"
+            if training:
+                forward, backward = _expected_collectives(norm, c, world)
+                assert calls == forward + backward, where
+            else:
+                assert calls == [], where
+            for what, got, want in zip(("output", "input grad", "residual grad"), results[1], results[0]):
+                torch.testing.assert_close(got, want[lo:hi], rtol=1e-5, atol=2e-6, msg=lambda m: f"{where} {what}: {m}")
+            for name in ("weight", "bias"):
+                grad = getattr(layers[1], name).grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad, getattr(layers[0], name).grad, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{where} {name}.grad: {m}")
+            for name in ("running_mean", "running_dev", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(layers[1], name), getattr(layers[0], name), rtol=1e-6, atol=1e-7,
+                                           msg=lambda m: f"{where} {name}: {m}")
+            for layer in layers:
+                layer.zero_grad()
+    if world == 2:  # too few values over the whole batch: the same error on every process
+        layer = tritonorm.SyncTopkBatchNorm(1, k=3)
+        with pytest.raises(ValueError, match="Expected k=3 or more values per channel over the synchronized batch"):
+            layer(torch.randn(1, 1, 1))
+    return rank
+
+
+def _check_ddp(rank, world, sizes, backends):
+    """Three SGD steps of a small residual CNN, converted with convert_sync_batchnorm and
+    wrapped in DDP, against one process training a copy on the whole batch."""
+    for backend in backends:
+        _check_ddp_backend(rank, world, sizes, backend)
+    return rank
+
+
+def _check_ddp_backend(rank, world, sizes, backend):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), tritonorm.L1BatchNorm2d(4, activation="relu")
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), tritonorm.TopkBatchNorm2d(4, k=2, backend=backend)
+            self.bn3 = tritonorm.LinfBatchNorm2d(4, backend=backend)
+
+        def forward(self, x):
+            y = self.bn1(self.conv1(x))
+            return self.bn3(self.bn2(self.conv2(y), residual=y))
+
+    single = Net()
+    model = nn.parallel.DistributedDataParallel(tritonorm.convert_sync_batchnorm(copy.deepcopy(single)))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (single, model)]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x, target = torch.randn(sum(sizes), 3, 4, 4, generator=g), torch.randn(sum(sizes), 4, 4, 4, generator=g)
+        # DDP averages the processes' gradients: the whole batch's loss over the world size
+        (single(x) * target).sum().div(world).backward()
+        (model(x[lo:hi]) * target[lo:hi]).sum().backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for (name, want), got in zip(single.state_dict().items(), model.module.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize(("world", "sizes"), [(2, (3, 2)), (3, (2, 0, 3))], ids=["2-processes", "3-processes-one-empty"])
+def test_synchronized_layers_equal_one_process_on_the_whole_batch(world, sizes):
+    assert run_distributed(_check_layers, world, sizes, ("torch", "triton"), timeout=240) == list(range(world))
+
+
+def test_ddp_training_equals_one_process():
+    assert run_distributed(_check_ddp, 3, (3, 1, 2), ("torch", "triton"), timeout=180) == [0, 1, 2]
