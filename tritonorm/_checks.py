@@ -74,6 +74,19 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def check_process_group(process_group) -> None:
+    """None (statistics of this process alone) or a torch.distributed ProcessGroup, else a
+    TypeError."""
+    if process_group is None or (
+        torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
+    ):
+        return
+    raise TypeError(
+        "process_group must be None (per-process statistics) or a torch.distributed.ProcessGroup "
+        f"(e.g. torch.distributed.group.WORLD after init_process_group), got {process_group!r:.80}"
+    )
+
+
 def check_choice(name: str, value, choices, what: str | None = None):
     """``value`` if it is one of ``choices``, else a ValueError naming ``what`` (or ``name``)."""
     if isinstance(value, str) and value in choices:

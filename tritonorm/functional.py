@@ -23,6 +23,7 @@ from ._checks import (
     check_int,
     check_momentum,
     check_number,
+    check_process_group,
     check_slice_dim,
     check_vector,
     check_writable,
@@ -341,7 +342,7 @@ def _stats_rows(n, stats_fraction):
     """How many leading samples of a batch of ``n`` the statistics come from,
     max(1, floor(n * stats_fraction)), or None for all of them (stats_fraction 1: no
     arithmetic on ``n``, so a symbolic batch size stays free)."""
-    if stats_fraction == 1:
+    if stats_fraction == 1 or n == 0:
         return None
     return torch.sym_max(1, torch.sym_int(n * stats_fraction))
 
@@ -352,16 +353,51 @@ def _mass_ratio(input: Tensor, weight: Tensor, geometry: ConvGeometry | None) ->
     return 1.0 if geometry is None else geometry.mass_ratio(input.shape[2:], weight.shape[2:])
 
 
+def _synced(process_group) -> bool:
+    """Whether the statistics are summed over ``process_group``: a group of more than one
+    process (no communication for None or a group of one)."""
+    return process_group is not None and torch.distributed.get_world_size(process_group) > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes of a group; backward, the sum of the
+    gradients over them (the gradient of every process's copy of the sum reaches every
+    addend)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, process_group) -> Tensor:
+        ctx.process_group = process_group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(total, group=process_group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllReduceSum.apply(grad, ctx.process_group), None
+
+
+def _sum_over_group(v: Tensor, count, process_group) -> tuple[Tensor, Tensor]:
+    """(sum of v, sum of count) over the processes of ``process_group``: one all_reduce of
+    the packed (C + 1,) tensor [v, count] in v's dtype, and one of its gradient backward.
+    The count travels with the sums, so processes may hold batches of any size, an empty
+    one included; it stays a tensor (no host synchronization)."""
+    total = _AllReduceSum.apply(torch.cat([v, v.new_full((1,), count)]), process_group)
+    return total[:-1], total[-1]
+
+
 def _input_mass(
     input, *, running_mean, training, momentum, stats_fraction, num_batches_tracked, triton: bool, ratio: float,
-    linear: bool, update: bool, count_batch: bool,
+    linear: bool, update: bool, count_batch: bool, process_group=None,
 ) -> Tensor:
     """m (C_in,): the input mass of the batch (training) or from ``running_mean`` (eval);
     with ``update``, the batch's per-channel mean also goes into ``running_mean`` (on the
     Triton path that op also counts the batch, ``count_batch``).
 
     The batch's mass is v * (ratio / count), count the elements per channel of the
-    statistics: one scalar multiply, whose backward is one multiply of C_in values."""
+    statistics: one scalar multiply, whose backward is one multiply of C_in values.  With a
+    ``process_group`` of more than one process, v and count are first summed over it
+    (``_sum_over_group``): every process gets the mass, and the running mean, of the
+    union of their batches."""
     if not training:
         return running_mean.to(accumulator_dtype(input.dtype)) * ratio
     c_in = input.shape[-1 if linear else 1]
@@ -374,6 +410,8 @@ def _input_mass(
         v = _equi_ops.input_sums(input, rows=rows)
     else:
         v = _equi_ref.input_sums(input if rows is None else input[:rows])
+    if _synced(process_group):
+        v, count = _sum_over_group(v, count, process_group)
     if update:
         mean = v.detach() / count
         if triton:
@@ -411,7 +449,7 @@ def _input_scale(mass: Tensor) -> Tensor:
 
 def _equinorm(
     input, weight, *, gain, bias, running_mean, training, momentum, groups, single_pass, stats_fraction,
-    num_batches_tracked, backend, geometry: ConvGeometry | None, count_batch: bool = False,
+    num_batches_tracked, backend, geometry: ConvGeometry | None, count_batch: bool = False, process_group=None,
 ) -> Tensor:
     """Shared body of the conv (``geometry`` given) and linear forms and of the layers:
     checks every argument, then (``count_batch``: adds 1 to ``num_batches_tracked``, as a
@@ -421,6 +459,7 @@ def _equinorm(
             input[None], weight, gain=gain, bias=bias, running_mean=running_mean, training=training,
             momentum=momentum, groups=groups, single_pass=single_pass, stats_fraction=stats_fraction,
             num_batches_tracked=num_batches_tracked, backend=backend, geometry=geometry, count_batch=count_batch,
+            process_group=process_group,
         )[0]
     _check_input(input)
     _check_weight(weight, groups)
@@ -456,8 +495,13 @@ def _equinorm(
     update = training and running_mean is not None
     if update:
         _check_update(("running_mean",), (running_mean,), momentum, num_batches_tracked)
-    if training and input.numel() == 0:
-        raise ValueError(f"training needs a non-empty batch, got input of shape {tuple(input.shape)}")
+    check_process_group(process_group)
+    synced = training and _synced(process_group)
+    if training and input.numel() == 0 and not (synced and input.shape[0] == 0):
+        raise ValueError(
+            f"training needs a non-empty batch (or an empty one, N = 0, with a process_group), "
+            f"got input of shape {tuple(input.shape)}"
+        )
     ratio = _mass_ratio(input, weight, geometry)
     chosen = resolve_backend(backend, input)
     check_transforms(chosen, input, (running_mean,) if update else ())
@@ -467,7 +511,7 @@ def _equinorm(
     mass = _input_mass(
         input, running_mean=running_mean, training=training, momentum=momentum, stats_fraction=stats_fraction,
         num_batches_tracked=num_batches_tracked, triton=triton, ratio=ratio, linear=linear, update=update,
-        count_batch=count_batch,
+        count_batch=count_batch, process_group=process_group,
     )
     if _float16_compute(input, weight, gain):
         mu = _input_scale(mass)
@@ -486,6 +530,12 @@ _EQUINORM_DOC = """EquiNorm {kind}: y = {op}(x, gain * w'') + bias, w'' from ``e
     ``num_batches_tracked``, which the caller increments).  In eval it comes from
     ``running_mean``, scaled to the input's size, so batch size and resolution may change.
     Gradients reach weight, gain, bias and, through the input sums, the input.
+
+    ``process_group``: None (the default, the paper's per-process statistics) or a
+    torch.distributed ProcessGroup: in training, the input sums and element counts are
+    summed over its processes (one all_reduce of C_in + 1 values forward, one backward), so
+    the mass and ``running_mean`` are those of the union of the processes' batches (an
+    empty one allowed); every process of the group must make the call.
     {extra}"""
 
 
@@ -508,12 +558,13 @@ def _conv_function(nd: int):
         stats_fraction: float = 1.0,
         num_batches_tracked: Tensor | None = None,
         backend: str = "auto",
+        process_group=None,
     ) -> Tensor:
         geometry = ConvGeometry.of(nd, stride, padding, dilation, padding_mode)
         return _equinorm(
             input, weight, gain=gain, bias=bias, running_mean=running_mean, training=training, momentum=momentum,
             groups=groups, single_pass=single_pass, stats_fraction=stats_fraction,
-            num_batches_tracked=num_batches_tracked, backend=backend, geometry=geometry,
+            num_batches_tracked=num_batches_tracked, backend=backend, geometry=geometry, process_group=process_group,
         )
 
     equinorm_conv.__name__ = equinorm_conv.__qualname__ = f"equinorm_conv{nd}d"
@@ -542,11 +593,12 @@ def equinorm_linear(
     stats_fraction: float = 1.0,
     num_batches_tracked: Tensor | None = None,
     backend: str = "auto",
+    process_group=None,
 ) -> Tensor:
     return _equinorm(
         input, weight, gain=gain, bias=bias, running_mean=running_mean, training=training, momentum=momentum,
         groups=1, single_pass=single_pass, stats_fraction=stats_fraction, num_batches_tracked=num_batches_tracked,
-        backend=backend, geometry=None,
+        backend=backend, geometry=None, process_group=process_group,
     )
 
 

@@ -83,9 +83,11 @@ def _combine_kernel(partial_ptr, out_ptr, splits, C, ACC: tl.constexpr, BLOCK_C:
 def input_sums(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """v (C,) in the accumulator dtype: the sum of an (N, C, *) tensor's first ``rows``
     samples (all for None) over all but dim 1."""
+    acc = accumulator_dtype(x.dtype)
+    if x.numel() == 0:  # an empty batch (one process's share of a synchronized one): no launch
+        return torch.zeros(x.shape[1], device=x.device, dtype=acc)
     view = channel_view(x if rows is None else x[:rows])
     partial, _ = partial_sums(view, "sum")
-    acc = accumulator_dtype(x.dtype)
     out = torch.empty(view.c, device=x.device, dtype=acc)
     _combine_kernel[(triton.cdiv(view.c, COMBINE_BLOCK_C),)](
         partial, out, partial.shape[0], view.c, ACC=triton_dtype(acc), BLOCK_C=COMBINE_BLOCK_C,

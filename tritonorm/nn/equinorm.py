@@ -4,7 +4,8 @@ per-output-channel affine (gain, bias).
 
 In training the input mass comes from the batch (the first ``stats_fraction`` of it) and
 ``running_mean``, the per-channel mean of the input, is updated with torch's momentum
-convention; eval uses ``running_mean``, scaled to the input's size.  ``fold()`` returns the
+convention; eval uses ``running_mean``, scaled to the input's size.  With a
+``process_group``, training sums the statistics over its processes (as nn.SyncBatchNorm).  ``fold()`` returns the
 plain nn.Conv*d / nn.Linear that computes the eval-mode output.  The math is in
 ``tritonorm.functional.equinorm_weight`` and ``tritonorm.reference.equinorm``.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_bool, check_int, check_momentum
+from .._checks import check_bool, check_int, check_momentum, check_process_group
 from .._conv import ConvGeometry, _tuple
 from .._dispatch import check_backend, resolve_backend
 from ..reference import accumulator_dtype
@@ -56,7 +57,7 @@ class _EquiNorm(nn.Module):
     _geometry: ConvGeometry | None = None
 
     def __init__(self, in_channels, out_channels, kernel_size, groups, affine, momentum, single_pass,
-                 stats_fraction, backend, device, dtype):
+                 stats_fraction, backend, process_group, device, dtype):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             check_int(name, value)
@@ -72,11 +73,14 @@ class _EquiNorm(nn.Module):
         check_bool("affine", affine)
         check_bool("single_pass", single_pass)
         check_backend(backend)
+        check_process_group(process_group)
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = tuple(kernel_size)
         self.affine, self.momentum, self.single_pass = affine, momentum, single_pass
         self.stats_fraction, self.backend = stats_fraction, backend
+        # An attribute, as nn.SyncBatchNorm's: not in the state_dict.
+        self.process_group = process_group
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *kernel_size, **factory))
         if affine:
             self.gain = nn.Parameter(torch.empty(out_channels, **factory))
@@ -108,19 +112,20 @@ class _EquiNorm(nn.Module):
             input, self.weight, gain=self.gain, bias=self.bias, running_mean=self.running_mean,
             training=self.training, momentum=self.momentum, groups=self.groups, single_pass=self.single_pass,
             stats_fraction=self.stats_fraction, num_batches_tracked=self.num_batches_tracked, backend=self.backend,
-            geometry=self._geometry, count_batch=self.training,
+            geometry=self._geometry, count_batch=self.training, process_group=self.process_group,
         )
 
     def normalized_weight(self, input: Tensor) -> Tensor:
         """w'' (without the gain) that ``forward(input)`` uses in the current mode; the
-        running statistics are left alone."""
+        running statistics are left alone.  In training with a ``process_group``, every
+        process of the group must call it (its statistics are summed over them)."""
         F._check_input(input)
         mass = F._input_mass(
             input, running_mean=self.running_mean, training=self.training, momentum=self.momentum,
             stats_fraction=self.stats_fraction, num_batches_tracked=None,
             triton=resolve_backend(self.backend, input) == "triton",
             ratio=F._mass_ratio(input, self.weight, self._geometry), linear=self._geometry is None, update=False,
-            count_batch=False,
+            count_batch=False, process_group=self.process_group,
         )
         return F.equinorm_weight(
             self.weight, mass, groups=self.groups, single_pass=self.single_pass, backend=self.backend
@@ -153,6 +158,8 @@ class _EquiNorm(nn.Module):
             s += f", stats_fraction={self.stats_fraction}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
+        if self.process_group is not None:
+            s += f", process_group={self.process_group!r}"
         return s
 
 
@@ -175,13 +182,14 @@ class _EquiNormConvNd(_EquiNorm):
         single_pass: bool = True,
         stats_fraction: float = 1.0,
         backend: str = "auto",
+        process_group=None,
         device=None,
         dtype=None,
     ):
         kernel_size = _tuple("kernel_size", kernel_size, self._nd, 1)
         geometry = ConvGeometry.of(self._nd, stride, padding, dilation, padding_mode)
         super().__init__(in_channels, out_channels, kernel_size, groups, affine, momentum, single_pass,
-                         stats_fraction, backend, device, dtype)
+                         stats_fraction, backend, process_group, device, dtype)
         self._geometry = geometry
         self.stride, self.padding, self.dilation = geometry.stride, geometry.padding, geometry.dilation
         self.padding_mode = geometry.padding_mode
@@ -236,6 +244,8 @@ class EquiNormConv2d(_EquiNormConvNd):
                     the paper's overfitting)
     momentum        of the running input mean used in eval (None: cumulative average)
     affine          per-output-channel gain and bias after the convolution
+    process_group   None (the paper's per-process statistics) or a torch.distributed
+                    ProcessGroup whose processes' batches give the training statistics
     """
     _nd = 2
 
@@ -259,11 +269,12 @@ class EquiNormLinear(_EquiNorm):
         single_pass: bool = True,
         stats_fraction: float = 1.0,
         backend: str = "auto",
+        process_group=None,
         device=None,
         dtype=None,
     ):
         super().__init__(in_features, out_features, (), 1, affine, momentum, single_pass, stats_fraction,
-                         backend, device, dtype)
+                         backend, process_group, device, dtype)
         self.in_features, self.out_features = in_features, out_features
 
     def _plain_layer(self) -> nn.Module:
@@ -281,7 +292,9 @@ def fold_equinorm(model: nn.Module, input_sizes: dict[str, tuple[int, ...]] | No
     ``input_sizes`` maps the qualified name of a layer (as in ``named_modules()``) to the
     spatial size of its input, for the layers whose ``fold()`` needs one; a layer that
     needs one and is not given one raises a ValueError naming it.  ``model`` is left as it is."""
-    folded = copy.deepcopy(model).eval()
+    # A ProcessGroup cannot be copied; it is a handle, which the copy may share.
+    groups = {id(m.process_group): m.process_group for m in model.modules() if isinstance(m, _EquiNorm)}
+    folded = copy.deepcopy(model, groups).eval()
     input_sizes = dict(input_sizes or {})
     for name, module in list(folded.named_modules()):
         if not isinstance(module, _EquiNorm):
