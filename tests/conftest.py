@@ -23,3 +23,15 @@ def lp_path(request, monkeypatch):
 def split_path(monkeypatch):
     """The split path of the Lp batch-norm kernels, for the tests of its plans."""
     monkeypatch.setenv("TRITONORM_LP_PATH", "split")
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """The default process group of a one-process gloo world (nothing to synchronize: a
+    real ProcessGroup for the arguments that take one), destroyed afterwards."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()

@@ -787,15 +787,15 @@ class SyncModel(nn.Module):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_sync_batchnorm_becomes_the_synchronized_layer(fuse):
-    model = randomized(nn.SyncBatchNorm.convert_sync_batchnorm(SyncModel(), process_group="group")).eval()
+def test_sync_batchnorm_becomes_the_synchronized_layer(fuse, world_of_one):
+    model = randomized(nn.SyncBatchNorm.convert_sync_batchnorm(SyncModel(), process_group=world_of_one)).eval()
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converted = tritonorm.convert(model, "linf", fuse=fuse)
     layers = list(lp_layers(converted).values())
     assert [type(m) for m in layers] == [tritonorm.SyncLinfBatchNorm] * 3
-    assert all(m.process_group == "group" for m in layers)
+    assert all(m.process_group is world_of_one for m in layers)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():

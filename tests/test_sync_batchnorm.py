@@ -20,14 +20,13 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
+from lp_utils import random_input
 from torch import nn
 
 import tritonorm
 from tritonorm.reference import lp_batchnorm as lp_ref
 from tritonorm.reference import sync_lp_batchnorm as torch_stages
-
-from dist_utils import run_distributed
-from lp_utils import random_input
 
 triton_stages = pytest.importorskip("tritonorm.kernels.sync_lp_batchnorm")
 
@@ -174,10 +173,10 @@ def _model():
     )
 
 
-def test_convert_sync_batchnorm():
+def test_convert_sync_batchnorm(world_of_one):
     model = _model().eval()
     plain = dict(model.named_modules())
-    converted = tritonorm.convert_sync_batchnorm(model, process_group="group")
+    converted = tritonorm.convert_sync_batchnorm(model, process_group=world_of_one)
     assert converted is model  # in place, as torch's
     kinds = {name: type(m) for name, m in converted.named_modules() if name.count(".") <= 1 and name}
     assert kinds["1"] is tritonorm.SyncL1BatchNorm and kinds["2.1"] is tritonorm.SyncTopkBatchNorm
@@ -185,7 +184,7 @@ def test_convert_sync_batchnorm():
     assert converted[6] is plain["6"]  # already synchronized: left as it was
     for name in ("1", "2.1", "5"):
         old, new = plain[name], converted.get_submodule(name)
-        assert new.process_group == "group" and not new.training
+        assert new.process_group is world_of_one and not new.training
         assert (new.eps, new.momentum, new.activation, new.backend) == (old.eps, old.momentum, old.activation,
                                                                          old.backend)
         assert new.weight is old.weight and new.running_dev is old.running_dev  # shared, as torch's
@@ -195,6 +194,10 @@ def test_convert_sync_batchnorm():
     assert type(tritonorm.convert_sync_batchnorm(root)) is tritonorm.SyncLinfBatchNorm
     with pytest.raises(TypeError, match=r"module.1 \(BatchNormAct\) overrides forward and owns submodules \(act\)"):
         tritonorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct(4)))
+    with pytest.raises(TypeError, match=r"process_group must be None \(the default group\) or a torch.distributed"):
+        tritonorm.convert_sync_batchnorm(root, process_group="group")
+    with pytest.raises(TypeError, match=r"process_group must be None \(the default group\)"):
+        tritonorm.SyncL1BatchNorm(4, process_group=0)
 
 
 # --- in 2 and 3 processes ------------------------------------------------------------------

@@ -74,15 +74,14 @@ def check_bool(name: str, value) -> bool:
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def check_process_group(process_group) -> None:
-    """None (statistics of this process alone) or a torch.distributed ProcessGroup, else a
-    TypeError."""
+def check_process_group(process_group, none: str = "per-process statistics") -> None:
+    """None (meaning ``none``) or a torch.distributed ProcessGroup, else a TypeError."""
     if process_group is None or (
         torch.distributed.is_available() and isinstance(process_group, torch.distributed.ProcessGroup)
     ):
         return
     raise TypeError(
-        "process_group must be None (per-process statistics) or a torch.distributed.ProcessGroup "
+        f"process_group must be None ({none}) or a torch.distributed.ProcessGroup "
         f"(e.g. torch.distributed.group.WORLD after init_process_group), got {process_group!r:.80}"
     )
 

@@ -6,7 +6,6 @@ changed: the conversion works on a deep copy and returns it.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 import warnings
@@ -37,6 +36,7 @@ from .nn.lp_batchnorm import (
     running_dev_from_var,
 )
 from .reference.activation import ACTIVATIONS, NEGATIVE_SLOPE, activation_of
+from .sync_batchnorm import copy_model
 
 __all__ = ["convert"]
 
@@ -154,7 +154,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             f"it takes {', '.join(map(repr, accepted))}"
         )
     check_backend(options.get("backend", "auto"))
-    return converter(copy.deepcopy(model), **options)
+    return converter(copy_model(model), **options)
 
 
 # --- l1 / linf / topk ---------------------------------------------------------------

@@ -22,7 +22,6 @@ compute:
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import Counter
 
@@ -35,6 +34,7 @@ from .nn.bounded_weight_norm import BoundedWeightNorm, BoundedWNConv2d, BoundedW
 from .nn.equinorm import _EquiNorm
 from .nn.lp_batchnorm import _LpBatchNorm
 from .reference.activation import functional_form
+from .sync_batchnorm import copy_model
 
 __all__ = ["fold"]
 
@@ -80,7 +80,7 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
                         f"{type(example_inputs).__name__}")
-    folded = copy.deepcopy(model).eval()
+    folded = copy_model(model).eval()
     shapes = _input_shapes(folded, example_inputs) if example_inputs is not None else {}
     folded = _replace_modules(folded, _bake_bounded_weight)
     folded = _replace_modules(folded, lambda name, module: _fold_equinorm(name, module, shapes))

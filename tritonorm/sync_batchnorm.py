@@ -21,10 +21,13 @@ stay on the device, so uneven batches, and a process with an empty batch, cost n
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._checks import check_process_group
 from .reference import accumulator_dtype
 from .reference import sync_lp_batchnorm as _torch_stages
 from .reference.lp_batchnorm import dispersion_coefficient, selected_count
@@ -45,6 +48,14 @@ def active_group(process_group):
         return None
     group = process_group or dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its modules' process groups (``process_group``,
+    of nn.SyncBatchNorm and tritonorm's layers): a ProcessGroup is a handle, which cannot
+    be copied."""
+    groups = [getattr(m, "process_group", None) for m in model.modules()]
+    return copy.deepcopy(model, {id(g): g for g in groups if g is not None})
 
 
 def _all_gather(t: Tensor, group) -> Tensor:
@@ -190,6 +201,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     from .convert import _changes_function
     from .nn.lp_batchnorm import SYNC_CLASSES, _LpBatchNorm
 
+    check_process_group(process_group, none="the default group")
     for name, child in module.named_modules():
         if isinstance(child, _LpBatchNorm) and not isinstance(child, tuple(SYNC_CLASSES.values())):
             changes = "overrides forward" if type(child).forward is not _LpBatchNorm.forward else None

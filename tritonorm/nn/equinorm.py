@@ -12,7 +12,6 @@ plain nn.Conv*d / nn.Linear that computes the eval-mode output.  The math is in
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -23,6 +22,7 @@ from .._checks import check_bool, check_int, check_momentum, check_process_group
 from .._conv import ConvGeometry, _tuple
 from .._dispatch import check_backend, resolve_backend
 from ..reference import accumulator_dtype
+from ..sync_batchnorm import copy_model
 
 __all__ = ["EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_", "fold_equinorm"]
 
@@ -292,9 +292,7 @@ def fold_equinorm(model: nn.Module, input_sizes: dict[str, tuple[int, ...]] | No
     ``input_sizes`` maps the qualified name of a layer (as in ``named_modules()``) to the
     spatial size of its input, for the layers whose ``fold()`` needs one; a layer that
     needs one and is not given one raises a ValueError naming it.  ``model`` is left as it is."""
-    # A ProcessGroup cannot be copied; it is a handle, which the copy may share.
-    groups = {id(m.process_group): m.process_group for m in model.modules() if isinstance(m, _EquiNorm)}
-    folded = copy.deepcopy(model, groups).eval()
+    folded = copy_model(model).eval()
     input_sizes = dict(input_sizes or {})
     for name, module in list(folded.named_modules()):
         if not isinstance(module, _EquiNorm):

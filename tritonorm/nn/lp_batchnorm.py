@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_activation, check_bool, check_eps, check_int, check_momentum
+from .._checks import check_activation, check_bool, check_eps, check_int, check_momentum, check_process_group
 from .._dispatch import check_backend
 from ..sync_batchnorm import active_group
 
@@ -370,6 +370,7 @@ class _Synchronized(_LpBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, **kwargs):
+        check_process_group(process_group, none="the default group")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **kwargs)
         self.process_group = process_group
 
