@@ -144,6 +144,16 @@ def test_without_a_process_group_it_is_the_plain_layer(norm, backend):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_compiles_fullgraph_where_there_is_nothing_to_synchronize(world_of_one):
+    """A converted model trained on one process: torch.compile(fullgraph=True) traces the
+    plain layer (in 2 processes the layer is a graph break: ``_check_layers``)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), tritonorm.SyncL1BatchNorm(4, activation="relu"))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = random_input((2, 3, 6, 6), torch.float32, "cpu")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_layer_checks_its_input():
     layer = tritonorm.SyncL1BatchNorm(4)
     with pytest.raises(ValueError, match=r"SyncL1BatchNorm expects 2-d or 3-d or 4-d or 5-d input, got 1-d"):
@@ -281,6 +291,25 @@ def _check_layers(rank, world, sizes, backends):
                                            msg=lambda m: f"{where} {name}: {m}")
             for layer in layers:
                 layer.zero_grad()
+    if 0 not in sizes:  # a process with fewer values than a layer needs reads the total (_check_global)
+        from test_no_host_sync import NoHostSync
+
+        for backend, norm in itertools.product(backends, ("l1", "linf", "topk")):
+            layer = SYNC[norm](c, backend=backend, **_options(norm, activation="relu"))
+            x = random_input((sizes[rank], c, 2, 3), torch.float32, "cpu").requires_grad_()
+            with NoHostSync():
+                layer(x, torch.randn_like(x)).sum().backward()
+    # torch.compile runs the synchronized layer eagerly (a graph break around it)
+    layer = tritonorm.SyncTopkBatchNorm(c, k=K, activation="relu")
+    compiled = torch.compile(nn.Sequential(nn.Conv2d(c, c, 1), layer), backend="eager")
+    x = random_input((sum(sizes), c, 2, 3), torch.float32, "cpu")[lo:hi].requires_grad_()
+    y = compiled(x)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    want_x = x.detach().requires_grad_()
+    want = compiled._orig_mod(want_x)
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_x.grad, rtol=1e-6, atol=1e-7)
     if world == 2:  # too few values over the whole batch: the same error on every process
         layer = tritonorm.SyncTopkBatchNorm(1, k=3)
         with pytest.raises(ValueError, match="Expected k=3 or more values per channel over the synchronized batch"):

@@ -70,17 +70,17 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return out
 
 
-def _check_global(n: Tensor, norm: str, k: int) -> None:
-    """nn.BatchNorm's training check, on the whole batch: more than one value per channel
-    (and k of them for Top-k).  On the CPU a ValueError (the same on every process); on a
-    device an asynchronous assert, so that no process waits on the host."""
+def _check_global(n: Tensor, count: int, norm: str, k: int) -> None:
+    """nn.BatchNorm's training check, on the whole batch of n values per channel: more than
+    one (and k for Top-k), else a ValueError.  Only a process with fewer than that itself
+    (``count``) reads n on the host: the whole batch can only fall short where every
+    process does, so every process raises the same error, and none waits on the device
+    in the usual case."""
     need = max(2, k if norm == "topk" else 1)
-    if n.device.type == "cpu":
-        if n.item() < need:
-            what = f"k={k} or more values per channel" if norm == "topk" else "more than 1 value per channel"
-            raise ValueError(f"Expected {what} over the synchronized batch when training, got {int(n.item())}")
-    else:
-        torch._assert_async(n >= need, "synchronized Lp batch norm: too few values per channel over the batch")
+    if count >= need or int(n.item()) >= need:
+        return
+    what = f"k={k} or more values per channel" if norm == "topk" else "more than 1 value per channel"
+    raise ValueError(f"Expected {what} over the synchronized batch when training, got {int(n.item())}")
 
 
 def _global_statistics(x: Tensor, stages, group, norm: str, k: int, normalized: bool):
@@ -103,7 +103,7 @@ def _global_statistics(x: Tensor, stages, group, norm: str, k: int, normalized: 
         hi_v, lo_v = floats[:, 1 + c:].view(w, 2, c, K).to(acc).unbind(1)
         hi_i, lo_i = indices.view(w, 2, c, K).unbind(1)
     n = counts.sum()
-    _check_global(n, norm, k)
+    _check_global(n, count, norm, k)
     mean = _torch_stages.global_mean(counts, means).to(acc)
     coef = dispersion_coefficient(norm, n, k, normalized).to(acc)
     n = n.to(acc)

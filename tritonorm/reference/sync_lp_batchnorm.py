@@ -75,8 +75,8 @@ def abs_dev_sums(x: Tensor, mean: Tensor) -> Tensor:
 def global_mean(counts: Tensor, means: Tensor) -> Tensor:
     """mu (C,) of the whole batch from each process's count (W,) and mean (W, C):
     m_0 + sum_p n_p (m_p - m_0) / n, m_0 the first non-empty process's mean."""
-    first = (counts > 0).to(torch.int8).argmax()
-    ref = means[first]
+    first = (counts > 0).to(torch.int8).argmax().view(1)
+    ref = means.index_select(0, first)[0]  # not means[first]: no host read of the index
     return ref + (counts[:, None] * (means - ref)).sum(0) / counts.sum()
 
 
@@ -174,10 +174,10 @@ def grad_input(grad_out: Tensor, dz: Tensor, x: Tensor, mean: Tensor, affine: Te
     dx = dz * scale + shift
     if norm == "l1":
         dx += gain * (channel_view(x) - mean.view(1, c, 1)).sign()
-    else:
-        mine = sel_index >= 0
-        r, s = sel_index[mine], dx.shape[2]
-        channel = torch.arange(c, device=x.device).view(c, 1).expand_as(sel_index)[mine]
-        dx = dx.index_put((r // s, channel, r % s), (gain.view(c, 1) * sel_sign)[mine], accumulate=True)
+    elif dx.numel():  # the selected elements of this process (index -1: another's, adds 0 at 0)
+        r, s = sel_index.clamp_min(0), dx.shape[2]
+        channel = torch.arange(c, device=x.device).view(c, 1).expand_as(r)
+        term = torch.where(sel_index >= 0, gain.view(c, 1) * sel_sign, 0.0)
+        dx = dx.index_put((r // s, channel, r % s), term, accumulate=True)
     dres = dz.reshape(x.shape).to(x.dtype) if activation is not None and residual_grad else None
     return dx.reshape(x.shape).to(x.dtype), dres
