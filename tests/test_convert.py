@@ -803,11 +803,26 @@ def test_sync_batchnorm_becomes_the_synchronized_layer(fuse, world_of_one):
     assert type(tritonorm.convert(nn.SyncBatchNorm(4), "l1")) is tritonorm.SyncL1BatchNorm
 
 
-def test_equinorm_leaves_sync_batchnorm_alone():
+def _sync_model():
     model = nn.SyncBatchNorm.convert_sync_batchnorm(
-        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
-    model[3] = nn.BatchNorm2d(4)
-    with pytest.warns(UserWarning, match=r"`1` \(SyncBatchNorm\): nn.SyncBatchNorm: EquiNorm has no synchronized"):
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 4), nn.BatchNorm1d(4)))
+    return randomized(model).eval()
+
+
+def test_equinorm_leaves_sync_batchnorm_alone_without_a_process_group():
+    model = _sync_model()
+    model[3] = nn.BatchNorm1d(4)
+    with pytest.warns(UserWarning, match=r"`1` \(SyncBatchNorm\): an nn.SyncBatchNorm over the default process group, "
+                      "which does not exist before torch.distributed.init_process_group"):
         converted = tritonorm.convert(model, "equinorm")
     assert type(converted.get_submodule("1")) is nn.SyncBatchNorm
-    assert type(converted.get_submodule("2")) is tritonorm.EquiNormConv2d
+    assert type(converted.get_submodule("2")) is tritonorm.EquiNormLinear
+
+
+def test_equinorm_synchronizes_where_sync_batchnorm_did(world_of_one):
+    """An nn.SyncBatchNorm becomes an EquiNorm layer summing its input mass over the
+    BatchNorm's group (the default one: torch.distributed.group.WORLD)."""
+    converted = tritonorm.convert(_sync_model(), "equinorm")
+    assert [type(converted.get_submodule(name)) for name in ("0", "2")] == [
+        tritonorm.EquiNormConv2d, tritonorm.EquiNormLinear]
+    assert all(converted.get_submodule(name).process_group is world_of_one for name in ("0", "2"))

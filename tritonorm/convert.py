@@ -12,6 +12,7 @@ import warnings
 from collections import Counter, OrderedDict
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from . import functional as F
@@ -449,13 +450,19 @@ def _equinorm_layer(graph_module: fx.GraphModule, bn_node: fx.Node, modules: dic
     """The EquiNorm layer that replaces ``bn_node`` and the layer feeding it; raises
     _LeftAlone with the reason where there is none."""
     bn = modules[bn_node.target]
-    if isinstance(bn, nn.SyncBatchNorm):
-        raise _LeftAlone("nn.SyncBatchNorm: EquiNorm has no synchronized form yet")
     changes = _changes_function(bn)
     if changes is not None:
         raise _LeftAlone(f"a BatchNorm subclass that {changes}: EquiNorm would drop what it adds")
+    if isinstance(bn, nn.SyncBatchNorm):  # EquiNorm's input mass summed over the same group
+        group = bn.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        if group is None:
+            raise _LeftAlone("an nn.SyncBatchNorm over the default process group, which does not exist before "
+                             "torch.distributed.init_process_group: convert after it (EquiNorm takes the group itself)")
+        options = {**options, "process_group": group}
+        candidates = [pair for pairs in _EQUINORM_PAIRS.values() for pair in pairs]
+    else:
+        candidates = next(pairs for cls, pairs in _EQUINORM_PAIRS.items() if isinstance(bn, cls))
     src = bn_node.all_input_nodes[0]
-    candidates = next(pairs for cls, pairs in _EQUINORM_PAIRS.items() if isinstance(bn, cls))
     layer = modules.get(src.target) if src.op == "call_module" else None
     equinorm_class = next((eq for cls, eq in candidates if isinstance(layer, cls)), None)
     if equinorm_class is None:
