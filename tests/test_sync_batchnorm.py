@@ -43,6 +43,14 @@ def _options(norm, **options):
 # --- in one process ----------------------------------------------------------------------
 
 
+def _assert_close(got, want, what, **tolerances):
+    """torch.testing.assert_close, its message prefixed with ``what``."""
+    try:
+        torch.testing.assert_close(got, want, **tolerances)
+    except AssertionError as err:
+        raise AssertionError(f"{what}: {err}") from None
+
+
 def _tied_input(shape, seed=0):
     """Few distinct values: many ties in x, so in |x - mu|, broken by the global index."""
     g = torch.Generator().manual_seed(seed)
@@ -50,74 +58,111 @@ def _tied_input(shape, seed=0):
     return values[torch.randint(0, len(values), shape, generator=g)]
 
 
-def _combine(x, sizes, norm, k, stages):
-    """What the collectives and the combine make of x split into batches of ``sizes``:
-    (mean, sum of the selected |a|, selected global indices, their signs)."""
-    parts = x.split(sizes)
-    counts = torch.tensor([p.numel() // p.shape[1] for p in parts], dtype=torch.float64)
-    lists = [(torch_stages if not p.numel() else stages).candidates(p, k) for p in parts]
-    means = torch.stack([lst[0] for lst in lists]).double()
-    mean = torch_stages.global_mean(counts, means).float()
-    hi_v, hi_i, lo_v, lo_i = (torch.stack([lst[j] for lst in lists]) for j in range(1, 5))
-    offsets = (counts.cumsum(0) - counts).long()
-    return mean, *torch_stages.select(mean, hi_v, hi_i, lo_v, lo_i, offsets, k)
+def _gathered(x, sizes, pack, *args):
+    """What every process of a batch split into ``sizes`` sends (W, words): a process with
+    an empty batch packs with the PyTorch stages, as in ``sync_batchnorm._statistics``."""
+    return torch.stack([(pack if p.numel() else getattr(torch_stages, pack.__name__))(p, *args)
+                        for p in x.split(sizes)])
+
+
+def _whole_batch(x, norm, k):
+    """(mu, sigma, the selected indices (C, k), their signs) of one process on all of x."""
+    view = lp_ref.channel_view(x)
+    mean, a = lp_ref.centred(view)
+    n = view.shape[0] * view.shape[2]
+    dev = lp_ref.dispersion_coefficient(norm, n, k, True) * lp_ref.abs_sum(a, norm, k)
+    if norm == "l1":
+        return mean.view(-1), dev, None, None
+    index = lp_ref.top_indices(a.abs(), 1 if norm == "linf" else k)
+    s = view.shape[2]
+    return mean.view(-1), dev, index, a[index // s, torch.arange(x.shape[1]).view(-1, 1), index % s].sign()
 
 
 @pytest.mark.parametrize("stages", ["torch", "triton"])
 @pytest.mark.parametrize("data", ["random", "tied"])
 @pytest.mark.parametrize(("norm", "k"), [("linf", 1), ("topk", 3), ("topk", 7)])
 @pytest.mark.parametrize("sizes", [(3, 2), (2, 0, 3), (1, 1, 1, 2)], ids=str)
-def test_combine_selects_what_one_process_selects(sizes, norm, k, data, stages):
+def test_select_finds_what_one_process_finds(sizes, norm, k, data, stages):
     """The k largest |x - mu| of the whole batch from each part's 2k candidates: the same
-    elements (ties to the lowest global index), sum and signs; k=7 exceeds the 4 elements
-    of a one-sample part (its hi and lo lists overlap: listed twice, counted once)."""
+    elements (ties to the lowest global index), sigma and signs, each element selected by
+    the process that holds it and by no other; k=7 exceeds the 4 elements of a one-sample
+    part (its hi and lo lists overlap: listed twice, counted once)."""
     shape = (sum(sizes), 2, 2, 2)
     x = _tied_input(shape) if data == "tied" else random_input(shape, torch.float32, "cpu")
-    mean, abs_sum, sel_index, sel_sign = _combine(x, sizes, norm, k, STAGES[stages])
-    view = lp_ref.channel_view(x)
-    ref_mean, a = lp_ref.centred(view)
-    torch.testing.assert_close(mean, ref_mean.view(-1), rtol=1e-6, atol=1e-6)
-    expected = lp_ref.top_indices(a.abs(), k)
-    assert torch.equal(sel_index.sort(1).values, expected.sort(1).values)
-    torch.testing.assert_close(abs_sum, lp_ref.abs_sum(a, "topk", k), rtol=1e-6, atol=1e-6)
-    s = view.shape[2]
-    chosen = a[sel_index // s, torch.arange(x.shape[1]).view(-1, 1), sel_index % s]
-    assert torch.equal(sel_sign, chosen.sign())
+    module = STAGES[stages]
+    gathered = _gathered(x, sizes, module.pack_candidates, 1 if norm == "linf" else k)
+    mean, dev, index, signs = _whole_batch(x, norm, k)
+    found, found_signs = torch.full_like(index, -1), torch.zeros_like(signs)
+    for rank in range(len(sizes)):
+        got = module.select(gathered, rank, norm, k, None, None, 1e-5, True, torch.float32)
+        torch.testing.assert_close(got[0], mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], dev, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[6], torch.tensor([float(x.numel() // x.shape[1])]))
+        mine = got[4] >= 0
+        assert (found[mine] == -1).all(), "an element selected by two processes"
+        found[mine] = got[4][mine] + sum(sizes[:rank]) * 4
+        found_signs[mine] = got[5][mine]
+    assert torch.equal(found.sort(1).values, index.sort(1).values)
+    assert torch.equal(found_signs.gather(1, found.argsort(1)), signs.gather(1, index.argsort(1)))
+
+
+@pytest.mark.parametrize("stages", ["torch", "triton"])
+@pytest.mark.parametrize("sizes", [(3, 2), (2, 0, 3)], ids=str)
+def test_l1_combine_finds_what_one_process_finds(sizes, stages):
+    x = random_input((sum(sizes), 3, 2, 3), torch.float32, "cpu") + 100  # far from 0: the shift matters
+    module = STAGES[stages]
+    mean, n = module.combine_moments(_gathered(x, sizes, module.pack_moments), torch.float32)
+    want_mean, want_dev, _, _ = _whole_batch(x, "l1", 0)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(n, torch.tensor([float(x.numel() // 3)]))
+    sums = sum((module if p.numel() else torch_stages).abs_dev_sums(p, mean) for p in x.split(sizes))
+    dev, wbar, affine = module.l1_statistics(sums, mean, n, None, None, 1e-5, True)
+    torch.testing.assert_close(dev, want_dev, rtol=1e-5, atol=1e-6)
+    a = lp_ref.channel_view(x) - mean.view(1, -1, 1)
+    torch.testing.assert_close(wbar, lp_ref.C_L1 * a.sign().mean((0, 2)) / n, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(affine, torch.stack([(dev + 1e-5).reciprocal(), torch.zeros(3)]))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("norm", ["l1", "linf", "topk"])
 def test_triton_stages_equal_torch_stages(norm, channels_last):
-    """Each stage of the Triton path against the PyTorch one on the same process's batch,
+    """Each per-process stage of the Triton path against the PyTorch one on the same batch,
     through a fused SiLU and a residual."""
     x = random_input((3, 4, 3, 5), torch.float32, "cpu", channels_last)
     residual, grad_out = torch.randn_like(x), torch.randn_like(x)
-    mean = torch_stages.moments(x)
-    torch.testing.assert_close(triton_stages.moments(x), mean, rtol=1e-6, atol=1e-6)
+    weight, bias = torch.rand(4) + 0.5, torch.randn(4)
     if norm == "l1":
+        got, want = triton_stages.pack_moments(x), torch_stages.pack_moments(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        mean = want[1:].float()
         torch.testing.assert_close(triton_stages.abs_dev_sums(x, mean), torch_stages.abs_dev_sums(x, mean),
                                    rtol=1e-6, atol=1e-5)
         sel_index, sel_sign = torch.empty(4, 0, dtype=torch.int64), torch.empty(4, 0)
     else:
         k = 1 if norm == "linf" else K
-        got, want = triton_stages.candidates(x, k), torch_stages.candidates(x, k)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
-        for v, i in ((1, 2), (3, 4)):  # the same (value, index) pairs, in any order
-            order_got, order_want = got[i].argsort(1), want[i].argsort(1)
-            assert torch.equal(got[i].gather(1, order_got), want[i].gather(1, order_want))
-            assert torch.equal(got[v].gather(1, order_got), want[v].gather(1, order_want))
-        sel_index = want[2][:, :k].flip(1)  # some elements of this process, one beyond it
+        got, want = triton_stages.pack_candidates(x, k), torch_stages.pack_candidates(x, k)
+        torch.testing.assert_close(got[:5].view(torch.float64), want[:5].view(torch.float64), rtol=1e-6, atol=1e-6)
+        lists = [(b[5:5 + 8 * k].view(torch.float64).view(2, 4, k), b[5 + 8 * k:].view(2, 4, k)) for b in (got, want)]
+        (got_v, got_i), (want_v, want_i) = lists
+        assert torch.equal(got_i.sort(2).values, want_i.sort(2).values)  # hi, lo: the same pairs, in any order
+        assert torch.equal(got_v.gather(2, got_i.argsort(2)), want_v.gather(2, want_i.argsort(2)))
+        mean = want[1:5].view(torch.float64).float()
+        sel_index = want_i[0].flip(1).clone()  # elements of this process, and one of another (-1)
         sel_index[0, 0] = -1
         sel_sign = torch.randn(sel_index.shape).sign()
     dev = 0.5 + torch.rand(4)
-    affine = torch_stages.affine_coefficients(dev, torch.rand(4) + 0.5, torch.randn(4), 1e-5)
+    affine = torch.stack([weight / (dev + 1e-5), bias])
     options = (residual, "silu", 0.01)
     torch.testing.assert_close(triton_stages.normalize(x, mean, affine, *options),
                                torch_stages.normalize(x, mean, affine, *options), rtol=1e-5, atol=1e-6)
-    sums, dz = torch_stages.grad_sums(grad_out, x, mean, affine, *options)
-    torch.testing.assert_close(triton_stages.grad_sums(grad_out, x, mean, affine, *options)[0], sums,
-                               rtol=1e-5, atol=1e-5)
-    coefs = torch.randn(3, 4)
+    got, want = (m.grad_sums(grad_out, x, mean, affine, *options, dev, 1e-5) for m in (triton_stages, torch_stages))
+    for g, w in zip((got[0], *got[2:]), (want[0], *want[2:]), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    sums, wbar, n = torch.randn(2, 4), torch.randn(4), torch.tensor([45.0])
+    coefs = torch_stages.grad_coefficients(sums, dev, wbar, weight, n, norm, K, True, 1e-5)
+    torch.testing.assert_close(triton_stages.grad_coefficients(sums, dev, wbar, weight, n, norm, K, True, 1e-5),
+                               coefs, rtol=1e-6, atol=1e-6)
+    dz = want[1]
     got = triton_stages.grad_input(grad_out, None, x, mean, affine, coefs, norm, sel_index, sel_sign, *options, True)
     want = torch_stages.grad_input(grad_out, dz, x, mean, affine, coefs, norm, sel_index, sel_sign, *options, True)
     for g, w in zip(got, want, strict=True):
@@ -279,16 +324,16 @@ def _check_layers(rank, world, sizes, backends):
                 assert calls == forward + backward, where
             else:
                 assert calls == [], where
-            for what, got, want in zip(("output", "input grad", "residual grad"), results[1], results[0]):
-                torch.testing.assert_close(got, want[lo:hi], rtol=1e-5, atol=2e-6, msg=lambda m: f"{where} {what}: {m}")
+            names = ("output", "input grad", "residual grad")[:len(results[0])]
+            for what, got, want in zip(names, results[1], results[0], strict=True):
+                _assert_close(got, want[lo:hi], f"{where} {what}", rtol=1e-5, atol=2e-6)
             for name in ("weight", "bias"):
                 grad = getattr(layers[1], name).grad.clone()
                 dist.all_reduce(grad)
-                torch.testing.assert_close(grad, getattr(layers[0], name).grad, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{where} {name}.grad: {m}")
+                _assert_close(grad, getattr(layers[0], name).grad, f"{where} {name}.grad", rtol=1e-5, atol=1e-5)
             for name in ("running_mean", "running_dev", "num_batches_tracked"):
-                torch.testing.assert_close(getattr(layers[1], name), getattr(layers[0], name), rtol=1e-6, atol=1e-7,
-                                           msg=lambda m: f"{where} {name}: {m}")
+                _assert_close(getattr(layers[1], name), getattr(layers[0], name), f"{where} {name}", rtol=1e-6,
+                              atol=1e-7)
             for layer in layers:
                 layer.zero_grad()
     if 0 not in sizes:  # a process with fewer values than a layer needs reads the total (_check_global)
@@ -353,7 +398,7 @@ def _check_ddp_backend(rank, world, sizes, backend):
             opt.step()
             opt.zero_grad()
     for (name, want), got in zip(single.state_dict().items(), model.module.state_dict().values(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} {name}: {m}")
+        _assert_close(got, want, f"{backend} {name}", rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("world", "sizes"), [(2, (3, 2)), (3, (2, 0, 3))], ids=["2-processes", "3-processes-one-empty"])

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._checks import check_process_group
 from .reference import accumulator_dtype
 from .reference import sync_lp_batchnorm as _torch_stages
-from .reference.lp_batchnorm import dispersion_coefficient, selected_count
+from .reference.lp_batchnorm import selected_count
 
 try:
     from .kernels import sync_lp_batchnorm as _triton_stages
@@ -83,43 +83,26 @@ def _check_global(n: Tensor, count: int, norm: str, k: int) -> None:
     raise ValueError(f"Expected {what} over the synchronized batch when training, got {int(n.item())}")
 
 
-def _global_statistics(x: Tensor, stages, group, norm: str, k: int, normalized: bool):
-    """Stage 1 and the collectives: (mean, sigma, wbar, local selection (C, K) and its
-    signs, n, coef) of the whole batch, in the accumulator dtype (n, coef: 0-d)."""
+def _statistics(x: Tensor, weight, bias, eps: float, stages, group, norm: str, k: int, normalized: bool):
+    """Stage 1, the collectives and the combine: (mean, sigma, wbar, affine, this process's
+    selection (C, K) and its signs, n) of the whole batch, in the accumulator dtype.  A
+    process with an empty batch packs and sums with the PyTorch stages, and combines as
+    the others do (the same results, bit for bit, on every process)."""
     acc = accumulator_dtype(x.dtype)
-    c, count = x.shape[1], x.numel() // x.shape[1]
-    K = selected_count(norm, k)
-    head = x.new_full((1,), count, dtype=torch.float64)
+    local = stages if x.numel() else _torch_stages
+    count = x.numel() // x.shape[1]
     if norm == "l1":
-        gathered = _all_gather(torch.cat([head, stages.moments(x).double()]), group)
-        counts, means = gathered[:, 0], gathered[:, 1:]
-    else:
-        mean, hi_v, hi_i, lo_v, lo_i = stages.candidates(x, K)
-        floats = torch.cat([head, mean.double(), hi_v.double().flatten(), lo_v.double().flatten()])
-        gathered = _all_gather(torch.cat([floats.view(torch.int64), hi_i.flatten(), lo_i.flatten()]), group)
-        w = gathered.shape[0]
-        floats, indices = gathered[:, :floats.numel()].view(torch.float64), gathered[:, floats.numel():]
-        counts, means = floats[:, 0], floats[:, 1:1 + c]
-        hi_v, lo_v = floats[:, 1 + c:].view(w, 2, c, K).to(acc).unbind(1)
-        hi_i, lo_i = indices.view(w, 2, c, K).unbind(1)
-    n = counts.sum()
-    _check_global(n, count, norm, k)
-    mean = _torch_stages.global_mean(counts, means).to(acc)
-    coef = dispersion_coefficient(norm, n, k, normalized).to(acc)
-    n = n.to(acc)
-    if norm == "l1":
-        sums = stages.abs_dev_sums(x, mean)
+        mean, n = stages.combine_moments(_all_gather(local.pack_moments(x), group), acc)
+        _check_global(n, count, norm, k)
+        sums = local.abs_dev_sums(x, mean)
         dist.all_reduce(sums, group=group)
-        abs_sum, sign_sum = sums
-        sel_index = torch.empty((c, 0), device=x.device, dtype=torch.int64)
-        sel_sign = torch.empty((c, 0), device=x.device, dtype=acc)
-    else:
-        offsets = (counts.cumsum(0) - counts).long()
-        abs_sum, sel_index, sel_sign = _torch_stages.select(mean, hi_v, hi_i, lo_v, lo_i, offsets, K)
-        sign_sum = sel_sign.sum(1)
-        rank = dist.get_rank(group)
-        sel_index, sel_sign = _torch_stages.local_selection(sel_index, sel_sign, offsets[rank], count)
-    return mean, coef * abs_sum, coef * sign_sum / n, sel_index, sel_sign, n, coef
+        dev, wbar, affine = stages.l1_statistics(sums, mean, n, weight, bias, eps, normalized)
+        sel_index = torch.empty((x.shape[1], 0), device=x.device, dtype=torch.int64)
+        return mean, dev, wbar, affine, sel_index, sel_index.to(acc), n
+    gathered = _all_gather(local.pack_candidates(x, selected_count(norm, k)), group)
+    statistics = stages.select(gathered, dist.get_rank(group), norm, k, weight, bias, eps, normalized, acc)
+    _check_global(statistics[-1], count, norm, k)
+    return statistics
 
 
 class _SyncLpBatchNorm(torch.autograd.Function):
@@ -129,33 +112,33 @@ class _SyncLpBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, group, triton, norm, k, eps, normalized, activation, slope):
-        stages = _triton_stages if triton and x.numel() else _torch_stages
-        mean, dev, wbar, sel_index, sel_sign, n, coef = _global_statistics(x, stages, group, norm, k, normalized)
-        affine = _torch_stages.affine_coefficients(dev, weight, bias, eps)
-        out = stages.normalize(x, mean, affine, residual, activation, slope)
+        stages = _triton_stages if triton else _torch_stages
+        mean, dev, wbar, affine, sel_index, sel_sign, n = _statistics(x, weight, bias, eps, stages, group, norm, k,
+                                                                      normalized)
+        local = stages if x.numel() else _torch_stages
+        out = local.normalize(x, mean, affine, residual, activation, slope)
         ctx.save_for_backward(x, weight, residual if activation is not None else None, mean, dev, wbar, affine,
-                              sel_index, sel_sign, n, coef)
+                              sel_index, sel_sign, n)
         ctx.stages, ctx.group = stages, group
-        ctx.options = dict(norm=norm, activation=activation, negative_slope=slope)
-        ctx.eps = eps
+        ctx.options = dict(norm=norm, k=k, normalized=normalized, eps=eps, activation=activation, negative_slope=slope)
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, dev)
         return out, mean, dev
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_dev):
-        x, weight, residual, mean, dev, wbar, affine, sel_index, sel_sign, n, coef = ctx.saved_tensors
-        stages, activation, slope = ctx.stages, ctx.options["activation"], ctx.options["negative_slope"]
-        sums, dz = stages.grad_sums(grad_out, x, mean, affine, residual, activation, slope)
-        # this process's parameter gradients, before the sums become the group's
-        grad_bias = sums[0].clone()
-        grad_weight = sums[1] / (dev + ctx.eps)
+        x, weight, residual, mean, dev, wbar, affine, sel_index, sel_sign, n = ctx.saved_tensors
+        o = ctx.options
+        stages = ctx.stages
+        local = stages if x.numel() else _torch_stages
+        sums, dz, grad_weight, grad_bias = local.grad_sums(grad_out, x, mean, affine, residual, o["activation"],
+                                                           o["negative_slope"], dev, o["eps"])
         dist.all_reduce(sums, group=ctx.group)
-        coefs = _torch_stages.grad_coefficients(sums, dev, wbar, weight, n, coef, ctx.eps)
+        coefs = stages.grad_coefficients(sums, dev, wbar, weight, n, o["norm"], o["k"], o["normalized"], o["eps"])
         need_res = ctx.needs_input_grad[3]
-        dx, dres = stages.grad_input(grad_out, dz, x, mean, affine, coefs, ctx.options["norm"], sel_index, sel_sign,
-                                     residual, activation, slope, need_res)
-        if activation is None:
+        dx, dres = local.grad_input(grad_out, dz, x, mean, affine, coefs, o["norm"], sel_index, sel_sign, residual,
+                                    o["activation"], o["negative_slope"], need_res)
+        if o["activation"] is None:
             dres = grad_out  # out = y + residual
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (

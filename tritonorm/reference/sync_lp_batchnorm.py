@@ -1,5 +1,6 @@
 """Synchronized L1 / L-inf / Top-k batch norm in plain PyTorch: the per-process stages and
-the combine of their results (``tritonorm.sync_batchnorm`` runs the collectives between).
+the combine of their results (``tritonorm.sync_batchnorm`` runs the collectives between;
+``kernels.sync_lp_batchnorm`` is the same on the Triton path, function by function).
 
 The global batch is the concatenation of every process's batch, in rank order, so the
 element at local reduction index r (r = n * S + s, as in ``reference.lp_batchnorm``) of
@@ -13,10 +14,19 @@ q < p, n_q the elements per channel of process q.  Over it, per channel:
            = coef(n) * (the k largest |x - mu|)       L-inf / Top-k: among the 2k
                                                       candidates of every process
 
-The k largest |x - mu| of a process lie among its k largest and its k smallest x
-(``candidates``; ties to the lowest index), whatever mu turns out to be, so one gather of
-(count, mean, candidates) gives every process the whole of sigma: ``select`` merges them
-by |x - mu|, then the lowest global index, as one process would on the whole batch.
+The k largest |x - mu| of a process lie among its k largest and its k smallest x, ties to
+the lowest index, whatever mu turns out to be, so one gather of (count, mean, candidates)
+gives every process the whole of sigma: ``select`` merges them by |x - mu|, then the
+lowest global index, as one process would on the whole batch.
+
+What a process sends is one tensor of 8-byte words (``pack_moments``, ``pack_candidates``):
+
+    L1            float64  [count, mean (C)]
+    L-inf/Top-k   int64    [count, mean (C), hi_v (C, K), lo_v (C, K) as float64 bits,
+                            hi_i (C, K), lo_i (C, K)]
+
+hi: the K largest x with their local indices, lo: the K largest -x; an empty slot (a
+process with fewer than K elements) holds (-inf, NO_INDEX).
 
 Backward, with the forward's global mu, sigma, wbar and selection: each process sums
 dz and dz * a over its own elements, the sums are all-reduced, and ``grad_coefficients``
@@ -31,14 +41,14 @@ import torch
 from torch import Tensor
 
 from .activation import activate
-from .lp_batchnorm import centred, channel_view
+from .lp_batchnorm import centred, channel_view, dispersion_coefficient, selected_count
 
 # Index of an empty candidate slot (a process with fewer than k elements): above every
 # real global index, so that it ranks last among equal values.
 NO_INDEX = 2**62
 
 
-def moments(x: Tensor) -> Tensor:
+def _moments(x: Tensor) -> Tensor:
     """Each channel's mean of an (N, C, *) tensor in the accumulator dtype, taken about its
     first element (``centred``); zeros for an empty tensor."""
     view = channel_view(x)
@@ -47,23 +57,46 @@ def moments(x: Tensor) -> Tensor:
     return centred(view)[0].view(-1)
 
 
-def candidates(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(mean, hi_v, hi_i, lo_v, lo_i) of an (N, C, *) tensor: per channel, its mean
-    (``moments``), its k largest x and its k largest -x, each (C, k) with local indices
-    r (int64), ties to the lowest r (here in rank order; the Triton stage's are in no
-    particular order); empty slots hold (-inf, NO_INDEX)."""
+def _count(x: Tensor) -> Tensor:
+    """[elements per channel], float64, on x's device."""
+    return x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
+
+
+def pack_moments(x: Tensor) -> Tensor:
+    """What a process sends for L1: float64 [count, mean (C)]."""
+    return torch.cat([_count(x), _moments(x).double()])
+
+
+def pack_candidates(x: Tensor, k: int) -> Tensor:
+    """What a process sends for L-inf / Top-k (the module docstring's layout): its count,
+    mean and, per channel, its k largest x and its k largest -x with their local indices
+    r, ties to the lowest r."""
     view = channel_view(x)
     c, n = view.shape[1], view.shape[0] * view.shape[2]
     rows = view.transpose(0, 1).reshape(c, n)  # r = n * S + s along a row
-    lists = []
-    for values in (rows, -rows):
-        top, index = values.sort(dim=1, descending=True, stable=True)
-        top, index = top[:, :k], index[:, :k]
-        if n < k:
-            top = torch.cat([top, top.new_full((c, k - n), float("-inf"))], 1)
-            index = torch.cat([index, index.new_full((c, k - n), NO_INDEX)], 1)
-        lists += [top, index]
-    return (moments(x), *lists)
+    values, indices = [], []
+    for side in (rows, -rows):
+        top, index = side.sort(dim=1, descending=True, stable=True)
+        pad = max(0, k - n)
+        values.append(torch.cat([top[:, :k], top.new_full((c, pad), float("-inf"))], 1).double().flatten())
+        indices.append(torch.cat([index[:, :k], index.new_full((c, pad), NO_INDEX)], 1).flatten())
+    floats = torch.cat([_count(x), _moments(x).double(), *values])
+    return torch.cat([floats.view(torch.int64), *indices])
+
+
+def _global_mean(counts: Tensor, means: Tensor) -> Tensor:
+    """mu (C,) of the whole batch from each process's count (W,) and mean (W, C), float64:
+    m_0 + sum_p n_p (m_p - m_0) / n, m_0 the first non-empty process's mean."""
+    first = (counts > 0).to(torch.int8).argmax().view(1)
+    ref = means.index_select(0, first)[0]  # not means[first]: no host read of the index
+    return ref + (counts[:, None] * (means - ref)).sum(0) / counts.sum()
+
+
+def combine_moments(gathered: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(mu (C,), n (1,)) in the accumulator dtype ``acc`` from every process's
+    ``pack_moments`` (W, 1 + C)."""
+    counts = gathered[:, 0]
+    return _global_mean(counts, gathered[:, 1:]).to(acc), counts.sum().view(1).to(acc)
 
 
 def abs_dev_sums(x: Tensor, mean: Tensor) -> Tensor:
@@ -72,45 +105,7 @@ def abs_dev_sums(x: Tensor, mean: Tensor) -> Tensor:
     return torch.stack([a.abs().sum((0, 2)), a.sign().sum((0, 2))])
 
 
-def global_mean(counts: Tensor, means: Tensor) -> Tensor:
-    """mu (C,) of the whole batch from each process's count (W,) and mean (W, C):
-    m_0 + sum_p n_p (m_p - m_0) / n, m_0 the first non-empty process's mean."""
-    first = (counts > 0).to(torch.int8).argmax().view(1)
-    ref = means.index_select(0, first)[0]  # not means[first]: no host read of the index
-    return ref + (counts[:, None] * (means - ref)).sum(0) / counts.sum()
-
-
-def select(mean: Tensor, hi_v: Tensor, hi_i: Tensor, lo_v: Tensor, lo_i: Tensor, offsets: Tensor, k: int):
-    """The k largest |x - mu| of the whole batch from every process's candidates (W, C, k)
-    (``candidates``) and global index offsets (W,): (sum of their |x - mu| (C,), their
-    global indices (C, k), the signs of their x - mu (C, k)), ranked by |x - mu|, then the
-    lowest global index; a candidate listed twice (in a process's hi and lo lists, when it
-    has fewer than 2k elements) counts once."""
-    c = mean.shape[0]
-    mu = mean.view(1, c, 1)
-    x = torch.cat([hi_v, -lo_v], 2)  # the candidates' x, -inf / +inf in empty slots
-    valid = torch.cat([hi_v, lo_v], 2) > float("-inf")
-    index = torch.cat([hi_i, lo_i], 2) + offsets.view(-1, 1, 1)
-    index = torch.where(valid, index, NO_INDEX).transpose(0, 1).reshape(c, -1)
-    a = torch.where(valid, x - mu, 0.0).transpose(0, 1).reshape(c, -1)
-    index, order = index.sort(dim=1, stable=True)
-    a = a.gather(1, order)
-    repeat = torch.cat([index.new_zeros(c, 1, dtype=torch.bool), index[:, 1:] == index[:, :-1]], 1)
-    value = torch.where((index == NO_INDEX) | repeat, float("-inf"), a.abs())
-    value, order = value.sort(dim=1, descending=True, stable=True)  # ties keep the index order
-    value, order = value[:, :k], order[:, :k]
-    return value.sum(1), index.gather(1, order), a.gather(1, order).sign()
-
-
-def local_selection(sel_index: Tensor, sel_sign: Tensor, offset: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """The selected elements of this process: global indices made local, -1 (and sign 0)
-    for those of other processes."""
-    local = sel_index - offset
-    mine = (local >= 0) & (local < count)
-    return torch.where(mine, local, -1), torch.where(mine, sel_sign, 0.0)
-
-
-def affine_coefficients(dev: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def _affine(dev: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """(2, C): scale = gamma / (sigma + eps) and shift = beta, y = (x - mu) * scale + shift."""
     scale = (dev + eps).reciprocal()
     if weight is not None:
@@ -119,8 +114,55 @@ def affine_coefficients(dev: Tensor, weight: Tensor | None, bias: Tensor | None,
     return torch.stack([scale, shift])
 
 
-def grad_coefficients(sums: Tensor, dev: Tensor, wbar: Tensor, weight: Tensor | None, count: Tensor, coef: Tensor,
-                      eps: float) -> Tensor:
+def l1_statistics(sums: Tensor, mean: Tensor, n: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                  normalized: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(sigma, wbar, affine (2, C)) of L1 from the all-reduced ``abs_dev_sums``:
+    sigma = coef * sum |a|, wbar = coef * sum sign(a) / n, coef = C1 / n.  (``mean``: the
+    Triton stage's argument, not needed here.)"""
+    coef = dispersion_coefficient("l1", n, 0, normalized)
+    dev = coef * sums[0]
+    return dev, coef * sums[1] / n, _affine(dev, weight, bias, eps)
+
+
+def select(gathered: Tensor, rank: int, norm: str, k: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+           normalized: bool, acc: torch.dtype):
+    """(mu, sigma, wbar, affine, selection, signs, n) of L-inf / Top-k from every
+    process's ``pack_candidates`` (W, 1 + C + 4CK): the K largest |x - mu| of the whole
+    batch, ranked by |x - mu|, then the lowest global index; a candidate listed twice (in
+    a process's hi and lo lists, when it has fewer than 2K elements) counts once.  The
+    selection and its signs (C, K) are this process's (``rank``): local indices, -1 (and
+    sign 0) for the elements of other processes."""
+    w = gathered.shape[0]
+    K = selected_count(norm, k)
+    c = (gathered.shape[1] - 1) // (1 + 4 * K)
+    floats = gathered[:, :1 + c + 2 * c * K].view(torch.float64)
+    counts, offsets = floats[:, 0], (floats[:, 0].cumsum(0) - floats[:, 0]).long()
+    mean = _global_mean(counts, floats[:, 1:1 + c]).to(acc)
+    n = counts.sum().view(1).to(acc)
+    x = floats[:, 1 + c:].view(w, 2, c, K).to(acc)
+    x[:, 1] = -x[:, 1]  # lo holds -x: the candidates' x, +inf in empty lo slots
+    index = gathered[:, 1 + c + 2 * c * K:].view(w, 2, c, K) + offsets.view(w, 1, 1, 1)
+    valid = x.abs() < float("inf")
+    index = torch.where(valid, index, NO_INDEX).permute(2, 0, 1, 3).reshape(c, -1)
+    a = torch.where(valid, x - mean.view(1, 1, c, 1), 0.0).permute(2, 0, 1, 3).reshape(c, -1)
+    index, order = index.sort(dim=1, stable=True)
+    a = a.gather(1, order)
+    repeat = torch.cat([index.new_zeros(c, 1, dtype=torch.bool), index[:, 1:] == index[:, :-1]], 1)
+    value = torch.where((index == NO_INDEX) | repeat, float("-inf"), a.abs())
+    value, order = value.sort(dim=1, descending=True, stable=True)  # ties keep the index order
+    value, order = value[:, :K], order[:, :K]
+    sel_index, sel_sign = index.gather(1, order), a.gather(1, order).sign()
+    coef = dispersion_coefficient(norm, n, k, normalized)
+    dev = coef * value.sum(1)
+    wbar = coef * sel_sign.sum(1) / n
+    local = sel_index - offsets[rank]
+    mine = (local >= 0) & (local < counts[rank])
+    return (mean, dev, wbar, _affine(dev, weight, bias, eps), torch.where(mine, local, -1),
+            torch.where(mine, sel_sign, 0.0), n)
+
+
+def grad_coefficients(sums: Tensor, dev: Tensor, wbar: Tensor, weight: Tensor | None, n: Tensor, norm: str, k: int,
+                      normalized: bool, eps: float) -> Tensor:
     """(3, C): dx = scale * dz + shift + gain * w_i from the global sums (2, C) of dz and
     dz * a (the math of ``kernels.lp_batchnorm._grad_coefficients``):
 
@@ -130,7 +172,8 @@ def grad_coefficients(sums: Tensor, dev: Tensor, wbar: Tensor, weight: Tensor | 
     inv = (dev + eps).reciprocal()
     scale = inv if weight is None else inv * weight.to(dev.dtype)
     grad_dev = -scale * sums[1] * inv
-    return torch.stack([scale, -scale * sums[0] / count - grad_dev * wbar, grad_dev * coef])
+    coef = dispersion_coefficient(norm, n, k, normalized)
+    return torch.stack([scale, -scale * sums[0] / n - grad_dev * wbar, grad_dev * coef])
 
 
 def _pre_activation(x: Tensor, mean: Tensor, affine: Tensor, residual: Tensor | None) -> Tensor:
@@ -148,9 +191,11 @@ def normalize(x: Tensor, mean: Tensor, affine: Tensor, residual: Tensor | None, 
 
 
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, affine: Tensor, residual: Tensor | None,
-              activation: str | None, negative_slope: float) -> tuple[Tensor, Tensor]:
-    """((2, C) local sums of dz and dz * a, dz as (N, C, S)), dz = dout * act'(z) with z
-    rebuilt from x (dout itself without an activation), in the accumulator dtype."""
+              activation: str | None, negative_slope: float, dev: Tensor, eps: float):
+    """(sums, dz, dgamma, dbeta): the (2, C) local sums of dz and dz * a (what the process
+    sends), dz as (N, C, S), and this process's parameter gradients sum(dz * a) / d and
+    sum(dz); dz = dout * act'(z) with z rebuilt from x (dout itself without an
+    activation), in the accumulator dtype."""
     a = channel_view(x) - mean.view(1, -1, 1)
     dz = grad_out.to(a.dtype)
     if activation is not None:
@@ -158,7 +203,8 @@ def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, affine: Tensor, residua
             z = _pre_activation(x, mean, affine, residual).requires_grad_()
             (dz,) = torch.autograd.grad(activate(z, activation, negative_slope), z, dz)
     dz = channel_view(dz)
-    return torch.stack([dz.sum((0, 2)), (dz * a).sum((0, 2))]), dz
+    sums = torch.stack([dz.sum((0, 2)), (dz * a).sum((0, 2))])
+    return sums, dz, sums[1] / (dev + eps), sums[0].clone()
 
 
 def grad_input(grad_out: Tensor, dz: Tensor, x: Tensor, mean: Tensor, affine: Tensor, coefs: Tensor, norm: str,
