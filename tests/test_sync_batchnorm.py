@@ -408,3 +408,40 @@ def test_synchronized_layers_equal_one_process_on_the_whole_batch(world, sizes):
 
 def test_ddp_training_equals_one_process():
     assert run_distributed(_check_ddp, 3, (3, 1, 2), ("torch", "triton"), timeout=180) == [0, 1, 2]
+
+
+# The Triton path's budgets per process (passes over its x, launches), counted in the
+# interpreter at 8 x 28 x 28 values per channel and process: the split passes (forward: 3
+# reads and a write for L1, 2 reads and a write for L-inf / Top-k; backward: x and dout
+# read twice for L1, x once and dout twice for L-inf / Top-k, dx written once) plus the
+# per-channel vectors, partials, packs and combines (under 0.25 pass here; Top-k's 2k
+# candidates per split of 1024, k=3: 0.55), with one launch per combine.  Outside the
+# kernels only gloo's all_gather moves data: it copies each process's part into a list,
+# which is stacked (NCCL gathers into one tensor).  The layers keep no running statistics
+# here (their update is one more launch).
+SYNC_BUDGETS = {
+    "l1": {"forward": (4.25, 7), "backward": (5.2, 4)},
+    "linf": {"forward": (3.3, 4), "backward": (4.25, 4)},
+    "topk": {"forward": (3.6, 4), "backward": (4.25, 4)},
+}
+
+
+def _check_traffic(rank, world):
+    from test_traffic import BUDGET_SAMPLING, _check
+
+    from tritonorm.bench import traffic
+
+    for norm in ("l1", "linf", "topk"):
+        layer = SYNC[norm](8, backend="triton", track_running_stats=False, **_options(norm))
+        x = random_input((8, 8, 28, 28), torch.float32, "cpu", seed=rank).requires_grad_()
+        step = traffic.count_step(functools.partial(layer, x), (x, *layer.parameters()), torch.randn_like(x),
+                                  sms=traffic.H100_SMS, sampling=BUDGET_SAMPLING)
+        for direction, counted in zip(("forward", "backward"), step, strict=True):
+            ops = ("aten.copy_",) * world + ("aten.stack",) if direction == "forward" else ()
+            passes, launches = SYNC_BUDGETS[norm][direction]
+            _check(counted, x.numel() * x.element_size(), passes, launches + len(ops), ops)
+    return rank
+
+
+def test_traffic_budgets_of_the_triton_path():
+    assert run_distributed(_check_traffic, 2, timeout=180) == [0, 1]

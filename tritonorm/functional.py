@@ -134,38 +134,40 @@ def _lp_batch_norm(
             raise ValueError(f"backend='triton' takes k <= {_TRITON_MAX_K}, got k={k}; use backend='torch'")
         chosen = "torch"  # "auto": the kernels keep k candidates in registers
     check_transforms(chosen, input, (running_mean, running_dev) if update else ())
-    triton = chosen == "triton" and input.numel() > 0
-    if count_batch and not (triton and update and sync_group is None):  # else the running-statistics op counts it
+    # the Triton path; a synchronized layer takes it with an empty batch too (its combine)
+    triton = chosen == "triton" and (input.numel() > 0 or sync_group is not None)
+    if count_batch and not (triton and update):  # else the running-statistics op counts it
         num_batches_tracked.add_(1)
     if sync_group is not None:
         y, mean, dev = _sync.sync_lp_batch_norm(
-            input, weight, bias, residual, group=sync_group, triton=chosen == "triton", norm=norm, k=k, eps=eps,
+            input, weight, bias, residual, group=sync_group, triton=triton, norm=norm, k=k, eps=eps,
             normalized=normalized, activation=activation, negative_slope=negative_slope,
         )
-        if update:
-            for running, batch in ((running_mean, mean), (running_dev, dev)):
-                update_running(running, batch, momentum=momentum, num_batches_tracked=num_batches_tracked)
-        return y
-    if not triton:
+    elif not triton:
         return _lp_ref.lp_batch_norm(
             input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
             momentum=momentum, eps=eps, norm=norm, k=k, normalized=normalized, num_batches_tracked=num_batches_tracked,
             residual=residual, activation=activation, negative_slope=negative_slope,
         )
-    # the fused arguments only when used: the unfused call is the op's call as it always was
-    fused = {} if residual is None and activation is None else {
-        "residual": residual, "activation": activation or "none", "activation_param": torch.sym_float(negative_slope),
-    }
-    y, mean, dev, *_ = _lp_ops.lp_batch_norm(
-        input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev, batch_stats=training,
-        eps=torch.sym_float(eps), norm=norm, k=k, normalized=normalized, **fused,
-    )
-    if update:
+    else:
+        # the fused arguments only when used: the unfused call is the op's call as it always was
+        fused = {} if residual is None and activation is None else {
+            "residual": residual, "activation": activation or "none",
+            "activation_param": torch.sym_float(negative_slope),
+        }
+        y, mean, dev, *_ = _lp_ops.lp_batch_norm(
+            input, weight=weight, bias=bias, running_mean=running_mean, running_dev=running_dev,
+            batch_stats=training, eps=torch.sym_float(eps), norm=norm, k=k, normalized=normalized, **fused,
+        )
+    if update and triton:
         _running_ops.update_running_stats(
             running_mean=running_mean, running_dev=running_dev, mean=mean, dev=dev,
             num_batches_tracked=num_batches_tracked if momentum is None or count_batch else None,
             momentum=None if momentum is None else torch.sym_float(momentum), count=count_batch,
         )
+    elif update:  # synchronized, PyTorch path
+        for running, batch in ((running_mean, mean), (running_dev, dev)):
+            update_running(running, batch, momentum=momentum, num_batches_tracked=num_batches_tracked)
     return y
 
 

@@ -98,7 +98,7 @@ def _statistics(x: Tensor, weight, bias, eps: float, stages, group, norm: str, k
         dist.all_reduce(sums, group=group)
         dev, wbar, affine = stages.l1_statistics(sums, mean, n, weight, bias, eps, normalized)
         sel_index = torch.empty((x.shape[1], 0), device=x.device, dtype=torch.int64)
-        return mean, dev, wbar, affine, sel_index, sel_index.to(acc), n
+        return mean, dev, wbar, affine, sel_index, torch.empty((x.shape[1], 0), device=x.device, dtype=acc), n
     gathered = _all_gather(local.pack_candidates(x, selected_count(norm, k)), group)
     statistics = stages.select(gathered, dist.get_rank(group), norm, k, weight, bias, eps, normalized, acc)
     _check_global(statistics[-1], count, norm, k)
@@ -123,12 +123,15 @@ class _SyncLpBatchNorm(torch.autograd.Function):
         ctx.options = dict(norm=norm, k=k, normalized=normalized, eps=eps, activation=activation, negative_slope=slope)
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, dev)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
         return out, mean, dev
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_dev):
         x, weight, residual, mean, dev, wbar, affine, sel_index, sel_sign, n = ctx.saved_tensors
         o = ctx.options
+        if grad_out is None:  # out reaches no loss here: the collective still runs, as on the other processes
+            grad_out = torch.zeros_like(x)
         stages = ctx.stages
         local = stages if x.numel() else _torch_stages
         sums, dz, grad_weight, grad_bias = local.grad_sums(grad_out, x, mean, affine, residual, o["activation"],
