@@ -1,11 +1,19 @@
 """Synchronized L1 / L-inf / Top-k batch norm over torch.distributed, and
 ``tritonorm.convert_sync_batchnorm``.
 
-In training, each process computes the statistics of its own batch (stage 1, the Triton
-kernels of ``kernels.sync_lp_batchnorm`` or the PyTorch stages of
-``reference.sync_lp_batchnorm``, which has the math), the collectives combine them over
-the process group, and each process normalizes its batch by the global statistics
-(stage 2).  Collectives per layer and step, C channels, W processes, K = 1 (L-inf) or k:
+In training, each process computes the statistics of its own batch and packs them (stage
+1), the collectives bring every process's pack to every process, each combines them into
+the statistics of the whole batch, and normalizes its own batch by them (stage 2).  The
+stages are the Triton kernels of ``kernels.sync_lp_batchnorm`` or the PyTorch code of
+``reference.sync_lp_batchnorm`` (which has the math and the packed layout), function by
+function; ``_statistics`` and ``_SyncLpBatchNorm`` run them in this order:
+
+    L1           forward   pack_moments -> all_gather -> combine_moments -> abs_dev_sums
+                           -> all_reduce -> l1_statistics -> normalize
+    L-inf/Top-k  forward   pack_candidates -> all_gather -> select -> normalize
+    backward               grad_sums -> all_reduce -> grad_coefficients -> grad_input
+
+Collectives per layer and step, C channels, W processes, K = 1 (L-inf) or k (Top-k):
 
     L1           forward   all_gather  W x (1 + C)              count, mean
                            all_reduce  2C                       sum |x - mu|, sum sign(x - mu)
@@ -13,10 +21,13 @@ the process group, and each process normalizes its batch by the global statistic
     L-inf/Top-k  forward   all_gather  W x (1 + C + 4CK)        count, mean, 2K candidates
                  backward  all_reduce  2C
 
-(8-byte elements: the gathers are packed into one int64 tensor, the all-reduces are in the
-accumulator dtype.)  nn.SyncBatchNorm moves one all_gather of W x (2C + 1) forward and one
-all_reduce of 2C backward.  Nothing waits on the host: the counts of the other processes
-stay on the device, so uneven batches, and a process with an empty batch, cost no sync.
+(The gathers move 8-byte words, float64 counts and means, float64 values and int64
+indices of the candidates; the all-reduces the accumulator dtype.)  nn.SyncBatchNorm moves
+one all_gather of W x (2C + 1) forward and one all_reduce of 2C backward: L-inf and Top-k
+synchronize as often, L1 once more (the mean must be known before sum |x - mu|).  Nothing
+waits on the host: the counts of the other processes stay on the device, so uneven
+batches, and a process with an empty batch, cost no sync; on the Triton path each combine
+is one launch.
 """
 
 from __future__ import annotations

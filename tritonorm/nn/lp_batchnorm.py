@@ -414,8 +414,9 @@ _SYNC_DOC = """{title} batch norm synchronized over processes, nn.SyncBatchNorm'
     torch.distributed is not initialized or the group holds one process, it is {plain}
     without communication.  Batch sizes may differ between processes, and a process may
     have an empty batch.  Cost (``tritonorm.sync_batchnorm``): {collectives} per forward and
-    one all_reduce of 2C values per backward; under torch.compile the layer runs eagerly
-    (a graph break), as its collectives sit between its kernels.
+    one all_reduce of 2C values per backward (W processes, C channels; gathered values are
+    8-byte words, reduced ones in the accumulator dtype); under torch.compile the layer
+    runs eagerly (a graph break), as its collectives sit between its kernels.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats: as {plain}.
@@ -431,9 +432,9 @@ _SYNC_DOC = """{title} batch norm synchronized over processes, nn.SyncBatchNorm'
     """
 
 for _cls, _title, _plain, _collectives in (
-    (SyncL1BatchNorm, "L1", "L1BatchNorm2d", "an all_gather of 1 + C values and an all_reduce of 2C"),
-    (SyncLinfBatchNorm, "L-inf", "LinfBatchNorm2d", "one all_gather of 1 + 5C values"),
-    (SyncTopkBatchNorm, "Top-k", "TopkBatchNorm2d", "one all_gather of 1 + C + 4Ck values"),
+    (SyncL1BatchNorm, "L1", "L1BatchNorm2d", "an all_gather of W x (1 + C) values and an all_reduce of 2C"),
+    (SyncLinfBatchNorm, "L-inf", "LinfBatchNorm2d", "one all_gather of W x (1 + 5C) values"),
+    (SyncTopkBatchNorm, "Top-k", "TopkBatchNorm2d", "one all_gather of W x (1 + C + 4Ck) values"),
 ):
     _cls.__doc__ = _SYNC_DOC.format(
         title=_title, plain=_plain.replace("2d", "1d/2d/3d"), sigma=_SIGMAS[_title], name=_cls.__name__,

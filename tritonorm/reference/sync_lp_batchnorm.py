@@ -73,15 +73,27 @@ def pack_candidates(x: Tensor, k: int) -> Tensor:
     r, ties to the lowest r."""
     view = channel_view(x)
     c, n = view.shape[1], view.shape[0] * view.shape[2]
-    rows = view.transpose(0, 1).reshape(c, n)  # r = n * S + s along a row
+    rows = view.transpose(0, 1).reshape(c, n) + 0.0  # r = n * S + s along a row; -0.0 as +0.0
     values, indices = [], []
     for side in (rows, -rows):
-        top, index = side.sort(dim=1, descending=True, stable=True)
+        index = _top_indices(side, min(k, n))
         pad = max(0, k - n)
-        values.append(torch.cat([top[:, :k], top.new_full((c, pad), float("-inf"))], 1).double().flatten())
-        indices.append(torch.cat([index[:, :k], index.new_full((c, pad), NO_INDEX)], 1).flatten())
+        values.append(torch.cat([side.gather(1, index), side.new_full((c, pad), float("-inf"))], 1).double().flatten())
+        indices.append(torch.cat([index, index.new_full((c, pad), NO_INDEX)], 1).flatten())
     floats = torch.cat([_count(x), _moments(x).double(), *values])
     return torch.cat([floats.view(torch.int64), *indices])
+
+
+def _top_indices(rows: Tensor, k: int) -> Tensor:
+    """Columns of the k largest entries of each row, ties to the lowest column.  float32:
+    one topk of int64 keys, the value's bits made to order as integers (a negative float's
+    flipped) above 2^32 - 1 - column; float64 values leave no room: a stable sort."""
+    if rows.dtype != torch.float32 or rows.shape[1] > 2**32:
+        return rows.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    bits = rows.view(torch.int32).long()
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) << 32
+    key |= torch.arange(2**32 - 1, 2**32 - 1 - rows.shape[1], -1, device=rows.device)
+    return key.topk(k, dim=1).indices
 
 
 def _global_mean(counts: Tensor, means: Tensor) -> Tensor:
