@@ -19,6 +19,9 @@ and specialized as ``JITFunction.run`` would, then not run) on lazily allocated 
 * ``coverage_workloads`` (compile only): the other variants (fp64, a 2-d input, Top-k at
   k = 3 and MAX_K, no affine parameters, exact EquiNorm, a per-slice rho, every ENorm norm).
 
+The synchronized batch norms' stages (``kernels/sync_lp_batchnorm.py``) are in both, with
+the collectives' results stood in for by tensors of their shapes.
+
 A compile key (kernel, signature, constexprs, specialization, options) is compiled once, in
 a pool of processes; Triton's cache keeps the results for the next run.  Per key:
 
@@ -69,6 +72,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from tritonorm.bench.enorm_cases import STUDY_NETS, build
 from tritonorm.kernels import (
     bounded_weight_norm, channel_reduce, channel_resident, enorm, equinorm, lp_batchnorm, running_stats,
+    sync_lp_batchnorm,
 )
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -202,6 +206,28 @@ def _lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, affine: bool = True, m
                                          momentum=0.1)
 
 
+def _sync_lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, world: int = 2, activation: str = "none"):
+    """A synchronized training step's stages on one process (the collectives' results
+    stood in for by empty tensors of their shapes, ``world`` processes)."""
+    c, acc = x.shape[1], channel_reduce.accumulator_dtype(x.dtype)
+    weight, bias, dy = torch.empty(c, dtype=x.dtype), torch.empty(c, dtype=x.dtype), torch.empty_like(x)
+    act = None if activation == "none" else activation
+    options = dict(norm=norm, k=k, normalized=True)
+    if norm == "l1":
+        mean, n = sync_lp_batchnorm.combine_moments(sync_lp_batchnorm.pack_moments(x).expand(world, -1), acc)
+        sums = sync_lp_batchnorm.abs_dev_sums(x, mean)
+        dev, wbar, affine = sync_lp_batchnorm.l1_statistics(sums, mean, n, weight, bias, 1e-5, True)
+        sel_i, sel_sign = torch.empty((c, 0), dtype=torch.int64), torch.empty((c, 0), dtype=acc)
+    else:
+        packed = sync_lp_batchnorm.pack_candidates(x, 1 if norm == "linf" else k).expand(world, -1)
+        mean, dev, wbar, affine, sel_i, sel_sign, n = sync_lp_batchnorm.select(packed, 0, norm, k, weight, bias, 1e-5,
+                                                                              True, acc)
+    sync_lp_batchnorm.normalize(x, mean, affine, None, act, 0.01)
+    sums, _, _, _ = sync_lp_batchnorm.grad_sums(dy, x, mean, affine, None, act, 0.01, dev, 1e-5)
+    coefs = sync_lp_batchnorm.grad_coefficients(sums, dev, wbar, weight, n, eps=1e-5, **options)
+    sync_lp_batchnorm.grad_input(dy, None, x, mean, affine, coefs, norm, sel_i, sel_sign, None, act, 0.01, False)
+
+
 def _equinorm_input(x: torch.Tensor):
     """The input sums of a training forward, and the running mean's update."""
     mean = equinorm.input_sums(x)
@@ -267,6 +293,7 @@ def resnet50_workloads():
                         yield _on(f"{norm} split", _lp_batch_norm, **x, norm=norm, k=k, path="split")
                         yield _on(f"{norm} + residual + relu", _lp_batch_norm, **x, norm=norm, k=k,
                                   activation="relu", residual=True, modes=((True, True),))
+                        yield _on(f"{norm} synchronized", _sync_lp_batch_norm, **x, norm=norm, k=k)
                     yield _on("equinorm input", _equinorm_input, **x)
     for shape in resnet50_weights():
         for dtype in (torch.float32, torch.bfloat16):
@@ -291,6 +318,7 @@ def coverage_workloads():
         x = dict(shape=shape, dtype=dtype, memory_format=memory_format, budgeted=False)
         for norm, k in (("l1", 1), ("linf", 1), ("topk", 3), ("topk", lp_batchnorm.MAX_K)):
             yield _on(f"{norm} k={k}", _lp_batch_norm, **x, norm=norm, k=k)
+            yield _on(f"{norm} k={k} synchronized, 8 processes", _sync_lp_batch_norm, **x, norm=norm, k=k, world=8)
             if dtype == torch.float32:
                 yield _on(f"{norm} k={k} no affine", _lp_batch_norm, **x, norm=norm, k=k, affine=False,
                           modes=every_mode)
