@@ -1,4 +1,5 @@
-"""Fixtures of the test suite (the interpreter switch is in the root conftest.py)."""
+"""Fixtures of the test suite (the interpreter switch and the per-test seed are in the root
+conftest.py)."""
 
 import pytest
 import torch

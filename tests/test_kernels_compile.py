@@ -93,18 +93,39 @@ class Compiled:
         return f"<{len(self.kernels)} compiled kernels>"
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> Compiled:
-    """The measurements, or a skip where this triton cannot compile for CUDA."""
-    out = tmp_path_factory.mktemp("compiled") / "kernels.json"
+def _compile(out: Path) -> dict:
+    """Run compile_kernels.py, its measurements to ``out``; its exit status and output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], env=env, capture_output=True,
                             text=True, timeout=1800)
-    if result.returncode == 77:
-        pytest.skip(result.stdout.strip())
-    assert out.exists(), result.stdout + result.stderr
-    return Compiled(result.returncode, result.stdout + result.stderr, **json.loads(out.read_text()))
+    return {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Compiled:
+    """The measurements, or a skip where this triton cannot compile for CUDA.
+
+    Under pytest-xdist the module's tests may go to several workers, each with this
+    fixture: the first compiles, under a file lock in the run's shared temporary directory
+    (the parent of the workers' own), and the others read what it wrote."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from filelock import FileLock  # a dependency of torch
+
+        shared = tmp_path_factory.getbasetemp().parent / "compiled-kernels"
+        shared.mkdir(exist_ok=True)
+        out, status = shared / "kernels.json", shared / "status.json"
+        with FileLock(str(shared / "lock")):
+            if not status.exists():
+                status.write_text(json.dumps(_compile(out)))
+            run = json.loads(status.read_text())
+    else:
+        out = tmp_path_factory.mktemp("compiled") / "kernels.json"
+        run = _compile(out)
+    if run["returncode"] == 77:
+        pytest.skip(run["stdout"].strip())
+    assert out.exists(), run["stdout"] + run["stderr"]
+    return Compiled(run["returncode"], run["stdout"] + run["stderr"], **json.loads(out.read_text()))
 
 
 def _where(row) -> str:
