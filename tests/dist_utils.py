@@ -13,7 +13,8 @@ and the children share its cores.  Put every case of a test in ONE call (a loop 
 The children inherit the parent's environment (``TRITON_INTERPRET=1``, which the root
 conftest sets before tritonorm is imported, included: the children import tritonorm
 afresh and see it), with ``OMP_NUM_THREADS=1`` and one torch thread each.  An exception in
-any rank fails the caller with that rank's traceback; a run longer than ``timeout`` seconds
+any rank fails the caller with that rank's traceback (with those of the ranks that fail
+within FAILURE_GRACE_S of it, in rank order, so the cause is there whichever came first); a run longer than ``timeout`` seconds
 kills every child and fails.  No child outlives the call.  Without torch.distributed or
 gloo, the test is skipped.
 """
@@ -32,6 +33,11 @@ import torch
 import torch.multiprocessing as mp
 
 __all__ = ["run_distributed"]
+
+
+# After a rank fails, how long to wait for the others' failures (a peer's error often
+# follows from it: a collective reset): all of them are reported, in rank order.
+FAILURE_GRACE_S = 5.0
 
 
 def _free_port() -> int:
@@ -69,7 +75,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120) -> list:
         ctx.Process(target=_child, args=(rank, world_size, port, results, fn, args), daemon=True)
         for rank in range(world_size)
     ]
-    values, failure = {}, None
+    values, failures = {}, {}
     deadline = time.monotonic() + timeout
     try:
         saved = os.environ.get("OMP_NUM_THREADS")
@@ -82,14 +88,17 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120) -> list:
                 del os.environ["OMP_NUM_THREADS"]
             else:
                 os.environ["OMP_NUM_THREADS"] = saved
-        while len(values) < world_size and failure is None:
+        while len(values) + len(failures) < world_size:
+            if failures and time.monotonic() >= grace:
+                break  # the others wait for the failed rank: they are killed below
             try:
                 rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                dead = [f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                dead = [f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in failures]
                 if dead:
                     pytest.fail(f"run_distributed: {fn.__name__} died without a result ({', '.join(dead)})")
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline and not failures:
                     pytest.fail(
                         f"run_distributed: {fn.__name__} did not finish within timeout={timeout} s "
                         f"(ranks done: {sorted(values)} of {world_size}); every rank killed"
@@ -97,11 +106,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120) -> list:
                 continue
             if ok:
                 values[rank] = pickle.loads(value)
-            else:  # the first failure: the other ranks may be waiting for this one
-                failure = rank, value
-        if failure is not None:
-            rank, text = failure
-            pytest.fail(f"run_distributed: {fn.__name__} raised in rank {rank} of {world_size}:\n{text}", pytrace=False)
+            else:
+                if not failures:  # the others may fail because of this one: a moment to hear them
+                    grace = time.monotonic() + FAILURE_GRACE_S
+                failures[rank] = value
+        if failures:
+            pytest.fail("\n".join(f"run_distributed: {fn.__name__} raised in rank {rank} of {world_size}:\n{text}"
+                                  for rank, text in sorted(failures.items())), pytrace=False)
         return [values[rank] for rank in range(world_size)]
     finally:
         started = [p for p in procs if p.pid is not None]

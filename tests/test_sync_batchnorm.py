@@ -255,6 +255,24 @@ def test_convert_sync_batchnorm(world_of_one):
         tritonorm.SyncL1BatchNorm(4, process_group=0)
 
 
+def test_fold_and_recalibrate_take_the_synchronized_layers(world_of_one):
+    """A trained synchronized model ships as the plain one does: recalibrate rebuilds the
+    running statistics, fold absorbs the layers that follow a convolution (eval: no
+    communication) and makes the others an nn.BatchNorm of their input's dimensions
+    (nn.SyncBatchNorm, which takes any, where no example input shows them)."""
+    model = nn.Sequential(*_model()[:3], nn.ReLU(), tritonorm.LinfBatchNorm2d(4))
+    model = tritonorm.convert_sync_batchnorm(model, process_group=world_of_one)
+    x = random_input((4, 3, 6, 6), torch.float32, "cpu")
+    tritonorm.recalibrate(model, [x])
+    assert [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, tuple(SYNC.values()))] == [1] * 3
+    model.eval()
+    for example, batchnorm in ((None, nn.SyncBatchNorm), ((x,), nn.BatchNorm2d)):
+        folded = tritonorm.fold(model, example)
+        assert not any(isinstance(m, tuple(SYNC.values())) for m in folded.modules())
+        assert [type(m) for m in folded.modules() if "BatchNorm" in type(m).__name__] == [batchnorm]
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 # --- in 2 and 3 processes ------------------------------------------------------------------
 
 

@@ -61,7 +61,9 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
             size gets it, and an nn.Linear absorbs the Lp BatchNorm1d after it only when
             the shapes show (N, C) input (a BatchNorm1d over (N, C, L) normalizes another
             dim than the Linear's features, so without the shapes it becomes an
-            nn.BatchNorm1d instead).
+            nn.BatchNorm1d instead); a synchronized Lp layer (any input dimensions) not
+            absorbed becomes the nn.BatchNorm of its input's dimensions, or without the
+            shapes an nn.SyncBatchNorm (in eval, F.batch_norm: no communication).
 
     Eval outputs equal the model's in eval mode to rounding (the folded weights are
     computed in float64).  Errors (ValueError, naming the module): an Lp BatchNorm without
@@ -192,7 +194,7 @@ def _fold_lp_batchnorms(model: nn.Module, shapes: dict) -> fx.GraphModule:
         if absorbed:
             _absorb(modules[x.target], scale, shift)
         elif node.target not in batchnorms:
-            batchnorms[node.target] = _batchnorm(layer)
+            batchnorms[node.target] = _batchnorm(layer, shapes.get(id(layer)))
             parent, _, child = node.target.rpartition(".")
             setattr(graph_module.get_submodule(parent), child, batchnorms[node.target])
         node.args, node.kwargs = (x,), {}
@@ -238,9 +240,9 @@ def _absorbs(x: fx.Node, node: fx.Node, layer: _LpBatchNorm, modules: dict, call
     source = modules.get(x.target) if x.op == "call_module" else None
     if source is None or calls[node.target] != 1 or calls[x.target] != 1 or len(x.users) != 1:
         return False
-    if type(source) is _CONVS[layer._ndims]:
-        return source.out_channels == layer.num_features
     shape = shapes.get(id(layer))
+    if type(source) in (_CONVS[dims] for dims in _CONVS if set(dims) & set(_input_dims(layer, shape))):
+        return source.out_channels == layer.num_features
     return type(source) is nn.Linear and source.out_features == layer.num_features and shape is not None \
         and len(shape) == 2
 
@@ -255,11 +257,22 @@ def _absorb(source: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None
     source.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=weight.requires_grad)
 
 
+def _input_dims(layer: _LpBatchNorm, shape: torch.Size | None) -> tuple[int, ...]:
+    """The dimensions of the layer's input: its class's; a synchronized layer's (any of 2
+    to 5) narrowed to its input's where the example inputs show it."""
+    if layer._synchronized and shape is not None:
+        return next(dims for dims in _BATCHNORMS if len(shape) in dims)
+    return layer._ndims
+
+
 @torch.no_grad()
-def _batchnorm(layer: _LpBatchNorm) -> nn.Module:
-    """The eval-mode nn.BatchNorm computing s x + t: eps 0, running_var (running_dev + eps)^2."""
+def _batchnorm(layer: _LpBatchNorm, shape: torch.Size | None) -> nn.Module:
+    """The eval-mode nn.BatchNorm computing s x + t: eps 0, running_var (running_dev + eps)^2;
+    for a synchronized layer of unknown input dimensions, nn.SyncBatchNorm, which takes any
+    (and in eval is F.batch_norm: no communication)."""
     factory = {"device": layer.running_mean.device, "dtype": layer.running_mean.dtype}
-    bn = _BATCHNORMS[layer._ndims](layer.num_features, eps=0.0, affine=layer.affine, **factory)
+    batchnorm = _BATCHNORMS.get(_input_dims(layer, shape), nn.SyncBatchNorm)
+    bn = batchnorm(layer.num_features, eps=0.0, affine=layer.affine, **factory)
     bn.running_mean.copy_(layer.running_mean)
     bn.running_var.copy_((layer.running_dev.double() + layer.eps).square())
     bn.num_batches_tracked.copy_(layer.num_batches_tracked)
