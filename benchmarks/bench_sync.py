@@ -40,6 +40,7 @@ import socket
 import statistics
 import time
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -225,18 +226,11 @@ class Workers:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        saved = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # the children start with a copy of os.environ
-        try:
-            self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.commands, self.results),
-                                      daemon=True) for r in range(world_size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.commands, self.results),
+                                  daemon=True) for r in range(world_size)]
+        with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"):  # the children start with a copy of os.environ
             for p in self.procs:
                 p.start()
-        finally:
-            if saved is None:
-                del os.environ["OMP_NUM_THREADS"]
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
 
     def steps(self, variant: str, n: int):
         """(rank 0's step times, the first step's collectives {name: [calls, bytes]}, the
