@@ -358,6 +358,15 @@ def test_registration_errors(kwargs, error, message):
         tritonorm.bounded_weight_norm(nn.Linear(3, 4), **kwargs)
 
 
+def test_positional_arguments_match_torch_weight_norm():
+    """(module, name, dim) positionally, as torch.nn.utils.parametrizations.weight_norm; rho
+    and learnable_gain only by keyword."""
+    up = tritonorm.bounded_weight_norm(nn.ConvTranspose2d(4, 6, 2), "weight", 1)
+    assert up.parametrizations.weight[0].dim == 1
+    with pytest.raises(TypeError, match=r"positional argument"):
+        tritonorm.bounded_weight_norm(nn.Linear(3, 4), "weight", 0, 2.0)
+
+
 @pytest.mark.parametrize("value", [0.0, math.nan])
 def test_zero_or_nonfinite_slice_is_refused(value):
     linear = nn.Linear(3, 4)

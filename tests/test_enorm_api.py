@@ -257,3 +257,10 @@ def test_optimizer_must_hold_the_rescaled_parameters():
     assert not enorm.balance_last
     layers[1].weight.requires_grad_(False)
     ENorm(layers, without(layers[1].weight))
+
+
+def test_settings_are_declared_on_the_class():
+    """Every setting is a typed attribute of ENorm (its annotations), set by name."""
+    from tritonorm.enorm import _SETTINGS
+
+    assert set(_SETTINGS) <= set(ENorm.__annotations__)

@@ -141,6 +141,23 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
 
     Errors: TypeError for a model that is not an nn.Module or an option the norm does not
     take; ValueError for an unknown norm, a bad backend, or a model with nothing to convert.
+
+    Args:
+        model: the nn.Module to convert (left unchanged).
+        norm: "l1", "linf", "topk" (the batch norms of "Norm matters", Hoffer et al. 2018),
+            "equinorm" ("Controlling Covariate Shift using Equilibrium Normalization of
+            Weights", Defazio & Bottou 2019) or "bounded_wn" (bounded weight norm, "Norm
+            matters").
+        **options: the norm's options, above: ``backend`` for every norm; ``fuse`` ("l1",
+            "linf", "topk"); ``k`` ("topk"); ``single_pass``, ``stats_fraction``
+            ("equinorm"); ``rho``, ``learnable_gain`` ("bounded_wn").
+
+    Example::
+
+        >>> model = torchvision.models.resnet18()
+        >>> l1 = tritonorm.convert(model, "l1", fuse=True)     # BatchNorm(+add)+ReLU -> one L1 layer
+        >>> equi = tritonorm.convert(model, "equinorm")        # each conv + BatchNorm -> EquiNormConv2d
+        >>> bounded = tritonorm.convert(model, "bounded_wn", learnable_gain=True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -1,4 +1,5 @@
-"""ENorm: the equi-normalization cycle (Stock et al. 2019), an optimizer companion.
+"""ENorm: the equi-normalization cycle ("Equi-normalization of neural networks", Stock et
+al. 2019), an optimizer companion.
 
     optimizer.step()
     enorm.step()        # rescale the chain's weights, biases and optimizer state in place
@@ -116,7 +117,9 @@ def _check_layers(layers) -> tuple[list[nn.Module], list[tuple[int, int, int]]]:
 
 
 class ENorm:
-    r"""The ENorm cycle over a chain of Linear / Conv layers joined by ReLU-like maps.
+    r"""The ENorm cycle ("Equi-normalization of neural networks", Stock et al. 2019) over a
+    chain of Linear / Conv layers joined by ReLU-like maps: an optimizer companion that
+    rebalances the weights after each step without changing what the network computes.
 
     For hidden unit j between consecutive weights W_q and W_{q+1}, one cycle computes
 
@@ -156,7 +159,29 @@ class ENorm:
     The settings are checked here and when assigned (``tritonorm._checks``): a bad number or
     choice is a ValueError (a bool is not a number), a flag that is not True or False (1, 0,
     None) a TypeError.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(),
+        ...                       nn.Linear(500, 10))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> enorm = tritonorm.ENorm.from_model(model, optimizer, c=1.2)
+        >>> for x, y in loader:
+        ...     optimizer.zero_grad()
+        ...     nn.functional.cross_entropy(model(x), y).backward()
+        ...     optimizer.step()
+        ...     enorm.step()                  # or, once before the loop: enorm.attach()
     """
+
+    # The settings (``_SETTINGS``): set by ``_configure``, checked again when assigned.
+    c: float
+    p: float
+    mode: str
+    balance_last: bool
+    scale_biases: bool
+    balance_biases: bool
+    eps: float
+    backend: str
 
     def __init__(self, layers, optimizer=None, *, c: float = 1.0, p: float = 2.0, mode: str = "parallel",
                  balance_last: bool = False, scale_biases: bool = True, balance_biases: bool = False,
@@ -188,7 +213,16 @@ class ENorm:
         if self.optimizer is not None:
             touched = self.layers if settings["balance_last"] else self.layers[:-1]
             _check_optimizer_holds(self.optimizer, touched, scale_biases=settings["scale_biases"])
-        self.__dict__.update(settings)
+        # Through object.__setattr__: this class's __setattr__ sends a setting back here.
+        assign = super().__setattr__
+        assign("c", settings["c"])
+        assign("p", settings["p"])
+        assign("mode", settings["mode"])
+        assign("balance_last", settings["balance_last"])
+        assign("scale_biases", settings["scale_biases"])
+        assign("balance_biases", settings["balance_biases"])
+        assign("eps", settings["eps"])
+        assign("backend", settings["backend"])
         self._cache_key = None
 
     def __setattr__(self, name, value):

@@ -188,7 +188,33 @@ _LP_DOC = """{title}
     device, any memory layout) added and ``activation`` (None, or one of
     ``tritonorm.ACTIVATIONS``: "relu", "leaky_relu" with ``negative_slope``, "silu",
     "gelu", "gelu_tanh", "hardswish") applied in the accumulator dtype, rounded once to
-    input's dtype.  Gradients reach residual too."""
+    input's dtype.  Gradients reach residual too.
+
+    Args:
+        input: (N, C, *), float16, bfloat16, float32 or float64.
+        running_mean, running_dev: (C,) running mean and sigma, or None; required in eval,
+            updated in place in training.
+        weight, bias: (C,) gamma and beta, or None (1 and 0).
+        training: batch statistics (True) or the running ones (False).
+        momentum: of the running update; None for the cumulative average.
+        eps: added to sigma.{k_arg}
+        normalized: keep the constant that makes sigma the standard deviation of Gaussian
+            data.
+        num_batches_tracked: () long tensor, needed with momentum=None.
+        residual: None, or a tensor added before the activation.
+        activation: None, or one of ``tritonorm.ACTIVATIONS``.
+        negative_slope: the slope of "leaky_relu" for z < 0.
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        input, residual and output: (N, C, *), all three the same.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 4, 4)
+        >>> mean, dev = torch.zeros(16), torch.ones(16)
+        >>> y = tritonorm.functional.{name}(x, mean, dev, training=True{k_example}, activation="relu")
+    """
 
 
 def l1_batch_norm(
@@ -264,17 +290,22 @@ def topk_batch_norm(
     )
 
 
+_NO_K = {"k_arg": "", "k_example": ""}
 l1_batch_norm.__doc__ = _LP_DOC.format(
-    title="L1 batch norm.", sigma="sigma = sqrt(pi/2) * mean|x - mu| over the channel's n values", extra="",
+    title="L1 batch norm (\"Norm matters\", Hoffer et al. 2018).",
+    sigma="sigma = sqrt(pi/2) * mean|x - mu| over the channel's n values", extra="", name="l1_batch_norm", **_NO_K,
 )
 linf_batch_norm.__doc__ = _LP_DOC.format(
-    title="L-inf batch norm.",
+    title="L-inf batch norm (\"Norm matters\", Hoffer et al. 2018).",
     sigma="sigma = Cinf(n) * max|x - mu|, Cinf(n) = (1 + sqrt(pi ln 4)) / (2 sqrt(2 ln n))", extra="",
+    name="linf_batch_norm", **_NO_K,
 )
 topk_batch_norm.__doc__ = _LP_DOC.format(
-    title="Top-k batch norm.",
+    title="Top-k batch norm (\"Norm matters\", Hoffer et al. 2018).",
     sigma="sigma = Cinf(n) * (mean of the k largest |x - mu|), ties broken by the lowest index",
-    extra="  The Triton path takes k <= 64.",
+    extra="  The Triton path takes k <= 64.", name="topk_batch_norm",
+    k_arg="\n        k: how many of the largest |x - mu| define sigma (training needs k values or more per\n"
+          "            channel).", k_example=", k=3",
 )
 
 
@@ -326,7 +357,29 @@ def equinorm_weight(
 
     Differentiable in weight, mass and gain.  A degenerate row (sum_c m_c or the
     denominator zero up to rounding, or below) gets w'' = 0, never NaN or inf; see
-    ``tritonorm.reference.equinorm``."""
+    ``tritonorm.reference.equinorm``.  The method is that of "Controlling Covariate Shift
+    using Equilibrium Normalization of Weights" (Defazio & Bottou 2019).
+
+    Args:
+        weight: (C_out, C_in / groups, *kernel), at least 2 weights per output channel.
+        mass: (C_in,) the input mass.
+        gain: (C_out,) or None (1).
+        groups: as nn.Conv's.
+        single_pass: True: P from the signs of w (the paper's default); False: the exact
+            positive part.
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        output: weight's, (C_out, C_in / groups, *kernel).
+
+    Example::
+
+        >>> w = torch.randn(16, 3, 3, 3)
+        >>> x = torch.rand(8, 3, 32, 32)
+        >>> mass = x.sum((0, 2, 3)) / (8 * 30 * 30)      # r = N * output size (stride 1, no padding)
+        >>> w2 = tritonorm.functional.equinorm_weight(w, mass)
+        >>> y = torch.nn.functional.conv2d(x, w2)
+    """
     _check_weight(weight, groups)
     check_vector("mass", mass, weight.shape[1] * groups, weight, "weight", "(one per input channel)")
     check_vector("gain", gain, weight.shape[0], weight, "weight", "(one per output channel)")
@@ -524,7 +577,9 @@ def _equinorm(
     return geometry.conv(input, w, bias, groups)
 
 
-_EQUINORM_DOC = """EquiNorm {kind}: y = {op}(x, gain * w'') + bias, w'' from ``equinorm_weight``.
+_EQUINORM_DOC = """EquiNorm {kind}: y = {op}(x, gain * w'') + bias, w'' from ``equinorm_weight``
+    ("Controlling Covariate Shift using Equilibrium Normalization of Weights", Defazio &
+    Bottou 2019).
 
     In training the input mass comes from the batch (its first ``stats_fraction``, at
     least one sample) and ``running_mean`` (C_in,), if given, is updated in place with the
@@ -538,7 +593,34 @@ _EQUINORM_DOC = """EquiNorm {kind}: y = {op}(x, gain * w'') + bias, w'' from ``e
     summed over its processes (one all_reduce of C_in + 1 values forward, one backward), so
     the mass and ``running_mean`` are those of the union of the processes' batches (an
     empty one allowed); every process of the group must make the call.
-    {extra}"""
+    {extra}
+
+    Args:
+        input: {input_shape}, float16, bfloat16, float32 or float64.
+        weight: {weight_shape}, at least 2 weights per output channel.
+        gain, bias: (C_out,) or None (1 and 0).
+        running_mean: (C_in,) running mean of the input, or None; required in eval,
+            updated in place in training.
+        training: the batch's statistics (True) or ``running_mean`` (False).
+        momentum: of the running update; None for the cumulative average.{conv_args}
+        single_pass: True: the scale from the signs of w (the paper's default); False: the
+            exact two-pass form.
+        stats_fraction: the fraction of the batch (its first samples) the training
+            statistics come from, in (0, 1].
+        num_batches_tracked: () long tensor, needed with momentum=None.
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+        process_group: None, or the torch.distributed ProcessGroup to sum statistics over.
+
+    Shape:
+        input: {input_shape}.
+        output: {output_shape}.
+
+    Example::
+
+        >>> x, w = torch.randn({example_input}), torch.randn({example_weight})
+        >>> running_mean = torch.ones({example_c_in})
+        >>> y = tritonorm.functional.{name}(x, w, running_mean=running_mean, training=True{example_extra})
+    """
 
 
 def _conv_function(nd: int):
@@ -570,9 +652,15 @@ def _conv_function(nd: int):
         )
 
     equinorm_conv.__name__ = equinorm_conv.__qualname__ = f"equinorm_conv{nd}d"
+    spatial = ("L", "H, W", "D, H, W")[nd - 1]
     equinorm_conv.__doc__ = _EQUINORM_DOC.format(
         kind=f"{nd}-d convolution", op=f"conv{nd}d",
         extra="stride, padding, dilation, groups and padding_mode are nn.Conv's.",
+        input_shape=f"(N, C_in, {spatial})", weight_shape="(C_out, C_in / groups, *kernel)",
+        output_shape=f"(N, C_out, {', '.join(s + '_out' for s in spatial.split(', '))}), sizes as conv{nd}d's",
+        conv_args="\n        stride, padding, dilation, groups, padding_mode: as nn.Conv{nd}d.".format(nd=nd),
+        name=f"equinorm_conv{nd}d", example_input=", ".join(["8", "3"] + ["16"] * nd),
+        example_weight=", ".join(["16", "3"] + ["3"] * nd), example_c_in=3, example_extra=", padding=1",
     )
     return equinorm_conv
 
@@ -607,6 +695,8 @@ def equinorm_linear(
 equinorm_linear.__doc__ = _EQUINORM_DOC.format(
     kind="linear map", op="linear",
     extra="input is (*, C_in); the statistics run over every leading dim (a kernel of size 1).",
+    input_shape="(*, C_in)", weight_shape="(C_out, C_in)", output_shape="(*, C_out)", conv_args="",
+    name="equinorm_linear", example_input="128, 20", example_weight="30, 20", example_c_in=20, example_extra="",
 )
 
 
@@ -617,7 +707,7 @@ def bounded_weight(
     v: Tensor, rho: Tensor | float, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto"
 ) -> Tensor:
     """w_i = rho_i * v_i / max(||v_i||_2, eps), per slice i of ``v`` along ``dim``: the
-    bounded weight norm of Hoffer et al. 2018 (``tritonorm.bounded_weight_norm`` registers it
+    bounded weight norm of "Norm matters" (Hoffer et al. 2018; ``tritonorm.bounded_weight_norm`` registers it
     as a parametrization).
 
     ``v`` is a floating-point tensor of any rank.  ``rho`` is the norm of every slice, a
@@ -631,7 +721,25 @@ def bounded_weight(
         dL/drho_i = <u_i, G_i>
 
     ``eps`` floors the norm, as in ``torch.nn.functional.normalize``: an all-zero slice gives
-    zeros, not NaN."""
+    zeros, not NaN.
+
+    Args:
+        v: the unnormalized weight, any rank >= 1.
+        rho: a number > 0, a () tensor, or a (v.shape[dim],) tensor of per-slice scales.
+        dim: the axis whose slices are normalized (0: the output channels of Linear and
+            Conv).
+        eps: floor on the slice norms.
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        v and output: the same, any rank >= 1.
+
+    Example::
+
+        >>> v = torch.randn(64, 32, 3, 3, requires_grad=True)
+        >>> w = tritonorm.functional.bounded_weight(v, 2.0)       # every w[i] has norm 2
+        >>> y = torch.nn.functional.conv2d(torch.randn(8, 32, 16, 16), w)
+    """
     _check_tensor("v", v)
     if v.dim() == 0 or v.numel() == 0:
         raise ValueError(f"v must have at least one dim and one element, got shape {tuple(v.shape)}")

@@ -23,20 +23,49 @@ __all__ = ["slice_norms", "corrected_lr"]
 
 def slice_norms(weight: Tensor, dim: int = 0) -> Tensor:
     """||w_i||_2 per slice along ``dim`` (per output channel for ``dim=0``), detached, in
-    fp32 (fp64 for fp64): what to record from a run with weight decay."""
+    fp32 (fp64 for fp64): what to record from a run with weight decay, for ``corrected_lr``.
+
+    Args:
+        weight: a floating-point tensor with one dim or more.
+        dim: the axis whose slices are measured.
+
+    Shape:
+        output: (weight.shape[dim],).
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 16, 3)
+        >>> tritonorm.slice_norms(conv.weight).shape
+        torch.Size([16])
+    """
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() == 0:
         raise TypeError(f"weight must be a floating-point tensor with one dim or more, got {weight!r:.80}")
     return _slice_norms(weight.detach(), check_slice_dim(dim, weight))
 
 
 def corrected_lr(lr: float, norms: Tensor, wd_norms: Tensor, *, per_channel: bool = True) -> Tensor:
-    """eta * ||w||^2 / ||w_WD||^2: the learning rate that mimics weight decay (eq. 4).
+    """eta * ||w||^2 / ||w_WD||^2: the learning rate that mimics weight decay ("Norm matters",
+    Hoffer et al. 2018, eq. 4).
 
     ``norms`` are the current channel norms of a layer trained without weight decay,
     ``wd_norms`` the same channels' norms at the same point of a run with weight decay
     (both from ``slice_norms``, same shape).  Returns a tensor of ``norms``' shape with
     ``per_channel=True``, or a 0-d tensor, eta * sum ||w_i||^2 / sum ||w_WD,i||^2, for one
-    learning rate per layer (an optimizer's param group)."""
+    learning rate per layer (an optimizer's param group).
+
+    Args:
+        lr: eta, the base learning rate (>= 0).
+        norms: the channel norms now, finite and >= 0.
+        wd_norms: the channel norms of the weight-decay run, finite and > 0.
+        per_channel: one rate per channel (True) or one for the layer (False).
+
+    Example::
+
+        >>> wd_norms = tritonorm.slice_norms(wd_model[0].weight)      # recorded from the run with weight decay
+        >>> lr = tritonorm.corrected_lr(0.1, tritonorm.slice_norms(model[0].weight), wd_norms,
+        ...                             per_channel=False)
+        >>> optimizer.param_groups[0]["lr"] = lr.item()
+    """
     check_number("lr", lr, low=0)
     for name, t in (("norms", norms), ("wd_norms", wd_norms)):
         if not isinstance(t, Tensor) or not t.is_floating_point():

@@ -275,7 +275,7 @@ def _target_lines(rows: list[dict]) -> list[str]:
 
 
 def render_traffic(rows: list[dict], meta: dict) -> str:
-    """The set-up line, the table, with --estimate the issue's targets, and the legend."""
+    """The set-up line, the table, with --estimate the traffic targets (``traffic_cases.targets``), and the legend."""
     lines = [
         f"tritonorm bench --traffic: torch {meta['torch']}, triton {meta['triton']}, tritonorm {meta['tritonorm']}, "
         f"{meta['date']}; launches planned for {meta['sms']} SMs; Top-k k={traffic_cases.TOPK_K}",

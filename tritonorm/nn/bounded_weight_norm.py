@@ -30,8 +30,34 @@ __all__ = [
 
 
 class BoundedWeightNorm(nn.Module):
-    """The parametrization v -> w registered by ``bounded_weight_norm``; see the module
-    docstring.  Build it through ``bounded_weight_norm``, which checks the arguments."""
+    """The parametrization v -> w that ``bounded_weight_norm`` registers ("Norm matters",
+    Hoffer et al. 2018): per slice i of v along ``dim``,
+
+        w_i = rho * v_i / ||v_i||_2                         (fixed rho)
+        w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_2     (learnable_gain)
+
+    Build it through ``bounded_weight_norm``, which checks the arguments; it is found at
+    ``module.parametrizations.<name>[0]``.
+
+    Args:
+        weight: the weight it will parametrize, whose slice norms give the default rho
+            (their mean) and the gain's initial values.
+        rho: the fixed norm of every slice, or None for the mean initial slice norm.
+        learnable_gain: use the gain g (a parameter, ``gain``) whose norm is held at its
+            initial value rho_g (a buffer, ``gain_norm``); else rho is a () buffer, ``rho``.
+        dim: the axis whose slices are normalized.
+        eps: floor on the slice norms.
+        backend: "auto", "triton" or "torch".
+
+    Shape:
+        input v and output w: the parametrized tensor's shape, any rank >= 1.
+
+    Example::
+
+        >>> linear = tritonorm.bounded_weight_norm(nn.Linear(20, 40), learnable_gain=True)
+        >>> linear.parametrizations.weight[0].gain.shape
+        torch.Size([40])
+    """
 
     def __init__(self, weight: Tensor, *, rho: float | None, learnable_gain: bool, dim: int, eps: float,
                  backend: str):
@@ -72,10 +98,10 @@ def _ours(module: nn.Module, name: str) -> list[nn.Module]:
 def bounded_weight_norm(
     module: nn.Module,
     name: str = "weight",
-    rho: float | None = None,
-    learnable_gain: bool = False,
     dim: int = 0,
     *,
+    rho: float | None = None,
+    learnable_gain: bool = False,
     eps: float = EPS,
     backend: str = "auto",
 ) -> nn.Module:
@@ -100,7 +126,16 @@ def bounded_weight_norm(
     v starts as the current weight, so with a fixed rho the weight changes at once to the
     bounded one (its directions, norm rho); with ``learnable_gain`` and the default init the
     weight is unchanged.  A slice of norm 0 (or not finite) is refused: it has no direction.
-    Undo with ``remove_bounded_weight_norm``."""
+    Undo with ``remove_bounded_weight_norm``.
+
+    Example::
+
+        >>> conv = tritonorm.bounded_weight_norm(nn.Conv2d(3, 16, 3))   # rho: the mean norm
+        >>> conv.weight.flatten(1).norm(dim=1)        # all 16 norms equal rho
+        >>> conv.parametrizations.weight.original     # v, the parameter the optimizer updates
+        >>> up = tritonorm.bounded_weight_norm(nn.ConvTranspose2d(16, 8, 2), "weight", 1)
+        >>> gained = tritonorm.bounded_weight_norm(nn.Linear(20, 40), rho=2.0, learnable_gain=True)
+    """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(name, str) or not isinstance(getattr(module, name, None), Tensor):
@@ -139,7 +174,24 @@ def bounded_weight_norm(
 
 
 def remove_bounded_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Bake the bounded weight into a plain parameter ``module.<name>`` again, in place."""
+    """Bake the bounded weight into a plain parameter ``module.<name>`` again, in place, and
+    return the module (as torch's ``remove_parametrizations`` with
+    ``leave_parametrized=True``): the weight keeps its current value, v, rho and the gain
+    are dropped.
+
+    Args:
+        module: a module with ``bounded_weight_norm`` on ``name``, and no other
+            parametrization stacked on it (remove those with
+            ``torch.nn.utils.parametrize.remove_parametrizations``).
+        name: the parametrized parameter.
+
+    Example::
+
+        >>> linear = tritonorm.bounded_weight_norm(nn.Linear(20, 40))
+        >>> linear = tritonorm.remove_bounded_weight_norm(linear)
+        >>> isinstance(linear.weight, nn.Parameter)
+        True
+    """
     ours = _ours(module, name)
     if not ours:
         raise ValueError(f"name: {type(module).__name__}.{name} has no bounded_weight_norm")
@@ -153,7 +205,27 @@ def remove_bounded_weight_norm(module: nn.Module, name: str = "weight") -> nn.Mo
 
 
 class BoundedWNLinear(nn.Linear):
-    """``nn.Linear`` with ``bounded_weight_norm`` on its weight (per output feature)."""
+    """``nn.Linear`` with ``bounded_weight_norm`` on its weight, one slice per output
+    feature ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_2.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as nn.Linear.
+        rho: the fixed norm of every row; None (default) for the mean of the initial row
+            norms.
+        learnable_gain: the authors' held-norm gain instead of one fixed rho (see
+            ``bounded_weight_norm``).
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        input: (*, H_in), H_in = in_features.
+        output: (*, H_out), H_out = out_features.
+
+    Example::
+
+        >>> layer = tritonorm.BoundedWNLinear(20, 30)
+        >>> y = layer(torch.randn(128, 20))
+        >>> v = layer.parametrizations.weight.original   # the parameter the optimizer updates
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rho: float | None = None,
                  learnable_gain: bool = False, backend: str = "auto", device=None, dtype=None):
@@ -162,8 +234,27 @@ class BoundedWNLinear(nn.Linear):
 
 
 class BoundedWNConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with ``bounded_weight_norm`` on its weight (per output channel); the
-    arguments before ``rho`` are nn.Conv2d's."""
+    """``nn.Conv2d`` with ``bounded_weight_norm`` on its weight, one slice per output
+    channel ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_2.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype: as nn.Conv2d.
+        rho: the fixed norm of every output channel's kernel; None (default) for the mean
+            of the initial norms.
+        learnable_gain: the authors' held-norm gain instead of one fixed rho (see
+            ``bounded_weight_norm``).
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        input: (N, C_in, H_in, W_in), C_in = in_channels.
+        output: (N, C_out, H_out, W_out), C_out = out_channels, sizes as nn.Conv2d's.
+
+    Example::
+
+        >>> conv = tritonorm.BoundedWNConv2d(16, 33, 3, stride=2, rho=1.0)
+        >>> y = conv(torch.randn(20, 16, 50, 100))
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rho: float | None = None,

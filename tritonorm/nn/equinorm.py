@@ -34,9 +34,27 @@ _MAX_RESAMPLES = 200
 @torch.no_grad()
 def balance_signs_(weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Resample, in place, the signs of every unit of ``weight`` whose weights all have the
-    same sign, until each unit has a positive and a negative weight (the paper's
-    initialisation).  A unit is a kernel w[d, c] when the kernel has more than one
-    position, else a whole row w[d] (linear and 1x1 layers).  Magnitudes are kept."""
+    same sign, until each unit has a positive and a negative weight (the initialization of
+    "Controlling Covariate Shift using Equilibrium Normalization of Weights": a row whose
+    weights share one sign is degenerate for EquiNorm).  A unit is a kernel w[d, c] when the
+    kernel has more than one position, else a whole row w[d] (linear and 1x1 layers).
+    Magnitudes are kept.  The EquiNorm layers call it in ``reset_parameters``.
+
+    Args:
+        weight: a floating-point tensor (C_out, C_in / groups, *kernel) whose units hold at
+            least 2 weights.
+        generator: the torch.Generator the new signs are drawn from; None for the default.
+
+    Returns:
+        ``weight``, modified in place.
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 8, 1)
+        >>> tritonorm.balance_signs_(conv.weight.data)
+        >>> bool(((conv.weight > 0).any(1) & (conv.weight < 0).any(1)).all())
+        True
+    """
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() < 2:
         raise TypeError(f"weight must be a floating-point tensor of shape (C_out, C_in, *), got {weight!r:.80}")
     units = weight.view(weight.shape[0] * weight.shape[1], -1) if weight[0, 0].numel() > 1 else weight.view(weight.shape[0], -1)
@@ -229,35 +247,114 @@ class _EquiNormConvNd(_EquiNorm):
         return s + self._options_repr()
 
 
+_OPTIONS_DOC = """affine: a learnable per-output-channel gain (``gain``, ones) and bias (``bias``,
+            zeros) applied after the {op}; False: neither.
+        momentum: of ``running_mean``, the per-channel mean of the input used in eval:
+            running = (1 - momentum) * running + momentum * batch; None for the cumulative
+            average.
+        single_pass: True (the paper's default): the scale s from the signs of w; False: the
+            exact two-pass form (see ``tritonorm.functional.equinorm_weight``).
+        stats_fraction: the training statistics come from the first fraction of the batch,
+            at least one sample (in (0, 1]; 0.25 cured the paper's overfitting).
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+        process_group: None (the paper's per-process statistics) or a torch.distributed
+            ProcessGroup whose processes' batches together give the training statistics
+            (one all_reduce of C_in + 1 values per forward and per backward).
+        device, dtype: of the parameters and buffers."""
+
+_CONV_DOC = """EquiNorm {nd}-d convolution ("Controlling Covariate Shift using Equilibrium
+    Normalization of Weights", Defazio & Bottou 2019): nn.Conv{nd}d's drop-in for a
+    convolution followed by nn.BatchNorm{nd}d.
+
+    The weight is normalized by the statistics of the input instead of the output being
+    normalized: per output channel d, w''_d = s_d (w_d + b_d), with the shift b_d and the
+    scale s_d computed from the input mass (the batch's per-channel mean in training,
+    ``running_mean`` in eval) so that the output has mean zero and a balanced positive
+    and negative contribution; then y = conv{nd}d(x, gain * w'') + bias.  The math is in
+    ``tritonorm.functional.equinorm_weight``.  ``fold()`` returns the plain nn.Conv{nd}d
+    that computes the eval-mode output.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode: as nn.Conv{nd}d (there is no ``bias`` argument: the affine's
+            bias takes its place).  Every output channel needs at least 2 weights
+            (in_channels / groups x kernel volume).
+        {options}
+
+    Shape:
+        input: (N, C_in, {spatial_in}), C_in = in_channels.
+        output: (N, C_out, {spatial_out}), C_out = out_channels, each size as nn.Conv{nd}d's.
+
+    Attributes:
+        weight: (out_channels, in_channels / groups, *kernel_size), nn.Conv's default
+            initialization with every unit's signs balanced (``balance_signs_``).
+        gain, bias: (out_channels,), or None with ``affine=False``.
+        running_mean: (in_channels,), starts at ones.
+
+    Example::
+
+        >>> conv = tritonorm.EquiNormConv{nd}d(16, 32, 3, padding=1)
+        >>> x = torch.randn({example_shape})
+        >>> y = torch.relu(conv(x))                    # in place of relu(bn(conv(x)))
+        >>> plain = conv.eval().fold()                 # an nn.Conv{nd}d with the same eval output
+    """
+
+_SPATIAL = {1: ("L_in", "L_out", "8, 16, 32"), 2: ("H_in, W_in", "H_out, W_out", "8, 16, 32, 32"),
+            3: ("D_in, H_in, W_in", "D_out, H_out, W_out", "4, 16, 8, 8, 8")}
+
+
 class EquiNormConv1d(_EquiNormConvNd):
-    """EquiNorm 1-d convolution over (N, C_in, L); arguments as nn.Conv1d (no ``bias``:
-    the affine's bias takes its place) plus the EquiNorm options."""
     _nd = 1
 
 
 class EquiNormConv2d(_EquiNormConvNd):
-    """EquiNorm 2-d convolution over (N, C_in, H, W); arguments as nn.Conv2d (no ``bias``:
-    the affine's bias takes its place) plus the EquiNorm options:
-
-    single_pass     True (the paper's default): s from the signs of w; False: exact two-pass
-    stats_fraction  the statistics come from the first fraction of the batch (0.25 cured
-                    the paper's overfitting)
-    momentum        of the running input mean used in eval (None: cumulative average)
-    affine          per-output-channel gain and bias after the convolution
-    process_group   None (the paper's per-process statistics) or a torch.distributed
-                    ProcessGroup whose processes' batches give the training statistics
-    """
     _nd = 2
 
 
 class EquiNormConv3d(_EquiNormConvNd):
-    """EquiNorm 3-d convolution over (N, C_in, D, H, W); see EquiNormConv2d."""
     _nd = 3
 
 
+for _cls in (EquiNormConv1d, EquiNormConv2d, EquiNormConv3d):
+    _in, _out, _shape = _SPATIAL[_cls._nd]
+    _cls.__doc__ = _CONV_DOC.format(nd=_cls._nd, spatial_in=_in, spatial_out=_out, example_shape=_shape,
+                                    options=_OPTIONS_DOC.format(op="convolution"))
+del _cls, _in, _out, _shape
+
+
 class EquiNormLinear(_EquiNorm):
-    """EquiNorm linear layer over (*, in_features): a convolution with a kernel of one
-    position; the statistics run over every leading dim.  Options as EquiNormConv2d."""
+    __doc__ = f"""EquiNorm linear layer ("Controlling Covariate Shift using Equilibrium
+    Normalization of Weights", Defazio & Bottou 2019): nn.Linear's drop-in for a linear
+    layer followed by nn.BatchNorm1d.
+
+    y = linear(x, gain * w'') + bias, with w'' the weight normalized by the input mass, as
+    EquiNormConv2d's with a kernel of one position; the statistics run over every leading
+    dim of the input.  ``fold()`` returns the plain nn.Linear that computes the eval-mode
+    output.
+
+    Args:
+        in_features, out_features: as nn.Linear (there is no ``bias`` argument: the
+            affine's bias takes its place); in_features >= 2.
+        {_OPTIONS_DOC.format(op="linear map")}
+
+    Shape:
+        input: (*, H_in), H_in = in_features, any number of leading dims (a 1-d input is
+            one sample).
+        output: (*, H_out), H_out = out_features.
+
+    Attributes:
+        weight: (out_features, in_features), nn.Linear's default initialization with every
+            row's signs balanced (``balance_signs_``).
+        gain, bias: (out_features,), or None with ``affine=False``.
+        running_mean: (in_features,), starts at ones.
+
+    Example::
+
+        >>> layer = tritonorm.EquiNormLinear(20, 30)
+        >>> x = torch.randn(128, 20)
+        >>> y = torch.relu(layer(x))                   # in place of relu(bn(linear(x)))
+        >>> plain = layer.eval().fold()                # an nn.Linear with the same eval output
+    """
 
     def __init__(
         self,
@@ -288,10 +385,23 @@ class EquiNormLinear(_EquiNorm):
 def fold_equinorm(model: nn.Module, input_sizes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
     """A copy of ``model`` in eval mode with every EquiNorm layer replaced by its
     ``fold()``: plain nn.Conv*d / nn.Linear layers that give the same eval-mode output.
+    ``model`` is left as it is.  ``tritonorm.fold`` does this and more (Lp batch norms,
+    bounded weight norm), finding the input sizes from an example input.
 
-    ``input_sizes`` maps the qualified name of a layer (as in ``named_modules()``) to the
-    spatial size of its input, for the layers whose ``fold()`` needs one; a layer that
-    needs one and is not given one raises a ValueError naming it.  ``model`` is left as it is."""
+    Args:
+        model: any nn.Module (an EquiNorm layer itself gives its plain layer).
+        input_sizes: maps the qualified name of a layer (as in ``named_modules()``) to the
+            spatial size of its input, for the layers whose ``fold()`` needs one (a padding
+            that is not "same"-like); a layer that needs one and is not given one raises a
+            ValueError naming it, and so does a name that is no EquiNorm layer.
+
+    Example::
+
+        >>> model = nn.Sequential(tritonorm.EquiNormConv2d(3, 8, 3), nn.ReLU())
+        >>> plain = tritonorm.fold_equinorm(model, {"0": (32, 32)})   # for 32 x 32 inputs
+        >>> type(plain[0])
+        <class 'torch.nn.modules.conv.Conv2d'>
+    """
     folded = copy_model(model).eval()
     input_sizes = dict(input_sizes or {})
     for name, module in list(folded.named_modules()):

@@ -425,6 +425,9 @@ _SYNC_DOC = """{title} batch norm synchronized over processes, nn.SyncBatchNorm'
 
     Forward: ``layer(input, residual=None)``, as {plain}.
 
+    Shape:
+        input, residual and output: (N, C, *), 2 to 5 dimensions, all three the same.
+
     Example::
 
         >>> model = tritonorm.convert_sync_batchnorm(model)   # every {plain} -> {name}
