@@ -12,10 +12,35 @@ exit status.
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+from types import ModuleType, SimpleNamespace
 
-from . import bench, compare, info
+from . import info
 
-COMMANDS = (compare, bench, info)
+
+def _needs_extra(name: str, extra: str) -> ModuleType | SimpleNamespace:
+    """The module of subcommand ``name``; where numpy, which comes with the ``extra`` extra
+    (``compare`` and ``bench`` import it), is not installed, a stand-in whose parser takes any
+    arguments (no option prefix, none looks like an option) and whose run says what to
+    install, so that ``tritonorm info`` works with the library alone."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != "numpy":
+            raise
+    message = f"tritonorm {name} needs numpy: pip install 'tritonorm[{extra}]'"
+
+    def add_parser(subparsers) -> None:
+        parser = subparsers.add_parser(name, help=f"({message})", description=message, prefix_chars="\0",
+                                       add_help=False)
+        parser.add_argument("arguments", nargs="*")
+        parser.set_defaults(run=lambda args: print(message, file=sys.stderr) or 2)
+
+    return SimpleNamespace(add_parser=add_parser)
+
+
+COMMANDS = (_needs_extra("compare", "compare"), _needs_extra("bench", "bench"), info)
 
 
 def main(argv: list[str] | None = None) -> int:
