@@ -152,6 +152,20 @@ def test_python_block_runs(block: Block, _runs):
 
 # ---- docs/api.md -------------------------------------------------------------------------
 
+def test_all_lists_every_submodule_name():
+    """tritonorm.__all__ and tritonorm.nn.__all__ are literal lists (the form type checkers
+    follow through ``import *``): they hold exactly the nn submodules' names."""
+    import importlib
+
+    import tritonorm.nn
+
+    layers = [name for module in ("lp_batchnorm", "equinorm", "bounded_weight_norm")
+              for name in importlib.import_module(f"tritonorm.nn.{module}").__all__]
+    assert sorted(tritonorm.nn.__all__) == sorted(layers)
+    assert set(layers) <= set(tritonorm.__all__) and len(set(tritonorm.__all__)) == len(tritonorm.__all__)
+    assert all(hasattr(tritonorm, name) for name in tritonorm.__all__)
+
+
 def _public_names() -> list[tuple[str, object]]:
     names = [(f"tritonorm.{n}", getattr(tritonorm, n)) for n in tritonorm.__all__]
     names += [(f"tritonorm.functional.{n}", getattr(tritonorm.functional, n))

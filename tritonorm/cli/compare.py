@@ -106,8 +106,8 @@ def hidden(norm: str, n_in: int, n_out: int, mlp: bool, backend: str, stride: in
     """One hidden layer: the weight layer (bounded for ``bounded_wn``), its norm layer if
     ``norm`` has one, a ReLU."""
     if norm == "equinorm":
-        layer = (tritonorm.EquiNormLinear(n_in, n_out, backend=backend) if mlp else
-                 tritonorm.EquiNormConv2d(n_in, n_out, 3, stride=stride, padding=1, backend=backend))
+        layer: nn.Module = (tritonorm.EquiNormLinear(n_in, n_out, backend=backend) if mlp else
+                            tritonorm.EquiNormConv2d(n_in, n_out, 3, stride=stride, padding=1, backend=backend))
         return [layer, nn.ReLU()]
     has_norm = norm in NORM_LAYERS
     layer = he_linear(n_in, n_out) if mlp else nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=not has_norm)

@@ -1,10 +1,16 @@
 """nn.Module wrappers, one file per method, named like torch.nn."""
 
-from . import bounded_weight_norm as _bounded_weight_norm
-from . import equinorm as _equinorm
-from . import lp_batchnorm as _lp_batchnorm
 from .bounded_weight_norm import *  # noqa: F401,F403
 from .equinorm import *  # noqa: F401,F403
 from .lp_batchnorm import *  # noqa: F401,F403
 
-__all__ = [*_lp_batchnorm.__all__, *_equinorm.__all__, *_bounded_weight_norm.__all__]
+# A literal list, which type checkers read (tritonorm ships py.typed); tests/test_docs.py
+# checks that it is the union of the submodules' lists.
+__all__ = [
+    "L1BatchNorm1d", "L1BatchNorm2d", "L1BatchNorm3d",
+    "LinfBatchNorm1d", "LinfBatchNorm2d", "LinfBatchNorm3d",
+    "TopkBatchNorm1d", "TopkBatchNorm2d", "TopkBatchNorm3d",
+    "SyncL1BatchNorm", "SyncLinfBatchNorm", "SyncTopkBatchNorm",
+    "EquiNormConv1d", "EquiNormConv2d", "EquiNormConv3d", "EquiNormLinear", "balance_signs_", "fold_equinorm",
+    "BoundedWeightNorm", "bounded_weight_norm", "remove_bounded_weight_norm", "BoundedWNLinear", "BoundedWNConv2d",
+]
