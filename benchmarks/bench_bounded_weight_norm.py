@@ -36,7 +36,8 @@ from tritonorm.bench.bwn_cases import (
     make_grad,
     step,
 )
-from tritonorm.bench.lp_cases import PASSES, dtype_name, run_benchmark
+from tritonorm.bench.lp_cases import dtype_name, run_benchmark
+from tritonorm.bench.timing import PASSES
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

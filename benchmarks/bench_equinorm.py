@@ -36,7 +36,8 @@ from tritonorm.bench.equinorm_cases import (
     output_shape,
     variants,
 )
-from tritonorm.bench.lp_cases import COMPILED, EAGER, PASSES, TRITON, check_outputs, dtype_name, run_benchmark
+from tritonorm.bench.lp_cases import COMPILED, EAGER, TRITON, check_outputs, dtype_name, run_benchmark
+from tritonorm.bench.timing import PASSES
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

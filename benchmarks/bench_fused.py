@@ -30,7 +30,6 @@ from tritonorm.bench import fused_cases, stack_cases
 from tritonorm.bench.fused_cases import BASELINE_COMPILED, EPILOGUES, RESIDUAL_RELU, UNFUSED
 from tritonorm.bench.lp_cases import (
     EAGER,
-    PASSES,
     TRITON,
     check_outputs,
     dtype_name,
@@ -38,6 +37,7 @@ from tritonorm.bench.lp_cases import (
     run_benchmark,
     shape_name,
 )
+from tritonorm.bench.timing import PASSES
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

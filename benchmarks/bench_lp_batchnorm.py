@@ -29,7 +29,6 @@ from tritonorm.bench.lp_cases import (
     COMPILED,
     EAGER,
     IMPLEMENTATIONS,
-    PASSES,
     PLAIN,
     TRITON,
     algorithm_bytes,
@@ -43,6 +42,7 @@ from tritonorm.bench.lp_cases import (
     synchronized,
     variants,
 )
+from tritonorm.bench.timing import PASSES
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"

@@ -4,12 +4,12 @@ norm on a GPU.
 
     python benchmarks/roofline.py [--quick] [--only SECTION ...] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 
-The measurements, the bytes and the tables are ``tritonorm.bench.roofline``'s (its docstring
-says what each section times and how); ``tritonorm bench`` runs the same and prints one
-table.  This script prints the markdown page and writes it, with the JSON record, to
-benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to --out DIR), with the device
-name, the peak bandwidth used, the torch and triton versions and the date.  A case that
-fails is reported and left out; the script then exits with status 1.
+The measurements and the tables are ``tritonorm.bench.roofline``'s and its sections'
+(docs/benchmarks.md says what each section times and the bytes it counts); ``tritonorm
+bench`` runs the same and prints one table.  This script prints the markdown page and writes
+it, with the JSON record, to benchmarks/results/<device-slug>-<YYYY-MM-DD>.{md,json} (or to
+--out DIR), with the device name, the peak bandwidth used, the torch and triton versions and
+the date.  A case that fails is reported and left out; the script then exits with status 1.
 
 ``--only lp|equinorm|enorm|bwn|fused|stack`` (repeatable) runs those sections alone; the file names then
 end with them, so a partial run does not overwrite the day's full table.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tritonorm.bench import roofline
+from tritonorm.bench import bwn_cases, lp_cases, roofline
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -37,8 +37,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help=f"only the shapes {roofline.QUICK_SHAPES}, two EquiNorm layers (one compiled), "
-                             f"{len(roofline.QUICK_BWN_WEIGHTS)} bounded-weight-norm weights, the fused norms in "
+                        help=f"only the shapes {lp_cases.QUICK_SHAPES}, two EquiNorm layers (one compiled), "
+                             f"{len(bwn_cases.QUICK_WEIGHTS)} bounded-weight-norm weights, the fused norms in "
                              "bf16 only and the stack with one block per stage")
     parser.add_argument("--only", action="append", choices=roofline.SECTIONS,
                         help="run this section only (repeatable; default: all); the file names get the sections")

@@ -1,9 +1,7 @@
-"""Shared helpers of the ENorm tests: chains, and the authors' update rule (shared with the
-benchmarks, in the package)."""
+"""Shared helpers of the ENorm tests: chains and their weight layers (the authors' per-layer
+cycle, the oracle of the parallel mode, is ``tritonorm.reference.enorm.per_layer_cycle``)."""
 
 from torch import nn
-
-from tritonorm.bench.enorm_cases import per_layer_cycle  # noqa: F401 (re-exported to the tests)
 
 
 def mlp(widths, bias=False, batchnorm=False):

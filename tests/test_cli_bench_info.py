@@ -16,7 +16,7 @@ import triton
 
 import tritonorm
 from tritonorm._dispatch import ENV_VAR, describe, resolve_backend
-from tritonorm.bench import fused_cases, roofline, stack_cases
+from tritonorm.bench import enorm_cases, fused_cases, lp_cases, roofline, stack_cases
 from tritonorm.bench.bwn_cases import COMPILED_CONTENDERS
 from tritonorm.bench.lp_cases import COMPILED
 from tritonorm.cli import bench, main
@@ -152,7 +152,7 @@ def test_bench_cpu_enorm_table_and_files(capsys, tmp_path):
     header, *rows = table(out)
     assert header == HEADERS
     check_rows(rows)
-    nets = {net.name for net in roofline.SMALL_NETS}
+    nets = {net.name for net in enorm_cases.SMALL_NETS}
     assert {(r[0], r[2], r[4]) for r in rows} == {("enorm", net, p) for net in nets for p in ("cycle", "step")}
     assert {r[1] for r in rows} == {"enorm-torch-parallel", "per-layer-loop", "sgd-step"}
     for r in rows:
@@ -247,9 +247,9 @@ def test_bench_cpu_fused_and_stack_sections(capsys, tmp_path, eager_only):
         (op, "torch-eager" if op.startswith("bn") else "reference-eager", p)
         for op in FUSED_OPS for p in ("forward", "forward+backward")}
     for r in fused:
-        assert r[2] == "x".join(map(str, roofline.SMOKE_SHAPE)) and r[7].endswith("%"), r
+        assert r[2] == "x".join(map(str, lp_cases.SMOKE_SHAPE)) and r[7].endswith("%"), r
         assert r[9] == "-", r  # no compiled contender ran (eager_only)
-    smoke = roofline.SMOKE_STACK_CASE
+    smoke = stack_cases.SMOKE_CASE
     assert {(r[0], r[1], r[2], r[4]) for r in stack} == {(op, "eager", smoke.name, "step") for op in STACK_OPS}
     assert all(r[6] == r[7] == r[9] == "-" for r in stack)  # no bytes, no compiled bn stack
 
@@ -257,7 +257,7 @@ def test_bench_cpu_fused_and_stack_sections(capsys, tmp_path, eager_only):
     record = json.loads(json_file.read_text())
     assert record["meta"]["sections"] == ["fused", "stack"] and record["errors"] == []
     assert json_file.name == f"cpu-{record['meta']['date']}-fused-stack.json"
-    x_bytes = math.prod(roofline.SMOKE_SHAPE) * 4
+    x_bytes = math.prod(lp_cases.SMOKE_SHAPE) * 4
     for r in record["fused"]:  # the floor: 2 + 3 passes, 3 + 4 with the residual
         residual = r["epilogue"] == fused_cases.RESIDUAL_RELU
         passes = {"forward": 2 + residual, "forward+backward": 5 + 2 * residual}[r["pass"]]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from enorm_utils import cnn, mlp, per_layer_cycle, weight_layers
+from enorm_utils import cnn, mlp, weight_layers
 from torch import nn
 
 from tritonorm import ENorm
@@ -147,7 +147,7 @@ def test_parallel_is_the_authors_rule(backend, device):
     expected = [p.detach().clone() for p in model.parameters()]
     buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     for _ in range(3):
-        per_layer_cycle([w.flatten(2) for w in expected], [m.flatten(2) for m in buffers], c=1.2)
+        ref.per_layer_cycle([w.flatten(2) for w in expected], [m.flatten(2) for m in buffers], c=1.2)
     enorm = ENorm(convs, optimizer, c=1.2, mode="parallel", backend=backend)
     for _ in range(3):
         enorm.step()

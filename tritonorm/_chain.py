@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .enorm import LAYER_TYPES
 from .nn.equinorm import _EquiNorm
 from .nn.lp_batchnorm import _LpBatchNorm
 
+# The weight layers ENorm balances: a chain is a path through them.
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Maps with f(d x) = d f(x) for every d > 0, per channel.
 HOMOGENEOUS_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -58,7 +59,9 @@ class Tracer(fx.Tracer):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _describe(node: fx.Node, modules: dict) -> str:
+def describe(node: fx.Node, modules: dict) -> str:
+    """A node as an error message names it: "`target` (ModuleClass)" for a module call,
+    "`name` (function or method)" for a call, "`name`" otherwise."""
     if node.op == "call_module":
         return f"`{node.target}` ({type(modules[node.target]).__name__})"
     if node.op in ("call_function", "call_method"):
@@ -99,16 +102,16 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
     while node.op != "output":
         users = [u for u in node.users if not _is_metadata(u)]
         if len(users) != 1:
-            names = ", ".join(_describe(u, modules) for u in users) or "nothing"
+            names = ", ".join(describe(u, modules) for u in users) or "nothing"
             raise ValueError(
-                f"model: {_describe(node, modules)} feeds {names}: ENorm.from_model needs a single path, without "
+                f"model: {describe(node, modules)} feeds {names}: ENorm.from_model needs a single path, without "
                 "branches or residual connections (a skip path bypasses the rescaled weights)"
             )
         prev, node = node, users[0]
         others = [a for a in node.all_input_nodes if a is not prev and not _is_metadata(a) and a.op != "get_attr"]
         if others:
             raise ValueError(
-                f"model: {_describe(node, modules)} also reads {', '.join(_describe(a, modules) for a in others)}: "
+                f"model: {describe(node, modules)} also reads {', '.join(describe(a, modules) for a in others)}: "
                 "ENorm.from_model needs a single path, without residual adds or merges"
             )
         if node.op != "output":
@@ -122,7 +125,7 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
     layers = [modules[path[i].target] for i in weights]
     for k, layer in enumerate(layers):
         if any(layer is other for other in layers[:k]):
-            raise ValueError(f"model: {_describe(path[weights[k]], modules)} is called twice (shared weights)")
+            raise ValueError(f"model: {describe(path[weights[k]], modules)} is called twice (shared weights)")
     return layers
 
 
@@ -130,20 +133,20 @@ def _check_between(first: fx.Node, second: fx.Node, nodes: list[fx.Node], module
     """The maps between two consecutive weight layers keep the function under ENorm: each
     commutes with a positive per-unit scale, and a flatten sits exactly where the layers'
     (O, I, K) views assume one (one, channel-major, from a convolution to a Linear)."""
-    between = f"between {_describe(first, modules)} and {_describe(second, modules)}"
+    between = f"between {describe(first, modules)} and {describe(second, modules)}"
     flattens = []
     for node in nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, _EquiNorm):
             raise ValueError(
-                f"model: EquiNorm layer {_describe(node, modules)} sits {between}: it renormalizes its weight from "
+                f"model: EquiNorm layer {describe(node, modules)} sits {between}: it renormalizes its weight from "
                 "its input, so a rescaled input changes what it computes; ENorm cannot balance across it"
             )
         if isinstance(module, BATCH_NORMS_ANY):
             if allow_batchnorm:
                 continue
             raise ValueError(
-                f"model: BatchNorm {_describe(node, modules)} sits {between}: ENorm then changes what the network "
+                f"model: BatchNorm {describe(node, modules)} sits {between}: ENorm then changes what the network "
                 "computes; pass allow_batchnorm=True to balance this chain anyway (the paper's ENorm + BN)"
             )
         homogeneous = (
@@ -161,14 +164,14 @@ def _check_between(first: fx.Node, second: fx.Node, nodes: list[fx.Node], module
             flat_ok = True
         if not (homogeneous and flat_ok):
             raise ValueError(
-                f"model: {_describe(node, modules)} {between} is not a positively homogeneous map ENorm knows "
+                f"model: {describe(node, modules)} {between} is not a positively homogeneous map ENorm knows "
                 "(ReLU, LeakyReLU, PReLU, max/avg pooling, dropout, flatten to (N, -1)); rescaling across it would "
                 "change the network's function"
             )
     conv_to_linear = not isinstance(modules[first.target], nn.Linear) and isinstance(modules[second.target], nn.Linear)
     if len(flattens) != int(conv_to_linear):
         need = "exactly one flatten to (N, -1)" if conv_to_linear else "no flatten or reshape"
-        found = ", ".join(_describe(n, modules) for n in flattens) or "none"
+        found = ", ".join(describe(n, modules) for n in flattens) or "none"
         raise ValueError(
             f"model: ENorm needs {need} {between} (found: {found}), so that each hidden unit feeds the inputs "
             "its (O, I, K) view assumes"

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from . import functional as F
-from ._chain import BATCHNORMS, Tracer
-from ._chain import _describe as _describe_node
+from ._chain import BATCHNORMS, Tracer, describe
 from ._checks import check_bool, is_number
 from ._dispatch import check_backend
 from .nn.bounded_weight_norm import bounded_weight_norm
@@ -504,7 +503,7 @@ def _equinorm_layer(graph_module: fx.GraphModule, bn_node: fx.Node, modules: dic
 
 
 def _describe(node: fx.Node, modules: dict) -> str:
-    return f"the model input `{node.name}`" if node.op == "placeholder" else _describe_node(node, modules)
+    return f"the model input `{node.name}`" if node.op == "placeholder" else describe(node, modules)
 
 
 @torch.no_grad()

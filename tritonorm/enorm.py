@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._chain import LAYER_TYPES, find_chain
 from ._checks import check_bool, check_choice, check_eps, check_int, check_number
 from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MODES = ("parallel", "sequential")
 
 # How each optimizer's per-parameter state moves when a parameter entry is multiplied by
@@ -241,8 +241,6 @@ class ENorm:
         BatchNorm between two weights unless ``allow_batchnorm=True`` (the paper's ENorm + BN:
         the cycle then changes what the network computes); a model that is not an nn.Module
         is a TypeError.  Keyword arguments go to ENorm."""
-        from ._chain import find_chain
-
         return cls(find_chain(model, allow_batchnorm=allow_batchnorm), optimizer, **kwargs)
 
     @property

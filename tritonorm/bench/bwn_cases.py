@@ -32,18 +32,16 @@ The contenders (``CONTENDERS``), each an ``nn.Module`` whose ``forward()`` retur
   ``rho * v / v.norm(p=2, dim=(1, ...), keepdim=True)`` (rho the same 0-d buffer), eager and
   ``torch.compile``-d.
 
-Bytes.  Compulsory (the floor, ``compulsory_bytes``): what any implementation must move,
-forward a read of v and a write of w, backward a read of dL/dw and v and a write of dL/dv:
-2 and 3 weight passes, 5 for forward+backward (the per-slice vectors rho, g, norms are left
-out).  Algorithmic (``algorithm_bytes``, the Triton contenders): the passes its kernels make
-(``tritonorm.kernels.bounded_weight_norm``): forward reads v twice and writes w (3),
-backward reads dL/dw and v twice and writes dL/dv (5); the second reads mostly hit L2.
+Bytes: the floor (``compulsory_bytes``) and the passes the Triton kernels make
+(``algorithm_bytes``), as docs/benchmarks.md describes them ("Bounded weight norm");
+``_COMPULSORY`` and ``_ALGORITHM`` hold the pass counts.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -51,6 +49,9 @@ from torch import nn
 
 import tritonorm
 from tritonorm.reference.bounded_weight_norm import EPS, slice_norms
+
+from .lp_cases import dtype_name
+from .timing import add_bandwidth, by_pass, fmt, guarded, markdown_table, ratio, time_passes
 
 TRITON_FIXED, TRITON_GAIN, TRITON_OPS = "bwn-triton", "bwn-triton-gain", "bwn-triton-ops"
 TORCH_EAGER, TORCH_COMPILED = "bwn-torch-eager", "bwn-torch-compile"
@@ -60,7 +61,7 @@ CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS, TORCH_EAGER, TORCH_COMPILED
               FORMULA_COMPILED)
 TRITON_CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS)
 COMPILED_CONTENDERS = (TORCH_COMPILED, FORMULA_COMPILED)
-# The parametrizations the issue's targets are about (forward+backward).
+# The parametrizations the targets are about (forward+backward; ``SPEEDUP_TARGET``, ``FLOOR_TARGET``).
 PARAMETRIZATIONS = (TRITON_FIXED, TRITON_GAIN)
 _BACKENDS = {TRITON_FIXED: "triton", TRITON_GAIN: "triton", TORCH_EAGER: "torch", TORCH_COMPILED: "torch"}
 # Weight passes per direction: compulsory, and what the Triton kernels make.
@@ -247,10 +248,165 @@ def _directions(pass_: str):
 
 
 def compulsory_bytes(pass_: str, case: WeightCase, dtype: torch.dtype) -> int:
-    """The floor: bytes any implementation must move for ``pass_`` (module docstring)."""
+    """The floor: bytes any implementation must move for ``pass_`` (docs/benchmarks.md)."""
     return sum(_COMPULSORY[d] for d in _directions(pass_)) * case.numel * dtype.itemsize
 
 
 def algorithm_bytes(pass_: str, case: WeightCase, dtype: torch.dtype) -> int:
-    """Bytes the Triton kernels move for ``pass_`` (module docstring)."""
+    """Bytes the Triton kernels move for ``pass_`` (docs/benchmarks.md)."""
     return sum(_ALGORITHM[d] for d in _directions(pass_)) * case.numel * dtype.itemsize
+
+
+# ----------------------------------------------------------------------------- the roofline section
+
+# fp32 weights (parameters stay fp32 under mixed precision).  --quick: a launch-bound conv,
+# two ~1M-element ones, the fc and the 4096x4096 linear.
+DTYPES = (torch.float32,)
+QUICK_WEIGHTS = tuple(w for w in WEIGHTS if w.shape in ((64, 64, 3, 3), (512, 512, 3, 3), (2048, 512, 1, 1),
+                                                        (1000, 2048), (4096, 4096)))
+# The targets, Triton forward+backward of the parametrization: at least SPEEDUP_TARGET times
+# faster than torch.nn.utils.parametrizations.weight_norm, and at most FLOOR_TARGET times the
+# bandwidth floor's time on weights of more than FLOOR_MIN_NUMEL elements.
+SPEEDUP_TARGET, FLOOR_TARGET, FLOOR_MIN_NUMEL = 2.0, 1.5, 1_000_000
+
+
+def _time_case(case: WeightCase, name: str, dtype: torch.dtype, grad, device: str) -> list[dict]:
+    module = build(name, case, dtype, device)
+    times = time_passes(lambda pass_: step(module, grad, pass_), lambda out: check_outputs(out, case), device)
+    return [{
+        "weight": case.name, "layers": case.where, "numel": case.numel, "dtype": dtype_name(dtype), "pass": pass_,
+        "contender": name, "time_us": time_us, "bytes": compulsory_bytes(pass_, case, dtype),
+        "algorithm_bytes": algorithm_bytes(pass_, case, dtype) if is_triton(name) else None,
+    } for pass_, time_us in times.items()]
+
+
+def measure(cases, dtypes, device: str, names, log) -> tuple[list[dict], list[str]]:
+    """Time both passes of each contender in ``names`` on every weight and dtype, each on a
+    fresh module over the same v and dL/dw; returns the rows and the errors of the cases that
+    failed."""
+    rows, errors = [], []
+    for case in cases:
+        for dtype in dtypes:
+            grad = make_grad(case, dtype, device)
+            block = []
+            for name in names:
+                where = f"bounded weight norm {case.name} {dtype_name(dtype)} {name}"
+                block += guarded(where, errors, log, device, partial(_time_case, case, name, dtype, grad, device))
+            rows += by_pass(block)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows, errors
+
+
+def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
+    """Add GB/s over the floor (and over the kernels' bytes, Triton rows), their fractions of
+    peak, time / weight_norm time and time / compiled-formula time to each row; return, per
+    weight, dtype and Triton parametrization with a weight_norm row, the targets: weight_norm
+    time / its forward+backward time (at least ``SPEEDUP_TARGET``) and, above
+    ``FLOOR_MIN_NUMEL`` elements, its time / the floor's time (at most
+    ``FLOOR_TARGET``), with the kernels alone (``bwn-triton-ops``) beside it."""
+    index = {(r["weight"], r["dtype"], r["pass"], r["contender"]): r for r in rows}
+    for r in rows:
+        config = (r["weight"], r["dtype"], r["pass"])
+        add_bandwidth(r, r["bytes"], peak_gbps)
+        r["vs_weight_norm"] = ratio(r, index.get((*config, WEIGHT_NORM)))
+        r["vs_formula_compiled"] = ratio(r, index.get((*config, FORMULA_COMPILED)))
+    targets = []
+    for (weight, dtype, pass_, name), r in index.items():
+        weight_norm = index.get((weight, dtype, pass_, WEIGHT_NORM))
+        if pass_ != "forward+backward" or name not in PARAMETRIZATIONS or not weight_norm:
+            continue
+        speedup = ratio(weight_norm, r)
+        checked = r["numel"] > FLOOR_MIN_NUMEL
+        over_floor = 1 / r["floor_fraction"]
+        ops = index.get((weight, dtype, pass_, TRITON_OPS))
+        targets.append({
+            "weight": weight, "layers": r["layers"], "numel": r["numel"], "dtype": dtype, "contender": name,
+            "speedup_vs_weight_norm": speedup, "time_over_floor": over_floor, "floor_checked": checked,
+            "ops_time_over_floor": 1 / ops["floor_fraction"] if ops else None,
+            "met": speedup >= SPEEDUP_TARGET and (not checked or over_floor <= FLOOR_TARGET),
+        })
+    return targets
+
+
+def target_summary(targets: list[dict]) -> dict | None:
+    """How many (weight, dtype, parametrization) meet each target, and the worst of each;
+    None without targets (as on CPU)."""
+    if not targets:
+        return None
+    floor = [t for t in targets if t["floor_checked"]]
+    slowest = min(targets, key=lambda t: t["speedup_vs_weight_norm"])
+    farthest = max(floor, key=lambda t: t["time_over_floor"]) if floor else None
+    return {
+        "cases": len(targets), "met": sum(t["met"] for t in targets),
+        "speedup_met": sum(t["speedup_vs_weight_norm"] >= SPEEDUP_TARGET for t in targets),
+        "worst_speedup": slowest["speedup_vs_weight_norm"],
+        "worst_speedup_at": f"{slowest['weight']} {slowest['contender']}",
+        "floor_cases": len(floor), "floor_met": sum(t["time_over_floor"] <= FLOOR_TARGET for t in floor),
+        "worst_over_floor": farthest["time_over_floor"] if farthest else None,
+        "worst_over_floor_at": f"{farthest['weight']} {farthest['contender']}" if farthest else None,
+    }
+
+
+def _summary_line(summary: dict | None) -> str:
+    if summary is None:
+        return "Targets: no Triton forward+backward rows with a weight_norm row measured."
+    line = (f"Targets (Triton forward+backward of the parametrization): met at {summary['met']} of {summary['cases']}. "
+            f">= {SPEEDUP_TARGET:g}x faster than weight_norm: {summary['speedup_met']} of {summary['cases']}, "
+            f"slowest {summary['worst_speedup']:.2f}x ({summary['worst_speedup_at']}).")
+    if summary["floor_cases"]:
+        line += (f" Within {FLOOR_TARGET:g}x of the floor above {FLOOR_MIN_NUMEL:,} elements: "
+                 f"{summary['floor_met']} of {summary['floor_cases']}, farthest {summary['worst_over_floor']:.2f}x "
+                 f"({summary['worst_over_floor_at']}).")
+    return line
+
+
+def section(rows: list[dict], targets: list[dict], summary: dict | None) -> list[str]:
+    """The markdown of the section: what it measures, the targets and the table."""
+    table = markdown_table(
+        ["weight", "layers", "dtype", "pass", "contender", "time (us)", "floor MB", "GB/s", "floor / time",
+         "alg. GB/s", "alg. / peak", "/ weight_norm", "/ compiled formula"],
+        [[r["weight"], r["layers"], r["dtype"], r["pass"], r["contender"], f"{r['time_us']:.1f}",
+          f"{r['bytes'] / 1e6:.2f}", f"{r['gbps']:.0f}", f"{r['floor_fraction']:.1%}",
+          fmt(r.get("algorithm_gbps"), ".0f"), fmt(r.get("algorithm_fraction"), ".1%"),
+          fmt(r["vs_weight_norm"], ".2f"), fmt(r["vs_formula_compiled"], ".2f")] for r in rows],
+    )
+    target_table = markdown_table(
+        ["weight", "layers", "elements", "dtype", "contender", f"weight_norm / time (>= {SPEEDUP_TARGET:g})",
+         f"time / floor (<= {FLOOR_TARGET:g} above {FLOOR_MIN_NUMEL:,})", "ops alone: time / floor", "met"],
+        [[t["weight"], t["layers"], f"{t['numel']:,}", t["dtype"], t["contender"], f"{t['speedup_vs_weight_norm']:.2f}",
+          f"{t['time_over_floor']:.2f}" + ("" if t["floor_checked"] else " (n/a)"),
+          fmt(t["ops_time_over_floor"], ".2f"), "yes" if t["met"] else "NO"] for t in targets],
+    ) if targets else ""
+    return [
+        "## Bounded weight norm: the parametrized weight against weight_norm and the plain formula",
+        "",
+        "The weight a training step computes from its parameters (w_i = rho_i v_i / ||v_i|| per output channel), "
+        "forward, and forward+backward (torch.autograd.grad of w with a random dL/dw wrt the parameters); every "
+        "distinct conv weight of ResNet-50 (layers: the first with the shape, and how many have it), its fc and a "
+        "4096x4096 linear. Contenders: bwn-triton, tritonorm.bounded_weight_norm(backend=\"triton\") with a fixed "
+        "rho; bwn-triton-gain, the same with learnable_gain=True; bwn-triton-ops, the two custom ops called "
+        "directly (no parametrization, no autograd); bwn-torch-eager / -compile, the PyTorch reference "
+        "(backend=\"torch\"), eager and torch.compile; weight_norm, torch.nn.utils.parametrizations.weight_norm "
+        "(dim=0, parameters g and v); formula-eager / -compile, rho * v / v.norm(p=2, dim=(1, ...), keepdim=True), "
+        "eager and torch.compile. floor MB: the compulsory bytes (forward: read v, write w; backward: read dL/dw "
+        "and v, write dL/dv; 2 and 3 weight passes, 5 for forward+backward). GB/s: those bytes / time; "
+        "floor / time: the time they take at peak bandwidth over the time. alg.: the same for the bytes the Triton "
+        "kernels move (forward reads v twice and writes w, backward reads dL/dw and v twice and writes dL/dv: 3 and "
+        "5 passes). / weight_norm, / compiled formula: time over weight_norm's and over the compiled formula's.",
+        "",
+        _summary_line(summary),
+        "",
+        *([target_table, ""] if target_table else []),
+        table,
+    ]
+
+
+def run_section(cases, names, device: str, peak: float, log) -> tuple[dict, list[str], list[str]]:
+    """Measure, derive and render the section: (record entries, markdown lines, errors)."""
+    rows, errors = measure(cases, DTYPES, device, names, log)
+    targets = derive(rows, peak)
+    summary = target_summary(targets)
+    part = {"bounded_weight_norm": rows, "bounded_weight_norm_targets": targets,
+            "bounded_weight_norm_summary": summary}
+    return part, section(rows, targets, summary), errors

@@ -9,18 +9,16 @@ SGD(momentum=0.9, foreach=True), so that its gradients and momentum buffers are 
 * one ENorm cycle (c = ``C``, p = 2, no bias, the last pair left alone, momentum buffers
   rescaled): Triton parallel (2 launches), Triton sequential (one launch per pair, and one
   more), and the PyTorch path (backend="torch", parallel);
-* the same cycle as the authors' per-layer Python loop (``per_layer_cycle``);
+* the same cycle as the authors' per-layer Python loop (``reference.enorm.per_layer_cycle``);
 * one ``optimizer.step()`` of the SGD the cycle accompanies, the yardstick of its cost.
 
-The bandwidth floor of one parallel cycle (``cycle_bytes``): every weight the cycle touches
-read once for the norms and read and written once by the rescale, and its momentum buffer
-read and written once, i.e. the sum over the touched layers of 3 x weight bytes + 2 x
-buffer bytes (the coefficients are left out).
+The bandwidth floor of one parallel cycle (``cycle_bytes``) is docs/benchmarks.md's ("ENorm").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
 from typing import Callable, NamedTuple
 
@@ -28,6 +26,10 @@ import torch
 from torch import nn
 
 from tritonorm import ENorm
+from tritonorm.reference.enorm import per_layer_cycle
+
+from .equinorm_cases import check_finite
+from .timing import fmt, guarded, markdown_table, median_seconds, ratio
 
 TRITON_PARALLEL, TRITON_SEQUENTIAL = "enorm-triton-parallel", "enorm-triton-sequential"
 TORCH_PARALLEL, PER_LAYER, SGD_STEP = "enorm-torch-parallel", "per-layer-loop", "sgd-step"
@@ -66,25 +68,6 @@ class Net:
 # ones of the same structure, for the CPU.
 STUDY_NETS = (Net("mlp", (3072, *[500] * 20, 10)), Net("cnn", (3, 128, 128, 128, 256, 256, 256, 320, 320, 10)))
 SMALL_NETS = (Net("mlp", (48, *[16] * 6, 10)), Net("cnn", (3, 8, 8, 8, 16, 16, 16, 24, 24, 10), in_size=8))
-
-
-def per_layer_cycle(weights: list[torch.Tensor], buffers: list[torch.Tensor] | None, c: float) -> None:
-    """The published ENorm step (facebookresearch/enorm, ``_step_conv``), restated: a Python
-    loop over the pairs of (O, I, K) weights, every coefficient from the norms at the start
-    of the cycle, the last pair left alone, no biases, p = 2, momentum buffers rescaled
-    rows by 1/d and columns by d.  The per-layer baseline of the benchmarks and the tests'
-    oracle of the parallel mode (``tests/enorm_utils`` re-exports it)."""
-    left = weights[0].flatten(1).norm(dim=1)
-    right = weights[1].transpose(0, 1).flatten(1).norm(dim=1)
-    for i in range(1, len(weights) - 1):
-        balancer = (right / (left * c)).pow(0.5)
-        left = weights[i].flatten(1).norm(dim=1)
-        right = weights[i + 1].transpose(0, 1).flatten(1).norm(dim=1)
-        weights[i - 1].mul_(balancer[:, None, None])
-        weights[i].mul_(1 / balancer[None, :, None])
-        if buffers is not None:
-            buffers[i - 1].mul_(1 / balancer[:, None, None])
-            buffers[i].mul_(balancer[None, :, None])
 
 
 def _mlp(widths) -> nn.Sequential:
@@ -157,3 +140,90 @@ def cycle_bytes(chain: Chain) -> int:
 def state(chain: Chain) -> tuple[torch.Tensor, ...]:
     """The weights and momentum buffers, for ``equinorm_cases.check_finite``."""
     return tuple(t for layer in chain.layers for t in (layer.weight, _buffer(chain, layer.weight)))
+
+
+# ----------------------------------------------------------------------------- the roofline section
+
+# The targets, per net: Triton parallel cycle / SGD step at most SGD_TARGET, per-layer loop /
+# Triton parallel cycle at least LOOP_TARGET.
+SGD_TARGET, LOOP_TARGET = 1.0, 20.0
+
+
+def _time_case(net: Net, name: str, device: str) -> list[dict]:
+    chain = build(net, device)
+    fn = contender(name, chain)
+    fn()  # the warm-up: Triton compiles, ENorm's views and tables
+    time_us = median_seconds(fn, device) * 1e6
+    check_finite(state(chain))
+    return [{"net": net.name, "contender": name, "time_us": time_us,
+             "bytes": None if name == SGD_STEP else cycle_bytes(chain)}]
+
+
+def measure(nets, names, device: str, log) -> tuple[list[dict], list[str]]:
+    """Time one call of each contender in ``names`` on each net, each on a fresh copy;
+    returns the rows and the errors of the cases that failed."""
+    rows, errors = [], []
+    for net in nets:
+        for name in names:
+            rows += guarded(f"ENorm {net.name} {name}", errors, log, device, partial(_time_case, net, name, device))
+    return rows, errors
+
+
+def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
+    """Add time / Triton parallel time, time / SGD step time and, for the cycles, GB/s over
+    the floor and its fraction of peak to each row; return, per net with the rows they need,
+    the target ratios Triton parallel / SGD step and per-layer loop / Triton parallel, and
+    whether both are met."""
+    index = {(r["net"], r["contender"]): r for r in rows}
+    for r in rows:
+        r["vs_parallel"] = ratio(r, index.get((r["net"], TRITON_PARALLEL)))
+        r["vs_sgd"] = ratio(r, index.get((r["net"], SGD_STEP)))
+        r["gbps"] = None if r["bytes"] is None else r["bytes"] / (r["time_us"] * 1e-6) / 1e9
+        r["peak_fraction"] = None if r["gbps"] is None else r["gbps"] / peak_gbps
+    targets = []
+    for (net, name), parallel in index.items():
+        sgd, loop = index.get((net, SGD_STEP)), index.get((net, PER_LAYER))
+        if name == TRITON_PARALLEL and sgd and loop:
+            vs_sgd, loop_ratio = ratio(parallel, sgd), ratio(loop, parallel)
+            targets.append({"net": net, "parallel_vs_sgd": vs_sgd, "loop_vs_parallel": loop_ratio,
+                            "met": vs_sgd <= SGD_TARGET and loop_ratio >= LOOP_TARGET})
+    return targets
+
+
+def section(rows: list[dict], targets: list[dict]) -> list[str]:
+    """The markdown of the section: what it measures, the targets and the table."""
+    table = markdown_table(
+        ["net", "contender", "time (us)", "/ Triton parallel", "floor MB", "GB/s", "/ peak"],
+        [[r["net"], r["contender"], f"{r['time_us']:.1f}", fmt(r["vs_parallel"], ".2f"),
+          fmt(None if r["bytes"] is None else r["bytes"] / 1e6, ".2f"), fmt(r["gbps"], ".0f"),
+          fmt(r["peak_fraction"], ".1%")] for r in rows],
+    )
+    target_table = markdown_table(
+        ["net", f"Triton parallel / SGD step (<= {SGD_TARGET:g})",
+         f"per-layer loop / Triton parallel (>= {LOOP_TARGET:g})", "met"],
+        [[t["net"], f"{t['parallel_vs_sgd']:.2f}", f"{t['loop_vs_parallel']:.1f}", "yes" if t["met"] else "NO"]
+         for t in targets],
+    ) if targets else "Targets: no Triton parallel rows measured."
+    return [
+        "## ENorm: one cycle against the per-layer loop and an SGD step",
+        "",
+        f"One ENorm cycle (c = {C}, p = 2, the last pair left alone, momentum buffers rescaled) on fp32 nets "
+        "without bias, after one SGD(momentum=0.9, foreach=True) step; each contender on a fresh copy. "
+        "Triton parallel: 2 launches; sequential: one per pair and one more; torch: backend=\"torch\", parallel; "
+        "per-layer loop: the authors' Python loop over the pairs; sgd-step: one optimizer.step(). "
+        "/ Triton parallel: time over the Triton parallel cycle's. floor MB: the bytes one parallel cycle must move, "
+        "sum over the weights it touches (all but the last) of 3 x weight bytes (read for the norms, read and "
+        "written by the rescale) + 2 x momentum-buffer bytes (read and written). GB/s: those bytes / time (the "
+        "cycles only); / peak: GB/s over the peak bandwidth.",
+        "",
+        target_table,
+        "",
+        table,
+    ]
+
+
+def run_section(nets, names, device: str, peak: float, log) -> tuple[dict, list[str], list[str]]:
+    """Measure, derive and render the section: (record entries, markdown lines, errors)."""
+    rows, errors = measure(nets, names, device, log)
+    targets = derive(rows, peak)
+    return {"enorm": rows, "enorm_targets": targets}, section(rows, targets), errors

@@ -22,19 +22,17 @@ What is compared, as (what, implementation) pairs:
 Parameters are fp32; a bf16 case runs its forward under ``torch.autocast`` (mixed-precision
 training), so the convolutions run in bf16 and EquiNorm's sums read bf16 activations.
 
-The kernels alone (``kernel_step``), with the bytes each must move:
-
-* input sums v (C,) of x: read x once, ``x.numel() * x.element_size()`` bytes; forward only
-  (its backward is a broadcast view, summed into dx by the convolution's backward);
-* weight transform w -> gain * w'': forward reads w and writes w'' (2 weight passes);
-  backward reads dL/dw'' and w and writes dL/dw (3 weight passes).  The per-channel
-  vectors (mass, gain, s, b) are left out.  These kernels run at the weight's dtype (fp32,
-  or bf16 for the bf16 cases) with an fp32 mass, as ``input_sums`` returns it.
+The kernels alone (``kernel_step``): the input sums v (C,) of x, forward only (its backward
+is a broadcast view, summed into dx by the convolution's backward), and the weight transform
+w -> gain * w'', forward and backward, at the weight's dtype (fp32, or bf16 for the bf16
+cases) with an fp32 mass, as ``input_sums`` returns it.  The bytes each must move
+(``kernel_bytes``) are docs/benchmarks.md's ("EquiNorm").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
@@ -44,7 +42,8 @@ import tritonorm
 from tritonorm.ops import equinorm as ops
 from tritonorm.reference import equinorm as reference
 
-from .lp_cases import COMPILED, EAGER, TRITON, step
+from .lp_cases import COMPILED, EAGER, TRITON, check_outputs, dtype_name, shape_name, step
+from .timing import by_pass, fmt, guarded, markdown_table, median_seconds, ratio, time_passes
 
 EQUINORM, NORM_ONLY = "equinorm", "norm-only"
 CONV, CONV_BN = ("conv", "nn.Conv2d"), ("conv+bn", "nn.Conv2d+nn.BatchNorm2d")
@@ -200,7 +199,7 @@ def _kernel_fn(kernel: str, impl: str) -> Callable:
 
 
 def kernel_bytes(kernel: str, direction: str, tensor: torch.Tensor) -> int:
-    """Bytes ``kernel`` must move in ``direction`` (see the module docstring); ``tensor`` is x
+    """Bytes ``kernel`` must move in ``direction`` (docs/benchmarks.md); ``tensor`` is x
     for the input sums, the weight for the weight transform."""
     passes = 1 if kernel == INPUT_SUMS else _WEIGHT_PASSES[direction]
     return passes * tensor.numel() * tensor.element_size()
@@ -226,3 +225,162 @@ def kernel_step(kernel: str, direction: str, impl: str, case: ConvCase, x: torch
 def check_finite(outputs: tuple) -> None:
     for t in outputs:
         assert torch.isfinite(t).all(), "non-finite output"
+
+
+# ----------------------------------------------------------------------------- the roofline section
+
+# EquiNormConv2d layers of a ResNet: the 3x3 convolutions of the four stages, the 1x1
+# reduction of a bottleneck and the stride-2 entry of stage 2.
+LAYERS = (
+    ConvCase(256, 64, 64, 56), ConvCase(128, 128, 128, 28), ConvCase(128, 256, 256, 14), ConvCase(128, 512, 512, 7),
+    ConvCase(64, 256, 64, 56, kernel=1), ConvCase(128, 64, 128, 56, stride=2),
+)
+# --quick: two layers, torch.compile at the first only (compiles dominate the time).
+QUICK_LAYERS = (ConvCase(64, 64, 64, 56), ConvCase(64, 256, 64, 56, kernel=1))
+SMOKE_LAYER = ConvCase(4, 8, 8, 8)
+# The target on (EquiNorm - conv) / (conv+BN - conv), Triton forward+backward: at most this.
+OVERHEAD_TARGET = 0.5
+
+
+def _time_layer(what: str, impl: str, case: ConvCase, inputs, device: str) -> list[dict]:
+    module = build(what, impl, case, inputs.x.dtype, device)
+    times = time_passes(lambda pass_: layer_step(what, module, inputs, pass_),
+                        lambda out: check_outputs(out, inputs.x, output_shape(what, case)), device)
+    return [{"layer": case.name, "what": what, "impl": impl, "dtype": dtype_name(inputs.x.dtype), "pass": pass_,
+             "time_us": time_us} for pass_, time_us in times.items()]
+
+
+def _time_kernel(kernel: str, direction: str, impl: str, case: ConvCase, x, device: str) -> list[dict]:
+    fn, nbytes = kernel_step(kernel, direction, impl, case, x)
+    check_finite(fn())  # and the warm-up
+    shape = case.input_shape if kernel == INPUT_SUMS else case.weight_shape
+    return [{
+        "kernel": kernel, "impl": impl, "shape": shape_name(shape), "dtype": dtype_name(x.dtype),
+        "direction": direction, "time_us": median_seconds(fn, device) * 1e6, "bytes": nbytes,
+    }]
+
+
+def layer_variants(impls: tuple, compiled_cases: tuple) -> Callable:
+    """``variants_of`` for ``measure``: the layer with each of ``impls``, compiled too at
+    ``compiled_cases``; the normalization alone with each of ``impls``."""
+    def variants_of(case: ConvCase) -> list:
+        return variants(impls + ((COMPILED,) if case in compiled_cases else ()), norm_only=impls)
+
+    return variants_of
+
+
+def measure(cases, dtypes, device: str, variants_of, kernel_impls, log):
+    """Time both passes of every (what, implementation) in ``variants_of(case)`` and every
+    kernel direction of each of ``kernel_impls`` for every layer case and dtype; returns
+    the layer rows, the kernel rows and the errors of the cases that failed."""
+    layers, kernels, errors = [], [], []
+    for case in cases:
+        for dtype in dtypes:
+            inputs = make_inputs(case, dtype, device)
+            block = []
+            for what, impl in variants_of(case):
+                where = f"EquiNorm {case.name} {dtype_name(dtype)} {what} {impl}"
+                block += guarded(where, errors, log, device, partial(_time_layer, what, impl, case, inputs, device))
+            layers += by_pass(block)
+            for kernel, direction in KERNELS:
+                for impl in kernel_impls:
+                    where = f"EquiNorm {case.name} {dtype_name(dtype)} {kernel} {direction} {impl}"
+                    kernels += guarded(where, errors, log, device,
+                                       partial(_time_kernel, kernel, direction, impl, case, inputs.x, device))
+    return layers, kernels, errors
+
+
+def _overhead(r: dict, conv: dict | None, conv_bn: dict | None) -> float | None:
+    """(time - conv time) / (conv+BN time - conv time) of an EquiNorm layer row; None for the
+    other rows, or when BatchNorm's own time is not positive (noise at tiny sizes)."""
+    if r["what"] != EQUINORM or not conv or not conv_bn or conv_bn["time_us"] <= conv["time_us"]:
+        return None
+    return (r["time_us"] - conv["time_us"]) / (conv_bn["time_us"] - conv["time_us"])
+
+
+def derive(layers: list[dict], kernels: list[dict], peak_gbps: float) -> None:
+    """Add time / conv, time / conv+BN, the overhead ratio and (EquiNorm layers) time /
+    compiled-reference time to the layer rows; GB/s, its fraction of peak and time /
+    reference time to the kernel rows."""
+    index = {(r["layer"], r["dtype"], r["pass"], r["what"], r["impl"]): r for r in layers}
+    for r in layers:
+        config = (r["layer"], r["dtype"], r["pass"])
+        conv, conv_bn = index.get((*config, *CONV)), index.get((*config, *CONV_BN))
+        r["vs_conv"], r["vs_conv_bn"] = ratio(r, conv), ratio(r, conv_bn)
+        r["overhead_vs_bn"] = _overhead(r, conv, conv_bn)
+        r["vs_compiled"] = ratio(r, index.get((*config, EQUINORM, COMPILED))) if r["what"] == EQUINORM else None
+    kernel_index = {(r["kernel"], r["shape"], r["dtype"], r["direction"], r["impl"]): r for r in kernels}
+    for r in kernels:
+        r["gbps"] = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
+        r["peak_fraction"] = r["gbps"] / peak_gbps
+        r["vs_reference"] = ratio(r, kernel_index.get((r["kernel"], r["shape"], r["dtype"], r["direction"], EAGER)))
+
+
+def overhead_summary(layers: list[dict]) -> dict | None:
+    """The worst overhead ratio of the Triton forward+backward rows, against the target;
+    None without such rows (as on CPU)."""
+    rows = [r for r in layers if r["impl"] == TRITON and r["pass"] == "forward+backward"
+            and r["overhead_vs_bn"] is not None]
+    if not rows:
+        return None
+    worst = max(rows, key=lambda r: r["overhead_vs_bn"])
+    return {"target": OVERHEAD_TARGET, "worst": worst["overhead_vs_bn"], "layer": worst["layer"],
+            "dtype": worst["dtype"], "met": worst["overhead_vs_bn"] <= OVERHEAD_TARGET}
+
+
+def _overhead_line(summary: dict | None) -> str:
+    if summary is None:
+        return "Overhead target: no Triton forward+backward rows measured."
+    verdict = "met" if summary["met"] else "NOT met"
+    return (f"Overhead target (Triton forward+backward, (EquiNorm - conv) / (conv+BN - conv) <= {summary['target']}): "
+            f"{verdict}; worst {summary['worst']:.2f} at {summary['layer']} {summary['dtype']}.")
+
+
+def section(layers: list[dict], kernels: list[dict], summary: dict | None) -> list[str]:
+    """The markdown of the section: what it measures, the layer table and the kernel table."""
+    layer_table = markdown_table(
+        ["layer", "dtype", "pass", "what", "impl", "time (us)", "/ conv", "/ conv+BN", "overhead / BN's",
+         "/ compiled ref"],
+        [[r["layer"], r["dtype"], r["pass"], r["what"], r["impl"], f"{r['time_us']:.1f}", fmt(r["vs_conv"], ".2f"),
+          fmt(r["vs_conv_bn"], ".2f"), fmt(r["overhead_vs_bn"], ".2f"), fmt(r["vs_compiled"], ".2f")]
+         for r in layers],
+    )
+    kernel_table = markdown_table(
+        ["kernel", "impl", "tensor", "dtype", "direction", "time (us)", "MB", "GB/s", "/ peak", "/ reference"],
+        [[r["kernel"], r["impl"], r["shape"], r["dtype"], r["direction"], f"{r['time_us']:.1f}",
+          f"{r['bytes'] / 1e6:.2f}", f"{r['gbps']:.0f}", f"{r['peak_fraction']:.1%}", fmt(r["vs_reference"], ".2f")]
+         for r in kernels],
+    )
+    return [
+        "## EquiNorm: EquiNormConv2d against nn.Conv2d and nn.Conv2d + nn.BatchNorm2d",
+        "",
+        "layer: input shape, kernel, stride, output channels; bf16 runs under autocast (fp32 parameters). "
+        "what: equinorm, the whole EquiNormConv2d; norm-only, its input sums and weight transform (and their "
+        "backward) without the convolution; conv and conv+bn, the baselines (no conv bias). "
+        "/ conv, / conv+BN: time over nn.Conv2d's and over nn.Conv2d + nn.BatchNorm2d's (for norm-only, / conv is "
+        "the fraction of the convolution's time the normalization costs). overhead / BN's: "
+        "(time - conv time) / (conv+BN time - conv time). / compiled ref: time over torch.compile of the "
+        "reference layer's.",
+        "",
+        _overhead_line(summary),
+        "",
+        layer_table,
+        "",
+        "## EquiNorm kernels",
+        "",
+        "MB the kernel must move: input sums, read x; weight transform forward, read w and write w''; backward, "
+        "read dL/dw'' and w and write dL/dw. GB/s: those bytes / time; / peak: GB/s over the peak bandwidth. "
+        "Backward: torch.autograd.grad of a recorded forward. / reference: time over the PyTorch reference's.",
+        "",
+        kernel_table,
+    ]
+
+
+def run_section(cases, compiled_cases, dtypes, impls, device: str, peak: float,
+                log) -> tuple[dict, list[str], list[str]]:
+    """Measure, derive and render the section: (record entries, markdown lines, errors)."""
+    layers, kernels, errors = measure(cases, dtypes, device, layer_variants(impls, compiled_cases), impls, log)
+    derive(layers, kernels, peak)
+    summary = overhead_summary(layers)
+    part = {"equinorm_layers": layers, "equinorm_kernels": kernels, "equinorm_overhead": summary}
+    return part, section(layers, kernels, summary), errors

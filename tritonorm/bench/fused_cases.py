@@ -23,19 +23,11 @@ with a fixed dy with respect to x, r, weight and bias).  Contenders:
 * ``torch-compile``: ``torch.compile`` of that module: Inductor fuses the add and the ReLU
   into the normalization's kernels, the strongest torch contender.
 
-Bytes, in passes over an x-sized tensor (bf16 or fp32, the dtype of x):
-
-* the floor, what any fused implementation must move: forward read x, write out (2), and
-  with a residual one more read (3); backward read x and dy, write dx (3), and with a
-  residual one more write, d r (4).  The ReLU's mask is taken as recomputable (without a
-  residual, from x and the statistics) or kept as one bit per element (with one: 1/32 of
-  an fp32 pass, left out);
-* the Triton kernels' own passes (counted in Triton's interpreter, ``tests/test_traffic.py``
-  checks them): on the on-chip path (``kernels.channel_resident``: a channel small enough
-  for one program) forward 2 (+1 read of r), backward 3 (+1 read of r to rebuild the
-  pre-activation, +1 write of d r); on the split path forward L1 4, L-inf / Top-k 3 (+1),
-  backward 5 (the elementwise pass re-reads x to rebuild the pre-activation) (+2 reads of
-  r, +1 write).  Which path a case takes is asked of the planner at the case's shape.
+Bytes: the floor (any fused implementation) and the Triton kernels' own passes, by the path
+a case takes (the planner is asked at the case's shape), as docs/benchmarks.md describes them
+("Fused batch norm + ReLU (+ residual add)"); ``_FLOOR`` and ``_ALGORITHM`` (and their
+residual shares) hold the pass counts, ``tests/test_traffic.py`` checks the kernels' against
+the traffic counter.
 """
 
 from __future__ import annotations
@@ -160,7 +152,7 @@ def _directions(pass_: str):
 
 
 def compulsory_bytes(pass_: str, x: torch.Tensor, residual: bool) -> int:
-    """The floor of ``pass_`` (module docstring) on x, with or without a residual."""
+    """The floor of ``pass_`` (docs/benchmarks.md) on x, with or without a residual."""
     passes = sum(_FLOOR[d] + residual * _FLOOR_RESIDUAL[d] for d in _directions(pass_))
     return passes * x.numel() * x.element_size()
 
@@ -172,8 +164,8 @@ def triton_path(norm: str, x: torch.Tensor, direction: str) -> str:
 
 
 def algorithm_bytes(norm: str, pass_: str, x: torch.Tensor, residual: bool) -> int:
-    """The bytes the fused Triton kernels of ``norm`` move for ``pass_`` on x (module
-    docstring; the per-channel traffic left out)."""
+    """The bytes the fused Triton kernels of ``norm`` move for ``pass_`` on x
+    (docs/benchmarks.md; the per-channel traffic left out)."""
     passes = 0
     for d in _directions(pass_):
         path = triton_path(norm, x, d)
@@ -187,6 +179,12 @@ def paths(norm: str, x: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- the roofline section
+
+# The batch-norm shapes and dtypes (``lp_cases.SHAPES``, ``DTYPES``); --quick: QUICK_SHAPES in
+# bf16, the fused Triton layers against nn.BatchNorm2d + ReLU eager and compiled (one compile
+# per shape and epilogue).
+QUICK_DTYPES = (torch.bfloat16,)
+
 
 
 def _time_case(norm: str, impl: str, epilogue: str, shape, x, dy, device: str) -> list[dict]:

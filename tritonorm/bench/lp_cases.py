@@ -17,17 +17,15 @@ autograd does the backward), the yardstick of the reference's CPU speed.  The ba
 ``nn.BatchNorm2d`` (cuDNN on CUDA).  Parameters stay fp32 whatever the input dtype, as under
 autocast.
 
-Bytes.  Compulsory: what any batch norm must move, a read of x and a write of y forward,
-a read of x and dy and a write of dx backward (2 and 3 tensor passes).  Algorithmic: the
-passes the Triton kernels make (see ``tritonorm.kernels.lp_batchnorm``): L1 reads x three
-times and writes y forward, reads x and dy twice and writes dx backward; L-inf and Top-k
-read x twice and write y forward, read x and dy, then dy, and write dx backward.  The
-per-channel traffic (partials, statistics, the C*k scatter) is left out.
+Bytes: the compulsory ones (any batch norm) and the passes the Triton kernels make, as
+docs/benchmarks.md describes them ("L1, L-inf and Top-k BatchNorm"); ``_COMPULSORY`` and
+``_ALGORITHM`` hold the pass counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -36,9 +34,10 @@ import tritonorm
 from tritonorm.reference import accumulator_dtype
 from tritonorm.reference.lp_batchnorm import C_L1, c_linf
 
+from .timing import add_bandwidth, by_pass, fmt, guarded, markdown_table, ratio, time_passes
+
 NORMS = ("l1", "linf", "topk")
 TOPK_K = 10
-PASSES = ("forward", "forward+backward")
 TRITON, EAGER, COMPILED = "tritonorm-triton", "reference-eager", "reference-compile"
 IMPLEMENTATIONS = (TRITON, EAGER, COMPILED)
 PLAIN = "plain-autograd"
@@ -205,10 +204,98 @@ def _directions(pass_: str):
 
 
 def compulsory_bytes(pass_: str, x: torch.Tensor) -> int:
-    """Bytes any batch norm must move for ``pass_`` on x (see the module docstring)."""
+    """Bytes any batch norm must move for ``pass_`` on x (docs/benchmarks.md)."""
     return sum(_COMPULSORY[d] for d in _directions(pass_)) * x.numel() * x.element_size()
 
 
 def algorithm_bytes(norm: str, pass_: str, x: torch.Tensor) -> int:
-    """Bytes the Triton kernels of ``norm`` move for ``pass_`` on x."""
+    """Bytes the Triton kernels of ``norm`` move for ``pass_`` on x (docs/benchmarks.md)."""
     return sum(_ALGORITHM[norm][d] for d in _directions(pass_)) * x.numel() * x.element_size()
+
+
+# ----------------------------------------------------------------------------- the roofline section
+
+SHAPES = ((256, 64, 56, 56), (128, 128, 28, 28), (128, 256, 14, 14), (128, 512, 7, 7), (64, 64, 56, 56))
+QUICK_SHAPES = ((64, 64, 56, 56), (128, 256, 14, 14))
+DTYPES = (torch.float32, torch.bfloat16)
+SMOKE_SHAPE = (4, 8, 8, 8)
+
+
+def _time_case(norm: str, impl: str, shape, x, dy, device: str) -> list[dict]:
+    layer = build_layer(norm, impl, shape[1], device)
+    times = time_passes(lambda pass_: step(layer, x, dy, pass_), lambda out: check_outputs(out, x), device)
+    return [{
+        "norm": norm, "impl": impl, "shape": shape_name(shape), "dtype": dtype_name(x.dtype),
+        "pass": pass_, "time_us": time_us, "compulsory_bytes": compulsory_bytes(pass_, x),
+        "algorithm_bytes": algorithm_bytes(norm, pass_, x) if impl == TRITON else None,
+    } for pass_, time_us in times.items()]
+
+
+def measure(shapes, dtypes, cases, device: str, log) -> tuple[list[dict], list[str]]:
+    """Time every pass of every (norm, implementation) in ``cases`` at every shape and
+    dtype; returns the rows and the errors of the cases that failed."""
+    rows, errors = [], []
+    for shape in shapes:
+        for dtype in dtypes:
+            x, dy = make_inputs(shape, dtype, device)
+            block = []
+            for norm, impl in cases:
+                where = f"{shape_name(shape)} {dtype_name(dtype)} {norm} {impl}"
+                block += guarded(where, errors, log, device, partial(_time_case, norm, impl, shape, x, dy, device))
+            rows += by_pass(block)
+    return rows, errors
+
+
+def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
+    """Add GB/s, fractions of peak and the ratios to the baseline and to the compiled
+    reference to each row; return the Top-k / L1 time ratios."""
+    index = {(r["shape"], r["dtype"], r["pass"], r["norm"], r["impl"]): r for r in rows}
+    for r in rows:
+        config = (r["shape"], r["dtype"], r["pass"])
+        add_bandwidth(r, r["compulsory_bytes"], peak_gbps)
+        r["vs_batchnorm"] = ratio(r, index.get((*config, *BASELINE)))
+        compiled = None if (r["norm"], r["impl"]) == BASELINE else index.get((*config, r["norm"], COMPILED))
+        r["vs_compiled"] = ratio(r, compiled)
+    topk_over_l1 = []
+    for (shape, dtype, pass_, norm, impl), r in index.items():
+        l1 = index.get((shape, dtype, pass_, "l1", impl))
+        if norm == "topk" and l1:
+            topk_over_l1.append({"shape": shape, "dtype": dtype, "pass": pass_, "impl": impl, "ratio": ratio(r, l1)})
+    return topk_over_l1
+
+
+def section(rows: list[dict], topk_over_l1: list[dict]) -> list[str]:
+    """The markdown of the section: what it measures, its table and the Top-k / L1 table."""
+    main = markdown_table(
+        ["norm", "impl", "shape", "dtype", "pass", "time (us)", "GB/s", "floor / time",
+         "alg. GB/s", "alg. / peak", "/ BN", "/ compiled ref"],
+        [[r["norm"], r["impl"], r["shape"], r["dtype"], r["pass"], f"{r['time_us']:.1f}", f"{r['gbps']:.0f}",
+          f"{r['floor_fraction']:.1%}", fmt(r.get("algorithm_gbps"), ".0f"), fmt(r.get("algorithm_fraction"), ".1%"),
+          fmt(r["vs_batchnorm"], ".2f"), fmt(r["vs_compiled"], ".2f")] for r in rows],
+    )
+    ratios = markdown_table(
+        ["shape", "dtype", "pass", "impl", "Top-k / L1 time"],
+        [[t["shape"], t["dtype"], t["pass"], t["impl"], f"{t['ratio']:.2f}"] for t in topk_over_l1],
+    )
+    return [
+        "## L1 / L-inf / Top-k batch norm",
+        "",
+        f"Top-k k={TOPK_K}. "
+        "GB/s: compulsory bytes (forward: read x, write y; backward: read x, dy, write dx) / time. "
+        "floor / time: the time the compulsory bytes take at peak bandwidth, over the time. "
+        "alg.: the same for the bytes of the passes the Triton kernels make. "
+        "/ BN, / compiled ref: time over nn.BatchNorm2d's, and over torch.compile of the reference's.",
+        "",
+        main,
+        "",
+        "## Top-k time / L1 time",
+        "",
+        ratios,
+    ]
+
+
+def run_section(shapes, dtypes, cases, device: str, peak: float, log) -> tuple[dict, list[str], list[str]]:
+    """Measure, derive and render the section: (record entries, markdown lines, errors)."""
+    rows, errors = measure(shapes, dtypes, cases, device, log)
+    topk_over_l1 = derive(rows, peak)
+    return {"rows": rows, "topk_over_l1": topk_over_l1}, section(rows, topk_over_l1), errors

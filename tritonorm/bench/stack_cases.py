@@ -200,6 +200,14 @@ def contenders(norms=NORMS, modes=MODES) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- the roofline section
 
+# N=32 fp32 and bf16, N=256 bf16 (an fp32 step at N=256 may not fit); --quick: one block per
+# stage, N=32 fp32 and N=256 bf16, torch.compile for bn and L1 only.
+CASES = (StackCase(32), StackCase(32, torch.bfloat16), StackCase(256, torch.bfloat16))
+QUICK_CASES = (StackCase(32, blocks=ONE_BLOCK), StackCase(256, torch.bfloat16, blocks=ONE_BLOCK))
+QUICK_CONTENDERS = contenders(modes=(EAGER,)) + contenders(("bn", "l1"), (COMPILED,))
+SMOKE_CASE = StackCase(3, channel_scale=16, resolution=16, blocks=ONE_BLOCK)
+
+
 
 def _time_case(norm: str, mode: str, case: StackCase, x, dy, device: str) -> list[dict]:
     model = build(norm, mode, case, device)

@@ -1,5 +1,5 @@
-"""The timer and the table helpers the roofline sections share (``roofline`` and the
-sections in modules of their own, ``fused_cases`` and ``stack_cases``).
+"""What the roofline sections share (each at the end of its ``*_cases`` module): the passes
+timed, the timer, the guard around a case, the bandwidth and ratio helpers and the tables.
 
 On CUDA a call is timed by the median of ``triton.testing.do_bench`` (CUDA events, L2
 flushed before each call); on the CPU by the median of ``SMOKE_REPEATS`` perf_counter
@@ -22,8 +22,8 @@ try:
 except ImportError:  # no triton on this platform: the CPU timings still run
     triton = None
 
-from .lp_cases import PASSES
-
+# The passes every section times: the forward alone, and the forward then its backward.
+PASSES = ("forward", "forward+backward")
 SMOKE_REPEATS = 5
 
 
@@ -74,6 +74,17 @@ def time_passes(step_of: Callable[[str], Callable], check: Callable[[tuple], Non
 def ratio(num: dict, den: dict | None) -> float | None:
     """num's time over den's, None without den."""
     return num["time_us"] / den["time_us"] if den else None
+
+
+def add_bandwidth(r: dict, floor_bytes: int, peak_gbps: float) -> None:
+    """GB/s of row ``r`` over ``floor_bytes`` and over its kernels' own bytes (when it has
+    them), each also as a fraction of peak."""
+    seconds = r["time_us"] * 1e-6
+    r["gbps"] = floor_bytes / seconds / 1e9
+    r["floor_fraction"] = r["gbps"] / peak_gbps
+    if r["algorithm_bytes"] is not None:
+        r["algorithm_gbps"] = r["algorithm_bytes"] / seconds / 1e9
+        r["algorithm_fraction"] = r["algorithm_gbps"] / peak_gbps
 
 
 def fmt(value, spec: str) -> str:

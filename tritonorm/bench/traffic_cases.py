@@ -48,7 +48,7 @@ SAMPLING = traffic.Sampling()
 # The model: sustained DRAM bandwidth (85% of an H100 SXM's 3.35 TB/s), seconds per launch.
 BANDWIDTH = 0.85 * 3.35e12
 LAUNCH_SECONDS = 4e-6
-# The targets: (what, norm, pass, the time it is held to, at most this ratio).
+# The speed targets of the estimate: (what, norm, pass, the time it is held to, at most this ratio).
 TARGETS = (
     ("Top-k forward <= 1.2 x L-inf forward", "topk", "forward", "linf", 1.2),
     ("L-inf forward <= cuDNN", "linf", "forward", "cudnn", 1.0),

@@ -39,7 +39,7 @@ import triton
 
 import tritonorm
 
-from ..bench import roofline, traffic, traffic_cases
+from ..bench import roofline, timing, traffic, traffic_cases
 from ..bench.enorm_cases import SGD_STEP
 from ..bench.equinorm_cases import NORM_ONLY
 from ..bench.fused_cases import RELU
@@ -292,7 +292,7 @@ def render_traffic(rows: list[dict], meta: dict) -> str:
 def traffic_markdown(rows: list[dict], meta: dict) -> str:
     """The table as a markdown page: what it is, the command, the table, the targets."""
     columns = _traffic_columns(meta)
-    table = roofline.markdown_table([header for header, _, _ in columns],
+    table = timing.markdown_table([header for header, _, _ in columns],
                                     [[_cell(row[key], spec) for _, key, spec in columns] for row in rows])
     kind = "ESTIMATED (a model, not a measurement)" if meta["estimate"] else "COUNTED (no timing)"
     lines = [f"Batch-norm traffic, {kind}: `{meta['command']}`, {meta['date']}, torch {meta['torch']}, "

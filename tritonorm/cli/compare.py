@@ -2,10 +2,10 @@
 
 The model is a small CNN (three 3x3 convolutions of 16, 32 and 64 channels, strides 1, 2, 2,
 each followed by the normalization and a ReLU, then global average pooling and a linear
-layer) or, with ``--mlp DEPTH``, the deep MLP of the ENorm study ("Reproducibility of
-Equi-normalization of neural networks", after Stock et al. 2019): a flatten, a linear layer
-to WIDTH units, DEPTH intermediate WIDTH x WIDTH layers and a linear output layer, ReLU
-after each hidden layer, no biases, He initialisation.
+layer) or, with ``--mlp DEPTH``, the deep MLP of the ENorm reproducibility study
+("Reproducibility of Equi-normalization of neural networks"): a flatten, a linear layer to
+WIDTH units, DEPTH intermediate WIDTH x WIDTH layers and a linear output layer, ReLU after
+each hidden layer, no biases, He initialisation.
 
 Each normalization changes only the hidden layers (the output layer stays plain): ``bn``
 nn.BatchNorm2d (1d for the MLP) after each hidden weight layer; ``l1``, ``linf``, ``topk``
@@ -23,10 +23,11 @@ images in [0, 1] (EquiNorm assumes positive inputs).  A run whose training loss 
 finite is stopped and counted as diverged; its later epochs keep its last test accuracy.
 
 Reports, per normalization, over the seeds: the final training loss (median; a diverged run
-counts as +inf), the final test accuracy (median and interquartile range, as "Controlling
-Covariate Shift using Equilibrium Normalization of Weights" reports), and the time per training epoch (median over epochs and seeds); writes them to
-compare.json (with the settings, versions, device and every run's curves), compare.csv and
-compare.png (test accuracy per epoch, median line with an interquartile band).
+counts as +inf), the final test accuracy (median and interquartile range, as the EquiNorm
+paper, "Controlling covariate shift using equilibrium normalization of weights", reports),
+and the time per training epoch (median over epochs and seeds); writes them to compare.json
+(with the settings, versions, device and every run's curves), compare.csv and compare.png
+(test accuracy per epoch, median line with an interquartile band).
 """
 
 from __future__ import annotations

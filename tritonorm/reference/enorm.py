@@ -31,6 +31,9 @@ the balanced pairs): a = 1 for weights and biases, -1 for tensors that move like
 gradient (momentum, Adam's first moment), -2 for those that move like its square (Adam's
 second moment).  The rescale commutes, so both modes first compute every d, then scale
 each tensor once.
+
+``per_layer_cycle`` restates the authors' published per-layer loop, the yardstick the
+parallel mode is tested and benchmarked against.
 """
 
 from __future__ import annotations
@@ -99,3 +102,22 @@ def objective(weights: list[torch.Tensor], biases: list[torch.Tensor | None], c:
     for k, (w, b) in enumerate(zip(weights, biases)):
         total = total + c ** (-p * k) * row_norms(w, p, b).pow(p).sum()
     return total
+
+
+def per_layer_cycle(weights: list[torch.Tensor], buffers: list[torch.Tensor] | None, c: float) -> None:
+    """The published ENorm step (facebookresearch/enorm, ``_step_conv``), restated: a Python
+    loop over the pairs of (O, I, K) weights, every coefficient from the norms at the start
+    of the cycle, the last pair left alone, no biases, p = 2, momentum buffers rescaled
+    rows by 1/d and columns by d.  Not the library's cycle: the per-layer baseline of the
+    benchmarks (``tritonorm.bench.enorm_cases``) and the tests' oracle of the parallel mode."""
+    left = weights[0].flatten(1).norm(dim=1)
+    right = weights[1].transpose(0, 1).flatten(1).norm(dim=1)
+    for i in range(1, len(weights) - 1):
+        balancer = (right / (left * c)).pow(0.5)
+        left = weights[i].flatten(1).norm(dim=1)
+        right = weights[i + 1].transpose(0, 1).flatten(1).norm(dim=1)
+        weights[i - 1].mul_(balancer[:, None, None])
+        weights[i].mul_(1 / balancer[None, :, None])
+        if buffers is not None:
+            buffers[i - 1].mul_(1 / balancer[:, None, None])
+            buffers[i].mul_(balancer[None, :, None])
