@@ -13,8 +13,8 @@ from .fold import fold
 from .lr_correction import corrected_lr, slice_norms
 from .nn import *  # noqa: F401,F403
 from .recalibrate import NORM_CLASSES, recalibrate
-from .sync_batchnorm import convert_sync_batchnorm
 from .reference.activation import ACTIVATIONS
+from .sync_batchnorm import convert_sync_batchnorm
 
 __version__ = "0.1.0"
 # A literal list, which type checkers read (tritonorm ships py.typed): tritonorm.nn's

@@ -96,7 +96,9 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
     modules = dict(model.named_modules())
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
-        raise ValueError(f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}")
+        raise ValueError(
+            f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}"
+        )
 
     path, node = [], inputs[0]
     while node.op != "output":
@@ -119,8 +121,10 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
 
     weights = [i for i, n in enumerate(path) if n.op == "call_module" and isinstance(modules[n.target], LAYER_TYPES)]
     if len(weights) < 2:
-        raise ValueError(f"model: found {len(weights)} Linear/Conv layer(s) on the path; ENorm needs a chain of at least 2")
-    for w0, w1 in zip(weights[:-1], weights[1:]):
+        raise ValueError(
+            f"model: found {len(weights)} Linear/Conv layer(s) on the path; ENorm needs a chain of at least 2"
+        )
+    for w0, w1 in zip(weights[:-1], weights[1:], strict=True):
         _check_between(path[w0], path[w1], path[w0 + 1: w1], modules, allow_batchnorm)
     layers = [modules[path[i].target] for i in weights]
     for k, layer in enumerate(layers):

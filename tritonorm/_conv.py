@@ -32,7 +32,7 @@ class ConvGeometry(NamedTuple):
     padding_mode: str
 
     @classmethod
-    def of(cls, nd: int, stride=1, padding=0, dilation=1, padding_mode: str = "zeros") -> "ConvGeometry":
+    def of(cls, nd: int, stride=1, padding=0, dilation=1, padding_mode: str = "zeros") -> ConvGeometry:
         stride = _tuple("stride", stride, nd, 1)
         dilation = _tuple("dilation", dilation, nd, 1)
         if isinstance(padding, str):

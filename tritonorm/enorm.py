@@ -233,7 +233,7 @@ class ENorm:
             super().__setattr__(name, value)
 
     @classmethod
-    def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, **kwargs) -> "ENorm":
+    def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, **kwargs) -> ENorm:
         """ENorm over the chain of ``model``, found by tracing it with torch.fx.
 
         Refuses, naming the node, what it cannot prove keeps the function: a branch or
@@ -469,4 +469,6 @@ def _view(t: torch.Tensor, shape, what: str) -> torch.Tensor:
     try:
         return t.detach().view(shape)
     except RuntimeError:
-        raise ValueError(f"{what}: strides {t.stride()} cannot be viewed as {tuple(shape)}; make it contiguous") from None
+        raise ValueError(
+            f"{what}: strides {t.stride()} cannot be viewed as {tuple(shape)}; make it contiguous"
+        ) from None

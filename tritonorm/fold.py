@@ -187,7 +187,8 @@ def _fold_lp_batchnorms(model: nn.Module, shapes: dict) -> fx.GraphModule:
                 f"model.{node.target} ({type(layer).__name__}): track_running_stats=False normalizes by each "
                 "batch's statistics in eval too, so no fixed layer computes it"
             )
-        arguments = {**dict(zip(("input", "residual"), node.args)), **node.kwargs}  # forward(input, residual=None)
+        # forward(input, residual=None): the arguments by name or position
+        arguments = {**dict(zip(("input", "residual"), node.args, strict=False)), **node.kwargs}
         x, residual = arguments["input"], arguments.get("residual")
         scale, shift = _eval_affine(layer)
         absorbed = _absorbs(x, node, layer, modules, calls, shapes)

@@ -658,7 +658,7 @@ def _conv_function(nd: int):
         extra="stride, padding, dilation, groups and padding_mode are nn.Conv's.",
         input_shape=f"(N, C_in, {spatial})", weight_shape="(C_out, C_in / groups, *kernel)",
         output_shape=f"(N, C_out, {', '.join(s + '_out' for s in spatial.split(', '))}), sizes as conv{nd}d's",
-        conv_args="\n        stride, padding, dilation, groups, padding_mode: as nn.Conv{nd}d.".format(nd=nd),
+        conv_args=f"\n        stride, padding, dilation, groups, padding_mode: as nn.Conv{nd}d.",
         name=f"equinorm_conv{nd}d", example_input=", ".join(["8", "3"] + ["16"] * nd),
         example_weight=", ".join(["16", "3"] + ["3"] * nd), example_c_in=3, example_extra=", padding=1",
     )

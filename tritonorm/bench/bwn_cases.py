@@ -40,9 +40,9 @@ Bytes: the floor (``compulsory_bytes``) and the passes the Triton kernels make
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn

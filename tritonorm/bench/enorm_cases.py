@@ -17,10 +17,11 @@ The bandwidth floor of one parallel cycle (``cycle_bytes``) is docs/benchmarks.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ SMALL_NETS = (Net("mlp", (48, *[16] * 6, 10)), Net("cnn", (3, 8, 8, 8, 16, 16, 1
 def _mlp(widths) -> nn.Sequential:
     """Bias-free Linear-ReLU chain over ``widths`` (the study's nets: 3072, 500 x depth, 10)."""
     layers = []
-    for n_in, n_out in zip(widths[:-1], widths[1:]):
+    for n_in, n_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(n_in, n_out, bias=False), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -83,7 +84,7 @@ def _cnn(channels) -> nn.Sequential:
     two 1x1, ReLU between, a global average pool over the last one's class maps."""
     layers = []
     last = len(channels) - 2
-    for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+    for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
         kernel = 1 if k >= last - 1 else 3
         layers.append(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False))
         layers += [nn.ReLU()] if k < last else []

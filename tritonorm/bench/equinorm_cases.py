@@ -31,9 +31,10 @@ cases) with an fp32 mass, as ``input_sums`` returns it.  The bytes each must mov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn

@@ -42,9 +42,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ def hidden(norm: str, n_in: int, n_out: int, mlp: bool, backend: str, stride: in
 def cnn(norm: str, in_channels: int, backend: str) -> nn.Sequential:
     """The small CNN with ``norm``."""
     layers, c_in = [], in_channels
-    for c_out, stride in zip(CNN_CHANNELS, CNN_STRIDES):
+    for c_out, stride in zip(CNN_CHANNELS, CNN_STRIDES, strict=True):
         layers += hidden(norm, c_in, c_out, False, backend, stride)
         c_in = c_out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, CLASSES))
@@ -156,7 +156,8 @@ def evaluate(net: nn.Module, x: Tensor, y: Tensor) -> float:
     """Accuracy of ``net`` in eval mode on (x, y), in chunks; leaves it in training mode."""
     net.eval()
     with torch.no_grad():
-        correct = sum(int((net(xs).argmax(1) == ys).sum()) for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)))
+        chunks = zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True)
+        correct = sum(int((net(xs).argmax(1) == ys).sum()) for xs, ys in chunks)
     net.train()
     return correct / len(y)
 
@@ -249,7 +250,7 @@ def summarize(norm: str, mlp: bool, runs: list[Run]) -> dict:
         "seconds_per_epoch": float(np.median([s for r in runs for s in r.epoch_seconds])),
         "diverged": sum(r.diverged for r in runs),
         "seeds": len(runs),
-        "curve": dict(zip(("q25", "median", "q75"), np.percentile(curves, [25, 50, 75], axis=0).tolist())),
+        "curve": dict(zip(("q25", "median", "q75"), np.percentile(curves, [25, 50, 75], axis=0).tolist(), strict=True)),
         "runs": [asdict(r) for r in runs],
     }
 
@@ -268,7 +269,8 @@ def format_table(rows: list[dict]) -> str:
     """The table as aligned text: the name left, the numbers right."""
     cells = [COLUMNS, *table_rows(rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                      for row in cells)
 
 

@@ -127,6 +127,6 @@ def _batch_fields(path: Path, batch) -> tuple[np.ndarray, np.ndarray]:
     except ValueError:
         labels = np.empty(0, dtype=object)
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu" or (len(labels) and not (
-            0 <= labels.min() and labels.max() < CLASSES)):
+            labels.min() >= 0 and labels.max() < CLASSES)):
         raise bad(f"b'labels' must be {len(data)} integers in 0..{CLASSES - 1}")
     return data, labels.astype(np.int64)

@@ -69,7 +69,7 @@ def triton_dtype(dtype: torch.dtype):
             torch.float64: tl.float64}[dtype]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_programs_per_wave(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -101,7 +101,7 @@ class ChannelView:
     def args(self):
         return (self.n, self.c, self.s, self.stride_n, self.stride_c, self.stride_s)
 
-    def like(self, other: torch.Tensor) -> "ChannelView":
+    def like(self, other: torch.Tensor) -> ChannelView:
         """The same view of another tensor of the same shape, made to share this layout."""
         if other.shape != self.tensor.shape:
             raise ValueError(f"expected a tensor of shape {tuple(self.tensor.shape)}, got {tuple(other.shape)}")

@@ -41,7 +41,7 @@ def _update_running_kernel(
     mask = offs < numel
     if COUNT or CUMULATIVE:
         batches = tl.load(nbt_ptr) + COUNT
-    if CUMULATIVE:
+    if CUMULATIVE:  # noqa: SIM108 (a constexpr branch of a kernel: kept a statement)
         factor = 1.0 / batches.to(ACC)
     else:
         factor = momentum

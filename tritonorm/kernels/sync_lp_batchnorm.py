@@ -282,7 +282,8 @@ def _grad_coefficients_kernel(sums_ptr, n_ptr, dev_ptr, wbar_ptr, w_ptr, coef_pt
 
 def _stats(c: int, device, acc):
     """Empty mean, sigma, wbar (C,) and affine (2, C) in the accumulator dtype."""
-    return (*(torch.empty(c, device=device, dtype=acc) for _ in range(3)), torch.empty((2, c), device=device, dtype=acc))
+    vectors = (torch.empty(c, device=device, dtype=acc) for _ in range(3))
+    return (*vectors, torch.empty((2, c), device=device, dtype=acc))
 
 
 def pack_moments(x: torch.Tensor) -> torch.Tensor:

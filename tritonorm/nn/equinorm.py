@@ -57,9 +57,12 @@ def balance_signs_(weight: Tensor, generator: torch.Generator | None = None) -> 
     """
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() < 2:
         raise TypeError(f"weight must be a floating-point tensor of shape (C_out, C_in, *), got {weight!r:.80}")
-    units = weight.view(weight.shape[0] * weight.shape[1], -1) if weight[0, 0].numel() > 1 else weight.view(weight.shape[0], -1)
+    rows = weight.shape[0] * weight.shape[1] if weight[0, 0].numel() > 1 else weight.shape[0]
+    units = weight.view(rows, -1)
     if units.shape[1] < 2:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} has units of one weight: their signs cannot be balanced")
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} has units of one weight: their signs cannot be balanced"
+        )
     for _ in range(_MAX_RESAMPLES):
         bad = (~((units > 0).any(1) & (units < 0).any(1))).nonzero().squeeze(1)
         if bad.numel() == 0:
@@ -80,7 +83,9 @@ class _EquiNorm(nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             check_int(name, value)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
         if in_channels // groups * math.prod(kernel_size) < 2:
             raise ValueError(
                 "EquiNorm needs at least 2 weights per output channel (in_channels / groups x kernel volume), "

@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import refuse_double_backward
 from ..kernels import lp_batchnorm as kernels
 from ..kernels.channel_reduce import accumulator_dtype, output_like
 from ..reference.lp_batchnorm import selected_count
+from . import refuse_double_backward
 
 
 @torch.library.custom_op("tritonorm::lp_batch_norm", mutates_args=())

@@ -89,7 +89,7 @@ def rescale_(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], cols:
     None where t has no such coefficient: one foreach op over the rows, one over the
     columns.  Each t is an (O,) bias-like or (O, I, K) weight-like view."""
     for side, ds, sign in (("rows", rows, 1), ("cols", cols, -1)):
-        items = [(t, d.pow(sign * a)) for t, d, a in zip(tensors, ds, powers) if d is not None]
+        items = [(t, d.pow(sign * a)) for t, d, a in zip(tensors, ds, powers, strict=True) if d is not None]
         if items:
             shaped = [f.view(-1, *(1,) * (t.dim() - 1)) if side == "rows" else f[None, :, None] for t, f in items]
             torch._foreach_mul_([t for t, _ in items], shaped)
@@ -99,7 +99,7 @@ def objective(weights: list[torch.Tensor], biases: list[torch.Tensor | None], c:
     """sum_k c^(-p k) ||[W_k, b_k]||_p^p: what each pair's coefficient minimises (biases that
     are not balanced passed as None)."""
     total = 0.0
-    for k, (w, b) in enumerate(zip(weights, biases)):
+    for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
         total = total + c ** (-p * k) * row_norms(w, p, b).pow(p).sum()
     return total
 
