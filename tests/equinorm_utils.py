@@ -6,15 +6,6 @@ from tritonorm import functional as F
 
 CONV = {1: F.equinorm_conv1d, 2: F.equinorm_conv2d, 3: F.equinorm_conv3d}
 
-# (atol, rtol) of a result in this dtype against the float64 reference.
-TOL = {
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (2e-3, 5e-3),
-    torch.bfloat16: (2e-2, 3e-2),
-    torch.float64: (1e-10, 1e-10),
-}
-
-
 def positive_input(shape, dtype=torch.float32, device="cpu", seed=0, channels_last=False):
     """ReLU-like data: positive, with a different mean per channel (dim 1), never constant."""
     g = torch.Generator().manual_seed(seed)
@@ -30,13 +21,6 @@ def positive_input(shape, dtype=torch.float32, device="cpu", seed=0, channels_la
 def random_weight(shape, dtype=torch.float32, device="cpu", seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-
-
-def assert_close(actual, expected, dtype, what, scale=1.0):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(
-        actual.double().cpu(), expected.double().cpu(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}"
-    )
 
 
 def run_layer(x, weight_shape, backend, *, conv=None, linear=False, training=True, momentum=0.1, affine=True,

@@ -11,6 +11,7 @@ import triton
 from dispatch_utils import backward_ops, data_ops, fills_and_copies
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close
 from torch import nn
 from torch.nn.utils import parametrize
 from training import assert_compiled_matches_eager
@@ -21,9 +22,6 @@ from tritonorm.ops import bounded_weight_norm as bwn_ops
 from tritonorm.reference import bounded_weight_norm as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# Worst error against the float64 reference, relative to the largest |value|: fp32 and fp64
-# round once or twice per element; fp16 / bf16 round the output and grad to 11 / 8 bits.
-TOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # (shape, dim): rows (dim 0) of linear, conv 2-d / 3-d weights; slices along a middle axis
 # and along the contiguous last axis; a row longer than one tile (3000 > 2048); many short
@@ -54,27 +52,20 @@ def _inputs(shape, dim, dtype, device, per_slice, seed):
     return v, rho, torch.randn(shape, generator=g).to(device, dtype)
 
 
-def _assert_close(actual, expected, dtype, what, scale=None):
-    """Max error within TOL[dtype] of ``scale``: by default the largest |expected|; for a
-    sum that cancels, the same sum of absolute values."""
-    scale = expected.abs().max().item() if scale is None else scale.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= TOL[dtype] * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
-
-
 def _compare(v, rho, grad, dim, dtype):
     """The Triton path against the float64 reference: w, dL/dv and dL/drho in v's dtype and
-    rho's shape, each within TOL of its own scale (dL/dv: rho / ||v|| |G|, the size before
-    the projection; dL/drho: the sum of |u G|, before cancellation)."""
+    rho's shape, each within the tolerance rule at its own scale (w: its largest value;
+    dL/dv: rho / ||v|| |G|, the size before the projection; dL/drho: the sum of |u G|,
+    before cancellation)."""
     tri = _run("triton", v, rho, grad, dim)
     exp = _run("torch", v.double(), rho.double(), grad.double(), dim)
     assert tri[0].dtype == tri[1].dtype == tri[2].dtype == dtype and tri[2].shape == rho.shape
     bound = ref.slice_shape(v, dim)
     unprojected = rho.double().expand(v.shape[dim]).reshape(bound) / ref.slice_norms(v.double(), dim).reshape(bound)
     magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim)[2]
-    _assert_close(tri[0], exp[0], dtype, "w")
-    _assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
-    _assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
+    assert_close(tri[0], exp[0], dtype, "w", scale=exp[0])
+    assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
+    assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

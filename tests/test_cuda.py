@@ -41,7 +41,8 @@ def test_module_on_cuda_matches_cpu_reference(norm):
 @pytest.mark.parametrize("channels_last", (False, True))
 def test_equinorm_input_sums_large(dtype, channels_last):
     """The input sums of a 64x256x56x56 activation (200k values per channel)."""
-    from equinorm_utils import assert_close, positive_input
+    from equinorm_utils import positive_input
+    from tolerances import assert_close
     from tritonorm.ops.equinorm import input_sums
 
     x = positive_input((64, 256, 56, 56), dtype, "cuda", channels_last=channels_last)
@@ -55,7 +56,8 @@ def test_equinorm_resnet_layer(dtype, single_pass, monkeypatch):
     """A ResNet layer (256 -> 256, 3x3, 14x14) on both paths, values and gradients
     (TF32 off: the comparison is of the normalization, not of cuDNN's precision)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    from equinorm_utils import assert_close, positive_input, run_layer
+    from equinorm_utils import positive_input, run_layer
+    from tolerances import assert_close
 
     x = positive_input((32, 256, 14, 14), dtype, "cuda")
     kwargs = dict(conv=dict(nd=2, padding=1), single_pass=single_pass)

@@ -7,19 +7,13 @@ import math
 import pytest
 import torch
 from enorm_utils import cnn, mlp, weight_layers
+from tolerances import assert_close
 from torch import nn
 
 from tritonorm import ENorm
 from tritonorm.enorm import OPTIMIZER_STATE
 from tritonorm.reference import enorm as ref
 
-# (atol, rtol) of parameters and state after the Triton cycle against the torch cycle.
-TOL = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (1e-6, 1e-5),
-    torch.float16: (1e-3, 2e-3),
-    torch.bfloat16: (8e-3, 1.6e-2),
-}
 MLP = (7, 20, 19, 33, 5)
 CNN = (3, 6, 5, 4)
 
@@ -75,12 +69,10 @@ def tensors(model, optimizer):
 
 
 def assert_same(a, b, dtype, equal_nan=False):
-    atol, rtol = TOL[dtype]
     ta, tb = tensors(*a), tensors(*b)
     assert ta.keys() == tb.keys()
     for name in ta:
-        torch.testing.assert_close(ta[name], tb[name], atol=atol, rtol=rtol, equal_nan=equal_nan,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        assert_close(ta[name], tb[name], dtype, name, equal_nan=equal_nan)
 
 
 def cycles(pair, n=2, **kwargs):

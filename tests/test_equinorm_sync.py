@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from tolerances import assert_close
 
 import tritonorm
 from tritonorm import functional as F
-
-TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 # (layer class, constructor arguments, input shape after N): tiny, for the interpreter.
 CASES = [
@@ -71,24 +70,24 @@ def _check_rank(rank, world_size, sizes):
                 (y * dy[start:stop]).sum().backward()
             # One all_reduce of [v, count] forward, one of its gradient backward.
             assert calls == [(layer.in_channels + 1,)] * 2, (where, calls)
-            torch.testing.assert_close(y, yo[start:stop], **TOL, msg=lambda m: f"{where}: output\n{m}")
-            torch.testing.assert_close(xs.grad, xo.grad[start:stop], **TOL, msg=lambda m: f"{where}: dx\n{m}")
+            assert_close(y, yo[start:stop], torch.float32, f"{where}: output")
+            assert_close(xs.grad, xo.grad[start:stop], torch.float32, f"{where}: dx")
             for name in ("running_mean", "num_batches_tracked"):
-                torch.testing.assert_close(getattr(layer, name), getattr(oracle, name), **TOL,
-                                           msg=lambda m: f"{where}: {name}\n{m}")
+                assert_close(getattr(layer, name), getattr(oracle, name), torch.float32, f"{where}: {name}")
             results.append(({n: p.grad for n, p in layer.named_parameters()},
                             {n: p.grad for n, p in oracle.named_parameters()}))
 
             # Without a process group the statistics are this process's own.
             if stop > start:
                 alone = _layer(cls, kwargs, backend)(x[start:stop])
-                assert not torch.allclose(alone, y, **TOL), where
+                with pytest.raises(AssertionError):
+                    assert_close(alone, y, torch.float32, where)
             # Eval does not communicate: the synced layer, on this rank alone, with its
             # normalized weight and its fold.
             layer.eval()
             with patch:
                 if rank == 0:
-                    torch.testing.assert_close(layer(x), oracle.eval()(x), **TOL)
+                    assert_close(layer(x), oracle.eval()(x), torch.float32, f"{where}: eval")
                     layer.normalized_weight(x)
                     tritonorm.fold_equinorm(torch.nn.Sequential(layer), {"0": shape[1:]} if shape[1:] else None)
             assert calls == [(layer.in_channels + 1,)] * 2, (where, calls)
@@ -102,7 +101,7 @@ def _check_rank(rank, world_size, sizes):
         with patch:
             y = _layer(cls, kwargs, "torch", solo)(x)
         assert calls == []
-        torch.testing.assert_close(y, _layer(cls, kwargs, "torch")(x), **TOL)
+        assert_close(y, _layer(cls, kwargs, "torch")(x), torch.float32, "a group of one")
     return results
 
 
@@ -112,7 +111,7 @@ def test_synced_training_equals_one_process_on_the_whole_batch(sizes):
     for i, (_, oracle) in enumerate(per_rank[0]):
         for name, grad in oracle.items():
             total = sum(results[i][0][name] for results in per_rank)
-            torch.testing.assert_close(total, grad, **TOL, msg=lambda m: f"case {i}, d{name}\n{m}")
+            assert_close(total, grad, torch.float32, f"case {i}, d{name}")
 
 
 def test_process_group_must_be_a_process_group():

@@ -13,15 +13,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close
 
 from conftest import DEVICE as device
 from tritonorm import functional as F
 
 BACKENDS = ("triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Largest error against the float64 reference, relative to the largest |expected| or 1 (times
-# sqrt(n) for a sum over n values accumulated in the kernels' order).
-RTOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+# Exception to the tolerance rule: EquiNorm's gradients subtract a mass-weighted mean of
+# terms as large as a row, so an element whose exact value is 0 keeps the rounding of those
+# terms (up to 9.5 times the rule's ATOL measured over these examples, fp32); 16 times the
+# rule's scale, still a third of the bound this file allowed before the rule.
+EQUINORM_CANCELLATION = 16
 INPUT_LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
 FILL = 7.0  # the storage around a strided view, which no op may touch
 EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True)
@@ -72,13 +75,6 @@ class Vector:
 
 def vector_layouts(writable: bool):
     return st.sampled_from(["contiguous", "strided"] + ([] if writable else ["expanded"]))
-
-
-def assert_close(actual, expected, dtype, what, reduced: int = 1) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(expected.abs().max().item(), 1.0) * math.sqrt(reduced)
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3g}, allowed {RTOL[dtype] * scale:.3g}"
 
 
 def reference_copy(t):
@@ -159,7 +155,7 @@ def test_lp_batch_norm_any_layout(backend, case):
     assert_close(got["dinput"], exp["dinput"], dtype, "dx")
     for key in ("dweight", "dbias"):
         if key in got:
-            assert_close(got[key], exp[key], param_dtype(dtype), key, reduced=n)
+            assert_close(got[key], exp[key], param_dtype(dtype), key, scale=math.sqrt(n))
     for name in ("running_mean", "running_dev"):
         running_dtype = torch.float32 if dtype == torch.float64 else param_dtype(dtype)
         assert_close(tensors[name], ref_tensors[name], running_dtype, name)
@@ -203,10 +199,10 @@ def test_equinorm_weight_any_layout(backend, case):
     exp = run(F.equinorm_weight, ref_tensors, case["seed"], dtype, backend="torch", **options)
     row = w[0].numel()
     assert_close(got["y"], exp["y"], dtype, "w''")
-    assert_close(got["dweight"], exp["dweight"], dtype, "dweight")
-    assert_close(got["dmass"], exp["dmass"], param_dtype(dtype), "dmass", reduced=row)
+    assert_close(got["dweight"], exp["dweight"], dtype, "dweight", scale=EQUINORM_CANCELLATION)
+    assert_close(got["dmass"], exp["dmass"], param_dtype(dtype), "dmass", scale=math.sqrt(row))
     if "dgain" in got:
-        assert_close(got["dgain"], exp["dgain"], dtype, "dgain", reduced=row)
+        assert_close(got["dgain"], exp["dgain"], dtype, "dgain", scale=math.sqrt(row))
 
 
 @st.composite
@@ -261,7 +257,8 @@ def test_equinorm_layer_any_layout(backend, case):
     # the parameters' gradients sum over every output position
     per_channel = got["y"].numel() // c_out
     for key in got:
-        assert_close(got[key], exp[key], dtype, key, reduced=per_channel if key != "dinput" else 1)
+        assert_close(got[key], exp[key], dtype, key,
+                     scale=EQUINORM_CANCELLATION * math.sqrt(per_channel if key != "dinput" else 1))
     assert_close(tensors["running_mean"], ref_tensors["running_mean"], dtype, "running_mean")
     vectors["running_mean"].assert_storage_kept("running_mean")
 
@@ -298,8 +295,8 @@ def test_bounded_weight_any_layout(backend, case):
     exp = run(F.bounded_weight, ref_tensors, case["seed"], dtype, backend="torch", dim=dim)
     slice_size = v.numel() // shape[dim]
     assert_close(got["y"], exp["y"], dtype, "w")
-    assert_close(got["dv"], exp["dv"], dtype, "dv", reduced=slice_size)
-    assert_close(got["drho"], exp["drho"], dtype, "drho", reduced=v.numel() if rho.dim() == 0 else slice_size)
+    assert_close(got["dv"], exp["dv"], dtype, "dv", scale=math.sqrt(slice_size))
+    assert_close(got["drho"], exp["drho"], dtype, "drho", scale=math.sqrt(v.numel() if rho.dim() == 0 else slice_size))
 
 
 # ----------------------------------------------------------------------------- the examples of the issue

@@ -6,7 +6,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lp_utils import NORMS, assert_close, compare, random_input, run
+from lp_utils import NORMS, compare, random_input, run
+from tolerances import assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from lp_utils import NORMS, assert_close, call, random_input
+from lp_utils import NORMS, call, random_input
+from tolerances import assert_close
 
 from tritonorm.bench.lp_cases import EAGER, PLAIN, TOPK_K, build_layer
 from tritonorm.reference import lp_batchnorm as ref

@@ -1,4 +1,5 @@
-"""Bad input raises an error that names the argument and what was expected."""
+"""The Lp batch norms (L1, L-inf, Top-k) refuse bad input with an error that names the
+argument and what was expected."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) of models using the layers (no graph break, same result
-as eager), torch.library.opcheck of every custom op, and gradcheck in float64."""
+"""The Lp batch norms under torch.compile(fullgraph=True) (no graph break, same result as
+eager), torch.library.opcheck of their custom ops and of the running-statistics update, and
+gradcheck in float64 of both paths."""
 
 import pytest
 import torch
