@@ -71,7 +71,13 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from tritonorm.bench.enorm_cases import STUDY_NETS, build
 from tritonorm.kernels import (
-    bounded_weight_norm, channel_reduce, channel_resident, enorm, equinorm, lp_batchnorm, running_stats,
+    bounded_weight_norm,
+    channel_reduce,
+    channel_resident,
+    enorm,
+    equinorm,
+    lp_batchnorm,
+    running_stats,
     sync_lp_batchnorm,
 )
 

@@ -14,9 +14,9 @@ The children inherit the parent's environment (``TRITON_INTERPRET=1``, which the
 conftest sets before tritonorm is imported, included: the children import tritonorm
 afresh and see it), with ``OMP_NUM_THREADS=1`` and one torch thread each.  An exception in
 any rank fails the caller with that rank's traceback (with those of the ranks that fail
-within FAILURE_GRACE_S of it, in rank order, so the cause is there whichever came first); a run longer than ``timeout`` seconds
-kills every child and fails.  No child outlives the call.  Without torch.distributed or
-gloo, the test is skipped.
+within FAILURE_GRACE_S of it, in rank order, so the cause is there whichever came
+first); a run longer than ``timeout`` seconds kills every child and fails.  No child
+outlives the call.  Without torch.distributed or gloo, the test is skipped.
 """
 
 from __future__ import annotations

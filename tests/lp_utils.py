@@ -18,7 +18,8 @@ def random_input(shape, dtype, device, channels_last=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     view = (1, c) + (1,) * (len(shape) - 2)
-    x = torch.randn(shape, generator=g) * (0.5 + torch.rand(c, generator=g)).view(view) + torch.randn(c, generator=g).view(view)
+    x = torch.randn(shape, generator=g)  # then the scale, then the offset: this order of draws
+    x = x * (0.5 + torch.rand(c, generator=g)).view(view) + torch.randn(c, generator=g).view(view)
     x = x.to(device=device, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)

@@ -74,7 +74,7 @@ def test_end_to_end_writes_table_json_csv_png(tmp_path, capsys, model, norms):
         assert len(row["runs"]) == seeds and all(len(r["epoch_seconds"]) == epochs for r in row["runs"])
         assert len(row["curve"]["median"]) == epochs
         assert row["test_accuracy_q25"] <= row["test_accuracy_median"] <= row["test_accuracy_q75"]
-        assert 0 < row["seconds_per_epoch"] and np.isfinite(row["train_loss"])
+        assert row["seconds_per_epoch"] > 0 and np.isfinite(row["train_loss"])
     with open(tmp_path / "out" / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["norm"] for r in rows] == norms

@@ -3,9 +3,9 @@ Triton, and channels of about a million elements split over many programs."""
 
 import pytest
 import torch
+from lp_utils import NORMS, compare, random_input
 
 import tritonorm
-from lp_utils import NORMS, compare, random_input
 from tritonorm import _dispatch
 from tritonorm.kernels import channel_reduce
 
@@ -43,6 +43,7 @@ def test_equinorm_input_sums_large(dtype, channels_last):
     """The input sums of a 64x256x56x56 activation (200k values per channel)."""
     from equinorm_utils import positive_input
     from tolerances import assert_close
+
     from tritonorm.ops.equinorm import input_sums
 
     x = positive_input((64, 256, 56, 56), dtype, "cuda", channels_last=channels_last)
@@ -75,6 +76,7 @@ def test_enorm_study_nets(net, mode):
     import copy
 
     from enorm_utils import weight_layers
+
     from tritonorm import ENorm
 
     torch.manual_seed(0)
@@ -85,7 +87,7 @@ def test_enorm_study_nets(net, mode):
     else:
         channels = (3, 128, 128, 128, 256, 256, 256, 320, 320, 10)
         convs = [torch.nn.Conv2d(a, b, 3 if k < 7 else 1, padding=1 if k < 7 else 0, bias=False)
-                 for k, (a, b) in enumerate(zip(channels[:-1], channels[1:]))]
+                 for k, (a, b) in enumerate(zip(channels[:-1], channels[1:], strict=True))]
         model = torch.nn.Sequential(*[m for conv in convs for m in (conv, torch.nn.ReLU())]).cuda()
         x = torch.randn(8, 3, 16, 16, device="cuda")
     results = []
@@ -98,7 +100,7 @@ def test_enorm_study_nets(net, mode):
         for _ in range(5):
             enorm.step()
         results.append([*twin.parameters(), *(opt.state[p]["momentum_buffer"] for p in twin.parameters())])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -122,5 +124,5 @@ def test_bounded_weight_norm_large(shape, dim, dtype):
         w.backward(grad.to(cast))
         results.append([w.detach().double(), leaves[0].grad.double(), leaves[1].grad.double()])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for tri, exp in zip(*results):
+    for tri, exp in zip(*results, strict=True):
         torch.testing.assert_close(tri, exp, atol=tol * exp.abs().max().item(), rtol=tol)

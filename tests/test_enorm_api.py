@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from enorm_utils import cnn, mlp, weight_layers
 from torch import nn
 
-from enorm_utils import cnn, mlp, weight_layers
 from tritonorm import ENorm
 
 
@@ -106,7 +106,8 @@ class Branchy(nn.Module):
     (Shared(), r"`a` \(Linear\) is called twice"),
     (nn.Sequential(nn.ReLU(), nn.Linear(3, 4)), r"found 1 Linear/Conv layer"),
     (Branchy(), r"torch.fx could not trace Branchy"),
-], ids=["tanh", "relu6", "flatten-batch", "conv-linear-no-flatten", "linear-flatten-linear", "merge", "shared", "one-layer", "untraceable"])
+], ids=["tanh", "relu6", "flatten-batch", "conv-linear-no-flatten", "linear-flatten-linear", "merge", "shared",
+        "one-layer", "untraceable"])
 def test_from_model_refuses(model, message):
     with pytest.raises(ValueError, match=message):
         ENorm.from_model(model)
@@ -195,7 +196,7 @@ def test_construction_changes_nothing():
     layers = chain()
     before = [p.detach().clone() for layer in layers for p in layer.parameters()]
     ENorm(layers, torch.optim.SGD([p for layer in layers for p in layer.parameters()], lr=0.1, momentum=0.9))
-    for p, b in zip((p for layer in layers for p in layer.parameters()), before):
+    for p, b in zip((p for layer in layers for p in layer.parameters()), before, strict=True):
         assert torch.equal(p, b)
 
 

@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
+from equinorm_utils import positive_input
 from torch import nn
 
 import tritonorm
-from equinorm_utils import positive_input
 from tritonorm import functional as F
 
 BACKENDS = ["triton", "torch"]
@@ -123,7 +123,8 @@ def test_running_mean_and_eval(backend, momentum, device):
         expected_y = conv_of(layer, x_eval, w) + layer.bias.view(1, -1, 1, 1)
         y = layer(x_eval)
         torch.testing.assert_close(y, expected_y, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(torch.cat([layer(x_eval[i:i + 1]) for i in range(shape[0])]), y, atol=1e-5, rtol=1e-5)
+        one_by_one = torch.cat([layer(x_eval[i:i + 1]) for i in range(shape[0])])
+        torch.testing.assert_close(one_by_one, y, atol=1e-5, rtol=1e-5)
     assert layer.num_batches_tracked.item() == 3
     torch.testing.assert_close(layer.running_mean, expected)
 
@@ -176,7 +177,8 @@ FOLD_CASES = {
     "conv2d_circular": (lambda b: tritonorm.EquiNormConv2d(3, 5, 3, padding=1, padding_mode="circular",
                                                           single_pass=False, backend=b), (2, 3, 7, 5), None),
     "conv1x1_stride2": (lambda b: tritonorm.EquiNormConv2d(4, 6, 1, stride=2, backend=b), (2, 4, 8, 8), None),
-    "conv3d_grouped": (lambda b: tritonorm.EquiNormConv3d(4, 4, 3, padding=1, groups=2, backend=b), (2, 4, 4, 4, 4), None),
+    "conv3d_grouped": (lambda b: tritonorm.EquiNormConv3d(4, 4, 3, padding=1, groups=2, backend=b), (2, 4, 4, 4, 4),
+                       None),
     "conv2d_valid": (lambda b: tritonorm.EquiNormConv2d(3, 5, 3, backend=b), (2, 3, 9, 7), (9, 7)),
     "linear": (lambda b: tritonorm.EquiNormLinear(6, 5, backend=b), (3, 4, 6), None),
     "no_affine": (lambda b: tritonorm.EquiNormConv1d(3, 5, 3, padding=1, affine=False, backend=b), (2, 3, 10), None),

@@ -3,11 +3,11 @@ and gradcheck in float64 of both paths."""
 
 import pytest
 import torch
+from equinorm_utils import positive_input, random_weight
 from torch import nn
+from training import assert_compiled_matches_eager
 
 import tritonorm
-from equinorm_utils import positive_input, random_weight
-from training import assert_compiled_matches_eager
 from tritonorm import functional as F
 from tritonorm.ops import equinorm as equi_ops
 from tritonorm.ops import running_stats as running_ops
@@ -61,7 +61,8 @@ def test_opcheck_equinorm_weight_bf16(device):
 def test_opcheck_equinorm_weight_backward(gain, device):
     w, mass, g, groups, single_pass = _weight_args(device, gain)
     out, s, b = equi_ops.equinorm_weight(w, mass, g, groups, single_pass)
-    args = (torch.randn_like(out), w.detach(), mass.detach(), None if g is None else g.detach(), s, b, groups, single_pass)
+    gain = None if g is None else g.detach()
+    args = (torch.randn_like(out), w.detach(), mass.detach(), gain, s, b, groups, single_pass)
     torch.library.opcheck(equi_ops.equinorm_weight_backward, args)
 
 
@@ -112,7 +113,8 @@ def test_gradcheck_triton_float64(single_pass, device):
     mass = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     gain = (torch.rand(4, dtype=torch.float64, device=device) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda w, m, g: F.equinorm_weight(w, m, g, groups=2, single_pass=single_pass, backend="triton"), (w, mass, gain), fast_mode=True
+        lambda w, m, g: F.equinorm_weight(w, m, g, groups=2, single_pass=single_pass, backend="triton"),
+        (w, mass, gain), fast_mode=True
     )
 
 

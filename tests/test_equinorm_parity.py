@@ -3,9 +3,9 @@ the input sums, the weight transform and whole layers, values and gradients."""
 
 import pytest
 import torch
-
 from equinorm_utils import positive_input, random_weight, run_layer
 from tolerances import assert_close
+
 from tritonorm import functional as F
 from tritonorm.ops import equinorm as equi_ops
 from tritonorm.reference import equinorm as ref

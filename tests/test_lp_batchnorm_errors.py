@@ -3,9 +3,9 @@ argument and what was expected."""
 
 import pytest
 import torch
+from lp_utils import NORMS, call
 
 import tritonorm
-from lp_utils import NORMS, call
 
 BACKENDS = ("triton", "torch")
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from lp_utils import NORMS
 from torch import nn
 
 import tritonorm
-from lp_utils import NORMS
 from tritonorm.reference.lp_batchnorm import c_linf
 
 BACKENDS = ("triton", "torch")
@@ -31,7 +31,8 @@ def make(norm, dim=2, **kwargs):
 @pytest.mark.parametrize("norm", NORMS)
 def test_defaults_match_batchnorm(norm):
     m, bn = make(norm), nn.BatchNorm2d(4)
-    assert (m.eps, m.momentum, m.affine, m.track_running_stats) == (bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    settings = ("eps", "momentum", "affine", "track_running_stats")
+    assert [getattr(m, name) for name in settings] == [getattr(bn, name) for name in settings]
     assert torch.equal(m.weight, bn.weight) and torch.equal(m.bias, bn.bias)
     assert torch.equal(m.running_mean, torch.zeros(4)) and torch.equal(m.running_dev, torch.ones(4))
     assert m.num_batches_tracked.dtype == torch.long and m.num_batches_tracked.item() == 0

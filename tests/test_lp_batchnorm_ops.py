@@ -4,11 +4,11 @@ gradcheck in float64 of both paths."""
 
 import pytest
 import torch
+from lp_utils import NORMS, random_input
 from torch import nn
+from training import assert_compiled_matches_eager
 
 import tritonorm
-from lp_utils import NORMS, random_input
-from training import assert_compiled_matches_eager
 from tritonorm.ops import lp_batchnorm as lp_ops
 from tritonorm.ops import running_stats as running_ops
 

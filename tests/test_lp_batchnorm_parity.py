@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from lp_utils import NORMS, compare, random_input, run
 from tolerances import assert_close
 

@@ -371,7 +371,8 @@ def test_functional_equinorm(name, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_functional_equinorm_weight(single_pass, backend):
-    weight, mass, gain = _tensor(4, 3, 3, grad=True), _tensor(3, positive=True, grad=True, seed=1), _tensor(4, grad=True)
+    weight, gain = _tensor(4, 3, 3, grad=True), _tensor(4, grad=True)
+    mass = _tensor(3, positive=True, grad=True, seed=1)
     with NoHostSync():
         w = F.equinorm_weight(weight, mass, gain, single_pass=single_pass, backend=backend)
         torch.autograd.backward(w, torch.randn_like(w))

@@ -422,7 +422,8 @@ def _check_ddp_backend(rank, world, sizes, backend):
         _assert_close(got, want, f"{backend} {name}", rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("world", "sizes"), [(2, (3, 2)), (3, (2, 0, 3))], ids=["2-processes", "3-processes-one-empty"])
+@pytest.mark.parametrize(("world", "sizes"), [(2, (3, 2)), (3, (2, 0, 3))],
+                         ids=["2-processes", "3-processes-one-empty"])
 def test_synchronized_layers_equal_one_process_on_the_whole_batch(world, sizes):
     assert run_distributed(_check_layers, world, sizes, ("torch", "triton"), timeout=240) == list(range(world))
 

@@ -24,7 +24,7 @@ def assert_compiled_matches_eager(make_model, x, compiler):
     compiled = torch.compile(make_model(), fullgraph=True, backend=compiler)
     eager_outs, eager_state = train_steps(eager, x)
     comp_outs, comp_state = train_steps(compiled, x)
-    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state):
+    for a, b in zip(comp_outs + comp_state, eager_outs + eager_state, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     compiled.eval()
     torch.testing.assert_close(compiled(x), eager.eval()(x), atol=1e-4, rtol=1e-4)
