@@ -1,5 +1,5 @@
 """The modules behave like nn.BatchNorm*d: buffers, train/eval, momentum, state_dict,
-and the invariants of the method (seed 001)."""
+and the invariants of the method ("Norm matters", Hoffer et al. 2018)."""
 
 import math
 
