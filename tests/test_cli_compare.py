@@ -226,3 +226,19 @@ def test_summary_median_quartiles_and_divergence():
     assert (row["test_accuracy_q25"], row["test_accuracy_q75"]) == pytest.approx((0.6, 0.8))
     assert row["seconds_per_epoch"] == pytest.approx(3.0) and row["diverged"] == 1
     assert row["curve"]["median"] == pytest.approx([0.5, 0.7])
+
+
+def test_resnet_trains_with_enorm(tmp_path, capsys):
+    """``--resnet``: the residual CNN, with ENorm balancing the pairs inside its blocks."""
+    status, out, err = compare(["--resnet", "--norms", "enorm,enorm_bn", "--epochs", "1", "--seeds", "1",
+                                "--limit-batches", "2", "--backend", "torch"], tmp_path, capsys)
+    assert status == 0, err
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["model"].startswith("residual CNN") and [r["norm"] for r in doc["rows"]] == ["enorm", "enorm_bn"]
+    assert all(np.isfinite(r["train_loss"]) for r in doc["rows"])
+
+
+def test_resnet_enorm_finds_every_block():
+    net = compare_cli.resnet("enorm", 1, "torch")
+    enorm = tritonorm.ENorm.from_model(net, residual=True)
+    assert len(enorm.branches) == 3 and enorm.pairs == 3 and enorm.layers == []

@@ -180,3 +180,75 @@ def _check_between(first: fx.Node, second: fx.Node, nodes: list[fx.Node], module
             f"model: ENorm needs {need} {between} (found: {found}), so that each hidden unit feeds the inputs "
             "its (O, I, K) view assumes"
         )
+
+
+def find_chains(model: nn.Module, *, allow_batchnorm: bool = False) -> tuple[list[nn.Module], list[list[nn.Module]]]:
+    """The chains of ``model``'s pairs, for a model that may branch and merge (residual
+    networks): ``(layers, branches)``.
+
+    A weight layer W and the next one W' form a pair when W's output reaches W' alone, along
+    a single path (each node one user, reading nothing else but metadata), checked as in a
+    single chain; scaling W's rows and W''s columns then keeps W''s output, whatever the
+    rest of the graph does.  A layer whose output (or a map of it) meets a skip connection,
+    a merge, a fork or the output is in no pair as the first layer: its output scale is
+    kept.  Pairs sharing a layer join into chains; ``layers`` is the chain whose last layer
+    reaches the model's output along a single path (empty if none), ``branches`` the others
+    (whose last layer's output meets a skip connection, a merge or a fork), in graph order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        graph = Tracer((*LAYER_TYPES, *BATCH_NORMS_ANY, _EquiNorm)).trace(model)
+    except Exception as err:  # fx raises many types; the message says what to do instead
+        raise ValueError(
+            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
+            "pass the chain's layers to ENorm(layers) instead"
+        ) from err
+    modules = dict(model.named_modules())
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError(
+            f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}"
+        )
+    weights = [n for n in graph.nodes if n.op == "call_module" and isinstance(modules[n.target], LAYER_TYPES)]
+    following: dict[fx.Node, fx.Node] = {}
+    to_output = set()  # the layers whose output reaches the model's output along a single path
+    for first in weights:
+        node, between = first, []
+        while True:
+            users = [u for u in node.users if not _is_metadata(u)]
+            if len(users) != 1:
+                break  # a fork (the identity path of a residual block), or unused
+            user = users[0]
+            others = [a for a in user.all_input_nodes if a is not node and not _is_metadata(a) and a.op != "get_attr"]
+            if others:
+                break  # a merge (a residual add)
+            if user.op == "output":
+                to_output.add(first)
+                break
+            if user in weights:
+                _check_between(first, user, between, modules, allow_batchnorm)
+                following[first] = user
+                break
+            between.append(user)
+            node = user
+    starts = [w for w in weights if w in following and w not in following.values()]
+    if not starts:
+        raise ValueError(
+            f"model: found no pair of Linear/Conv layers in {type(model).__name__} joined by a single path "
+            "(a layer whose output meets a skip connection, a merge or a fork is left alone); ENorm has nothing "
+            "to balance"
+        )
+    chains = []
+    for start in starts:
+        chain = [start]
+        while chain[-1] in following:
+            chain.append(following[chain[-1]])
+        chains.append(chain)
+    for chain in chains:
+        for node in chain:
+            if sum(w.target == node.target for w in weights) > 1:
+                raise ValueError(f"model: {describe(node, modules)} is called twice (shared weights)")
+    main = [c for c in chains if c[-1] in to_output]
+    branches = [c for c in chains if c[-1] not in to_output]
+    return ([modules[n.target] for n in main[0]] if main else [],
+            [[modules[n.target] for n in chain] for chain in branches])

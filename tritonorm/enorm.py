@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._chain import LAYER_TYPES, find_chain
+from ._chain import LAYER_TYPES, find_chain, find_chains
 from ._checks import check_bool, check_choice, check_eps, check_int, check_number
 from ._dispatch import check_backend, resolve_backend
 from .reference import enorm as _ref
@@ -55,63 +55,63 @@ def _state_powers(optimizer) -> dict[str, int] | None:
     )
 
 
-def _check_optimizer_holds(optimizer, layers: list[nn.Module], *, scale_biases: bool) -> None:
+def _check_optimizer_holds(optimizer, layers: list[nn.Module], *, scale_biases: bool, name: str = "layers") -> None:
     """Every parameter the cycle rescales (the layers' weights, their biases with
     ``scale_biases``) is in the optimizer's param_groups, or frozen (requires_grad=False: no
     state to keep in step); else a ValueError naming the first one missing."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for k, layer in enumerate(layers):
-        for name in ("weight", "bias") if scale_biases else ("weight",):
-            param = getattr(layer, name)
+        for param_name in ("weight", "bias") if scale_biases else ("weight",):
+            param = getattr(layer, param_name)
             if param is not None and param.requires_grad and id(param) not in held:
                 raise ValueError(
-                    f"optimizer: layers[{k}].{name} is not among the optimizer's parameters, but the cycle rescales "
-                    "it and would leave its optimizer state behind; pass the optimizer of the chain's parameters "
-                    "(a frozen parameter, requires_grad=False, may be left out)"
+                    f"optimizer: {name}[{k}].{param_name} is not among the optimizer's parameters, but the cycle "
+                    "rescales it and would leave its optimizer state behind; pass the optimizer of the chain's "
+                    "parameters (a frozen parameter, requires_grad=False, may be left out)"
                 )
 
 
-def _column_block(prev: nn.Module, layer: nn.Module, index: int) -> int:
+def _column_block(prev: nn.Module, layer: nn.Module, index: int, name: str = "layers") -> int:
     """K of the layer's (O, I, K) view: inputs per hidden unit of the previous layer."""
     hidden = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
     if isinstance(layer, nn.Linear):
         if layer.in_features % hidden:
             raise ValueError(
-                f"layers[{index}]: Linear with in_features={layer.in_features} cannot follow a layer with "
+                f"{name}[{index}]: Linear with in_features={layer.in_features} cannot follow a layer with "
                 f"{hidden} outputs (in_features must be a multiple: one block of features per channel after a "
                 "flatten)"
             )
         return layer.in_features // hidden
     if isinstance(prev, nn.Linear):
-        raise ValueError(f"layers[{index}]: a convolution after a Linear layer is not a chain ENorm balances")
+        raise ValueError(f"{name}[{index}]: a convolution after a Linear layer is not a chain ENorm balances")
     if layer.in_channels != hidden:
         raise ValueError(
-            f"layers[{index}]: {type(layer).__name__} with in_channels={layer.in_channels} cannot follow a layer "
+            f"{name}[{index}]: {type(layer).__name__} with in_channels={layer.in_channels} cannot follow a layer "
             f"with {hidden} output channels"
         )
     return math.prod(layer.kernel_size)
 
 
-def _check_layers(layers) -> tuple[list[nn.Module], list[tuple[int, int, int]]]:
+def _check_layers(layers, name: str = "layers") -> tuple[list[nn.Module], list[tuple[int, int, int]]]:
     layers = list(layers)
     shapes = []
     for k, layer in enumerate(layers):
         if not isinstance(layer, LAYER_TYPES):
             raise TypeError(
-                f"layers[{k}]: expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}"
+                f"{name}[{k}]: expected nn.Linear or nn.Conv1d/2d/3d, got {type(layer).__name__}"
             )
         if not isinstance(layer, nn.Linear) and layer.groups != 1:
-            raise ValueError(f"layers[{k}]: grouped convolutions (groups={layer.groups}) are not supported")
+            raise ValueError(f"{name}[{k}]: grouped convolutions (groups={layer.groups}) are not supported")
         if any(layer is other for other in layers[:k]):
-            raise ValueError(f"layers[{k}]: the same module appears twice in the chain")
+            raise ValueError(f"{name}[{k}]: the same module appears twice in the chain")
         w = layer.weight
         if not w.is_floating_point():
-            raise TypeError(f"layers[{k}].weight: expected a floating-point tensor, got {w.dtype}")
+            raise TypeError(f"{name}[{k}].weight: expected a floating-point tensor, got {w.dtype}")
         if w.device != layers[0].weight.device:
-            raise ValueError(f"layers[{k}].weight is on {w.device}, layers[0].weight on {layers[0].weight.device}")
+            raise ValueError(f"{name}[{k}].weight is on {w.device}, {name}[0].weight on {layers[0].weight.device}")
         if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layers[{k}].weight has non-finite entries")
-        block = _column_block(layers[k - 1], layer, k) if k else math.prod(w.shape[2:])
+            raise ValueError(f"{name}[{k}].weight has non-finite entries")
+        block = _column_block(layers[k - 1], layer, k, name) if k else math.prod(w.shape[2:])
         shapes.append((w.shape[0], w[0].numel() // block, block))
     return layers, shapes
 
@@ -155,6 +155,12 @@ class ENorm:
         eps: norms below eps count as eps, so zero rows and columns stay finite (a finite
             number > 0).
         backend: "auto" (Triton for CUDA weights), "triton" or "torch".
+        branches: further chains (each a sequence of at least 2 layers, disjoint from
+            ``layers`` and each other) whose last layer's output meets a skip connection or a
+            merge: every pair of a branch is balanced whatever ``balance_last`` says (its last
+            layer's columns are scaled, its rows never), so a residual branch keeps its output.
+            With branches, ``layers`` may be shorter than a pair (even empty).
+            ``ENorm.from_model(model, residual=True)`` finds them.
 
     The settings are checked here and when assigned (``tritonorm._checks``): a bad number or
     choice is a ValueError (a bool is not a number), a flag that is not True or False (1, 0,
@@ -185,12 +191,30 @@ class ENorm:
 
     def __init__(self, layers, optimizer=None, *, c: float = 1.0, p: float = 2.0, mode: str = "parallel",
                  balance_last: bool = False, scale_biases: bool = True, balance_biases: bool = False,
-                 eps: float = 1e-8, backend: str = "auto"):
+                 eps: float = 1e-8, backend: str = "auto", branches=()):
         self.layers, self._shapes = _check_layers(layers)
+        self.branches: list[list[nn.Module]] = []
+        self._branch_shapes = []
+        for i, branch in enumerate(branches):
+            name = f"branches[{i}]"
+            checked, shapes = _check_layers(branch, name)
+            if len(checked) < 2:
+                raise ValueError(f"{name}: a branch needs at least 2 layers (got {len(checked)}): there is no pair "
+                                 "to balance")
+            self.branches.append(checked)
+            self._branch_shapes.append(shapes)
+        everything = [layer for chain in (self.layers, *self.branches) for layer in chain]
+        for k, layer in enumerate(everything):
+            if any(layer is other for other in everything[:k]):
+                raise ValueError("branches: a module appears in two chains (layers and branches must be disjoint)")
+            if layer.weight.device != everything[0].weight.device:
+                raise ValueError(f"branches: weights on {layer.weight.device} and {everything[0].weight.device}; "
+                                 "every chain must be on one device")
         self.optimizer = optimizer
         self._powers = _state_powers(optimizer)
         self._optimizer_steps = 0  # the optimizer steps that attach's hook has counted
         self._attachment = None
+        self._plans: list | None = None
         self._configure(dict(c=c, p=p, mode=mode, balance_last=balance_last, scale_biases=scale_biases,
                              balance_biases=balance_biases, eps=eps, backend=backend))
 
@@ -205,14 +229,15 @@ class ENorm:
         if settings["balance_biases"] and not settings["scale_biases"]:
             raise ValueError("balance_biases=True needs scale_biases=True (a bias in the norm must be scaled)")
         needed = 2 if settings["balance_last"] else 3
-        if len(self.layers) < needed:
+        if not self.branches and len(self.layers) < needed:
             raise ValueError(
                 f"layers: ENorm needs at least {needed} layers with balance_last={settings['balance_last']} "
                 f"(got {len(self.layers)}): there is no pair to balance"
             )
         if self.optimizer is not None:
-            touched = self.layers if settings["balance_last"] else self.layers[:-1]
-            _check_optimizer_holds(self.optimizer, touched, scale_biases=settings["scale_biases"])
+            for name, layers, _, pairs in self._chains(settings["balance_last"]):
+                _check_optimizer_holds(self.optimizer, layers[: pairs + 1], scale_biases=settings["scale_biases"],
+                                       name=name)
         # Through object.__setattr__: this class's __setattr__ sends a setting back here.
         assign = super().__setattr__
         assign("c", settings["c"])
@@ -233,48 +258,74 @@ class ENorm:
             super().__setattr__(name, value)
 
     @classmethod
-    def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, **kwargs) -> ENorm:
+    def from_model(cls, model: nn.Module, optimizer=None, *, allow_batchnorm: bool = False, residual: bool = False,
+                   **kwargs) -> ENorm:
         """ENorm over the chain of ``model``, found by tracing it with torch.fx.
 
         Refuses, naming the node, what it cannot prove keeps the function: a branch or
         residual add, a map between two weights that is not positively homogeneous, and a
         BatchNorm between two weights unless ``allow_batchnorm=True`` (the paper's ENorm + BN:
         the cycle then changes what the network computes); a model that is not an nn.Module
-        is a TypeError.  Keyword arguments go to ENorm."""
+        is a TypeError.  Keyword arguments go to ENorm.
+
+        With ``residual=True`` the model may branch and merge (residual networks): every pair
+        of weight layers joined by a single path of such maps is balanced, and a layer whose
+        output meets a skip connection, a merge or a fork keeps its output scale (it can
+        still be the second layer of a pair).  The chain whose last layer reaches the output
+        along a single path becomes ``layers`` (``balance_last`` applies to it); every other
+        chain becomes one of ``branches``, balanced through its last pair."""
+        check_bool("residual", residual)
+        if residual:
+            layers, branches = find_chains(model, allow_batchnorm=allow_batchnorm)
+            return cls(layers, optimizer, branches=branches, **kwargs)
         return cls(find_chain(model, allow_batchnorm=allow_batchnorm), optimizer, **kwargs)
+
+    def _chains(self, balance_last: bool | None = None) -> list[tuple[str, list[nn.Module], list, int]]:
+        """Per chain (``layers``, then each of ``branches``): its name in messages, its
+        layers, their (O, I, K) shapes and its number of balanced pairs."""
+        last = self.balance_last if balance_last is None else balance_last
+        main = ("layers", self.layers, self._shapes, max(0, len(self.layers) - (1 if last else 2)))
+        return [main, *((f"branches[{i}]", b, s, len(b) - 1)
+                         for i, (b, s) in enumerate(zip(self.branches, self._branch_shapes, strict=True)))]
 
     @property
     def pairs(self) -> int:
-        """The number of balanced pairs (hidden layers) of one cycle."""
-        return len(self.layers) - (1 if self.balance_last else 2)
+        """The number of balanced pairs (hidden layers) of one cycle, over every chain."""
+        return sum(pairs for *_, pairs in self._chains())
 
-    def _tensors(self) -> list[list[tuple[torch.Tensor, int]]]:
-        """Per layer up to the last one the cycle touches, its (tensor view, power) list:
-        the weight first, then the bias if it is scaled, then their optimizer state."""
-        out = []
-        for k, layer in enumerate(self.layers[: self.pairs + 1]):
-            params = [(layer.weight, self._shapes[k])]
-            if layer.bias is not None and self.scale_biases:
-                params.append((layer.bias, (layer.bias.shape[0],)))
-            items = [(_view(t, shape, f"layers[{k}]"), 1) for t, shape in params]
-            if self._powers is not None:
-                for t, shape in params:
-                    items += self._state(t, shape, k)
-            out.append(items)
-        return out
+    def _tensors(self) -> list[tuple[list[nn.Module], list[list[tuple[torch.Tensor, int]]]]]:
+        """Per chain with a pair to balance, its layers up to the last one the cycle touches
+        and, per layer, its (tensor view, power) list: the weight first, then the bias if it
+        is scaled, then their optimizer state."""
+        chains = []
+        for name, layers, shapes, pairs in self._chains():
+            if not pairs:
+                continue
+            out = []
+            for k, layer in enumerate(layers[: pairs + 1]):
+                params = [(layer.weight, shapes[k])]
+                if layer.bias is not None and self.scale_biases:
+                    params.append((layer.bias, (layer.bias.shape[0],)))
+                items = [(_view(t, shape, f"{name}[{k}]"), 1) for t, shape in params]
+                if self._powers is not None:
+                    for t, shape in params:
+                        items += self._state(t, shape, k, name)
+                out.append(items)
+            chains.append((layers[: pairs + 1], out))
+        return chains
 
-    def _state(self, param: torch.Tensor, shape, k: int) -> list[tuple[torch.Tensor, int]]:
+    def _state(self, param: torch.Tensor, shape, k: int, name: str = "layers") -> list[tuple[torch.Tensor, int]]:
         items = []
         for key, value in self.optimizer.state.get(param, {}).items():
             if not isinstance(value, torch.Tensor) or value.shape != param.shape:
                 continue  # step counters and other scalars
             if key not in self._powers:
                 raise TypeError(
-                    f"optimizer: unknown state {key!r} of layers[{k}] in {type(self.optimizer).__name__}; "
+                    f"optimizer: unknown state {key!r} of {name}[{k}] in {type(self.optimizer).__name__}; "
                     f"ENorm knows {sorted(self._powers)}"
                 )
             if self._powers[key]:
-                items.append((_view(value, shape, f"optimizer state {key!r} of layers[{k}]"), self._powers[key]))
+                items.append((_view(value, shape, f"optimizer state {key!r} of {name}[{k}]"), self._powers[key]))
         return items
 
     def _key(self) -> tuple[int, ...]:
@@ -283,7 +334,7 @@ class ENorm:
         the old tensors alive, so a new tensor cannot reuse an old address)."""
         state = self.optimizer.state if self.optimizer is not None else {}
         ptrs = []
-        for layer in self.layers[: self.pairs + 1]:
+        for layer in (layer for _, layers, _, pairs in self._chains() for layer in layers[: pairs + 1]):
             for param in (layer.weight, layer.bias):
                 if param is not None:
                     ptrs.append(param.data_ptr())
@@ -296,9 +347,9 @@ class ENorm:
         key = self._key()
         if key != self._cache_key:
             self._layers = self._tensors()
-            self._dtypes = {t.dtype for items in self._layers for t, _ in items}
-            self._plan, self._cache_key = None, key
-        backend = resolve_backend(self.backend, self.layers[0].weight)
+            self._dtypes = {t.dtype for _, chain in self._layers for items in chain for t, _ in items}
+            self._plans, self._cache_key = None, key
+        backend = resolve_backend(self.backend, (self.layers or self.branches[0])[0].weight)
         if backend == "triton" and len(self._dtypes) > 1:
             if self.backend == "triton":
                 raise TypeError(
@@ -374,7 +425,8 @@ class ENorm:
         elif not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         elif self.optimizer is None:
-            _check_optimizer_holds(optimizer, self.layers[: self.pairs + 1], scale_biases=self.scale_biases)
+            for name, layers, _, pairs in self._chains():
+                _check_optimizer_holds(optimizer, layers[: pairs + 1], scale_biases=self.scale_biases, name=name)
         elif optimizer is not self.optimizer:
             raise ValueError(
                 f"optimizer: this ENorm rescales the state of the {type(self.optimizer).__name__} it was built with, "
@@ -396,34 +448,44 @@ class ENorm:
         self._attachment = AttachHandle(self, optimizer.register_step_post_hook(hook))
         return self._attachment
 
-    def _bias_norms(self) -> list[torch.Tensor | None]:
-        """b_q for pair q's norm, or None."""
-        has_bias = [layer.bias is not None for layer in self.layers]
-        return [self._layers[q][1][0] if self.balance_biases and has_bias[q] else None for q in range(self.pairs)]
+    def _bias_norms(self, layers: list[nn.Module], chain: list) -> list[torch.Tensor | None]:
+        """b_q for pair q's norm of one chain (its touched layers and their tensors), or None."""
+        return [chain[q][1][0] if self.balance_biases and layers[q].bias is not None else None
+                for q in range(len(layers) - 1)]
 
     def _torch_cycle(self) -> None:
-        weights = [items[0][0] for items in self._layers]
-        ds = _ref.coefficients(weights, self._bias_norms(), pairs=self.pairs, c=self.c, p=self.p,
-                               eps=self.eps, sequential=self.mode == "sequential")
-        flat = [(k, t, a) for k, items in enumerate(self._layers) for t, a in items]
-        _ref.rescale_(
-            [t for _, t, _ in flat],
-            [ds[k] if k < self.pairs else None for k, _, _ in flat],
-            [ds[k - 1] if k and t.dim() == 3 else None for k, t, _ in flat],
-            [a for _, _, a in flat],
-        )
+        for layers, chain in self._layers:
+            pairs = len(layers) - 1
+            weights = [items[0][0] for items in chain]
+            ds = _ref.coefficients(weights, self._bias_norms(layers, chain), pairs=pairs, c=self.c, p=self.p,
+                                   eps=self.eps, sequential=self.mode == "sequential")
+            flat = [(k, t, a) for k, items in enumerate(chain) for t, a in items]
+            _ref.rescale_(
+                [t for _, t, _ in flat],
+                [ds[k] if k < pairs else None for k, _, _ in flat],
+                [ds[k - 1] if k and t.dim() == 3 else None for k, t, _ in flat],
+                [a for _, _, a in flat],
+            )
+
+    @property
+    def _plan(self):
+        """The Triton plan of the first chain the cycle balances (None before a Triton cycle)."""
+        return self._plans[0] if self._plans else None
 
     def _triton_cycle(self) -> None:
         from .kernels import enorm as _kernels
 
-        if self._plan is None:
-            self._plan = _kernels.Plan(self._layers, [b is not None for b in self._bias_norms()])
-        _kernels.cycle(self._plan, c=self.c, p=self.p, eps=self.eps, sequential=self.mode == "sequential")
+        if self._plans is None:
+            self._plans = [_kernels.Plan(chain, [b is not None for b in self._bias_norms(layers, chain)])
+                           for layers, chain in self._layers]
+        for plan in self._plans:
+            _kernels.cycle(plan, c=self.c, p=self.p, eps=self.eps, sequential=self.mode == "sequential")
 
     def state_dict(self) -> dict:
         """The settings, and ``optimizer_steps``: the optimizer steps that ``attach``'s hook
         has counted (the layers and the optimizer are references, not state)."""
-        return {"num_layers": len(self.layers), **{name: getattr(self, name) for name in _SETTINGS},
+        branches = {"branch_layers": [len(b) for b in self.branches]} if self.branches else {}
+        return {"num_layers": len(self.layers), **branches, **{name: getattr(self, name) for name in _SETTINGS},
                 "optimizer_steps": self._optimizer_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -436,13 +498,19 @@ class ENorm:
             raise ValueError(
                 f"state_dict: saved for a chain of {state_dict['num_layers']} layers, this one has {len(self.layers)}"
             )
+        saved = list(state_dict.get("branch_layers", []))
+        if saved != [len(b) for b in self.branches]:
+            raise ValueError(
+                f"state_dict: saved for branches of {saved} layers, this one has {[len(b) for b in self.branches]}"
+            )
         steps = check_int("optimizer_steps", state_dict.get("optimizer_steps", 0), minimum=0)
         self._configure({name: state_dict[name] for name in _SETTINGS})
         self._optimizer_steps = steps
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{name}={getattr(self, name)!r}" for name in _SETTINGS)
-        return f"ENorm({len(self.layers)} layers, {self.pairs} pairs, {settings})"
+        branches = f"{len(self.branches)} branches, " if self.branches else ""
+        return f"ENorm({len(self.layers)} layers, {branches}{self.pairs} pairs, {settings})"
 
 
 class AttachHandle:

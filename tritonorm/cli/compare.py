@@ -5,7 +5,8 @@ each followed by the normalization and a ReLU, then global average pooling and a
 layer) or, with ``--mlp DEPTH``, the deep MLP of the ENorm reproducibility study
 ("Reproducibility of Equi-normalization of neural networks"): a flatten, a linear layer to
 WIDTH units, DEPTH intermediate WIDTH x WIDTH layers and a linear output layer, ReLU after
-each hidden layer, no biases, He initialisation.
+each hidden layer, no biases, He initialisation.  ``--resnet`` trains a small residual CNN
+instead (``resnet``: a basic block per width, ENorm balancing the pairs inside each branch).
 
 Each normalization changes only the hidden layers (the output layer stays plain): ``bn``
 nn.BatchNorm2d (1d for the MLP) after each hidden weight layer; ``l1``, ``linf``, ``topk``
@@ -134,10 +135,40 @@ def mlp(norm: str, in_features: int, depth: int, width: int, backend: str) -> nn
     return nn.Sequential(*layers, he_linear(width, CLASSES))
 
 
+class ResidualBlock(nn.Module):
+    """A basic block with ``norm``: two 3x3 hidden layers (the second without its ReLU)
+    added to the input, or to a 3x3 downsample layer's output where the shape changes,
+    then a ReLU."""
+
+    def __init__(self, norm: str, c_in: int, c_out: int, stride: int, backend: str):
+        super().__init__()
+        self.branch = nn.Sequential(*hidden(norm, c_in, c_out, False, backend, stride),
+                                    *hidden(norm, c_out, c_out, False, backend)[:-1])
+        self.downsample = (nn.Sequential(*hidden(norm, c_in, c_out, False, backend, stride)[:-1])
+                           if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.branch(x) + self.downsample(x))
+
+
+def resnet(norm: str, in_channels: int, backend: str) -> nn.Sequential:
+    """The small residual CNN (``--resnet``) with ``norm``: a 3x3 hidden layer of 16
+    channels, one residual block per width of the CNN (strides 1, 2, 2), global average
+    pooling and a linear layer.  ENorm balances the pairs inside each block's branch."""
+    layers: list[nn.Module] = hidden(norm, in_channels, CNN_CHANNELS[0], False, backend)
+    c_in = CNN_CHANNELS[0]
+    for c_out, stride in zip(CNN_CHANNELS, CNN_STRIDES, strict=True):
+        layers.append(ResidualBlock(norm, c_in, c_out, stride, backend))
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, CLASSES))
+
+
 def build(norm: str, args: argparse.Namespace, sample: Tensor) -> nn.Sequential:
-    """The model of ``args`` (CNN or MLP) with ``norm``, for inputs shaped like ``sample``."""
+    """The model of ``args`` (CNN, residual CNN or MLP) with ``norm``, for inputs shaped like ``sample``."""
     if args.mlp:
         return mlp(norm, sample[0].numel(), args.mlp, args.width, args.backend)
+    if args.resnet:
+        return resnet(norm, sample.shape[1], args.backend)
     return cnn(norm, sample.shape[1], args.backend)
 
 
@@ -188,7 +219,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=args.lr, momentum=recipe.momentum,
                                          weight_decay=recipe.weight_decay)
         self.enorm = (tritonorm.ENorm.from_model(self.net, self.optimizer, allow_batchnorm=norm == "enorm_bn",
-                                                 c=ENORM_C, backend=args.backend)
+                                                 residual=args.resnet, c=ENORM_C, backend=args.backend)
                       if norm in ("enorm", "enorm_bn") else None)
         self.lr, self.steps, self.step_count = args.lr, steps, 0
 
@@ -327,6 +358,8 @@ def model_name(args: argparse.Namespace) -> str:
     """A short description of the model."""
     if args.mlp:
         return f"MLP, {args.mlp} intermediate layers of {args.width} units"
+    if args.resnet:
+        return f"residual CNN, basic blocks of {'-'.join(map(str, CNN_CHANNELS))} channels"
     return f"CNN, 3x3 convolutions of {'-'.join(map(str, CNN_CHANNELS))} channels"
 
 
@@ -501,6 +534,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mlp", type=positive_int, metavar="DEPTH",
                         help="train the study's deep MLP with DEPTH intermediate layers instead of the CNN")
     _option(parser, "--width", positive_int, 500, "the MLP's hidden width")
+    parser.add_argument("--resnet", action="store_true",
+                        help="train a small residual CNN (a basic block per width) instead of the CNN; ENorm "
+                             "balances the pairs inside each block")
     parser.add_argument("--cifar10", type=Path, metavar="DIR",
                         help="train on CIFAR-10 from the python batches in DIR (default: scikit-learn's digits)")
     _option(parser, "--epochs", positive_int, 30, "training epochs")
