@@ -250,11 +250,12 @@ def _equinorm_weight(weight: torch.Tensor, *, single_pass: bool, groups: int = 1
                              single_pass=single_pass)
 
 
-def _bounded_weight_norm(v: torch.Tensor, *, per_slice_rho: bool = False, dim: int = 0):
-    """Forward and backward, with one fixed rho or one per slice (the learnable gain's)."""
+def _bounded_weight_norm(v: torch.Tensor, *, per_slice_rho: bool = False, dim: int = 0, p: float = 2.0):
+    """Forward and backward, with one fixed rho or one per slice (the learnable gain's), of
+    the norm order p."""
     rho = torch.empty(v.shape[dim] if per_slice_rho else (), dtype=v.dtype)
-    w, norm = bounded_weight_norm.forward(v, rho=rho, dim=dim, eps=1e-12)
-    bounded_weight_norm.backward(w, v=v, rho=rho, norm=norm, dim=dim, eps=1e-12)
+    w, norm = bounded_weight_norm.forward(v, rho=rho, dim=dim, eps=1e-12, p=p)
+    bounded_weight_norm.backward(w, v=v, rho=rho, norm=norm, dim=dim, eps=1e-12, p=p)
 
 
 def _cumulative_average(running: torch.Tensor):
@@ -315,8 +316,8 @@ def coverage_workloads():
     """Variants that must compile but carry no budget: fp64, a 2-d (N, C) input, Top-k at
     k = 3 and MAX_K, every (batch_stats, param_grads) without affine parameters, the
     cumulative average, exact and grouped EquiNorm, a linear one without gain, bounded
-    weight norm in fp64 and with a per-slice rho (also along the last dim), every ENorm norm
-    on bf16 and l2 on fp64."""
+    weight norm in fp64, with a per-slice rho (also along the last dim) and with p = 1 and
+    inf (rows, grouped rows, the last dim), every ENorm norm on bf16 and l2 on fp64."""
     every_mode = ((True, True), (True, False), (False, True), (False, False))
     for shape, dtype, memory_format in (((32, 64, 56, 56), torch.float32, torch.contiguous_format),
                                         ((32, 64, 56, 56), torch.bfloat16, torch.channels_last),
@@ -350,6 +351,11 @@ def coverage_workloads():
         yield _on(f"equinorm weight linear, no gain, single_pass={single_pass}", _equinorm_weight, (128, 256),
                   **common, single_pass=single_pass, has_gain=False)
     yield _on("bwn per-slice rho dim=1", _bounded_weight_norm, (4096, 1000), **common, per_slice_rho=True, dim=1)
+    for p in (1.0, float("inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((512, 512, 3, 3), (64, 3, 7, 7)):
+                yield _on(f"bwn p={p}", _bounded_weight_norm, shape, dtype, budgeted=False, p=p)
+        yield _on(f"bwn p={p} dim=1", _bounded_weight_norm, (4096, 1000), **common, dim=1, p=p)
     for dtype, norms in ((torch.bfloat16, (1.0, 2.0, float("inf"), 3.0)), (torch.float64, (2.0,))):
         yield Workload(f"enorm mlp 48-16-16-10 {DTYPES[dtype]}",
                        partial(_enorm_cycles, [(16, 48, 1), (16, 16, 1), (10, 16, 1)], dtype=dtype, norms=norms),

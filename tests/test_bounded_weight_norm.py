@@ -37,9 +37,9 @@ def _leaf(t):
     return t.detach().clone().requires_grad_()
 
 
-def _run(backend, v, rho, grad, dim):
+def _run(backend, v, rho, grad, dim, p=2.0):
     v, rho = _leaf(v), _leaf(rho)
-    w = F.bounded_weight(v, rho, dim=dim, backend=backend)
+    w = F.bounded_weight(v, rho, dim=dim, p=p, backend=backend)
     w.backward(grad.to(w.dtype))
     return w.detach(), v.grad, rho.grad
 
@@ -52,19 +52,25 @@ def _inputs(shape, dim, dtype, device, per_slice, seed):
     return v, rho, torch.randn(shape, generator=g).to(device, dtype)
 
 
-def _compare(v, rho, grad, dim, dtype):
+def _compare(v, rho, grad, dim, dtype, p=2.0):
     """The Triton path against the float64 reference: w, dL/dv and dL/drho in v's dtype and
     rho's shape, each within the tolerance rule at its own scale (w: its largest value;
-    dL/dv: rho / ||v|| |G|, the size before the projection; dL/drho: the sum of |u G|,
+    dL/dv: rho / ||v|| |G|, the size before the projection, for p = 2, where the projected
+    part is no larger; for p = 1 and inf, whose projected part t_i dn_i/dv_i (|dn/dv| <= 1)
+    may be larger, plus rho / ||v|| <|v|, |G|> / ||v||; dL/drho: the sum of |v G| / ||v||,
     before cancellation)."""
-    tri = _run("triton", v, rho, grad, dim)
-    exp = _run("torch", v.double(), rho.double(), grad.double(), dim)
+    tri = _run("triton", v, rho, grad, dim, p)
+    exp = _run("torch", v.double(), rho.double(), grad.double(), dim, p)
     assert tri[0].dtype == tri[1].dtype == tri[2].dtype == dtype and tri[2].shape == rho.shape
     bound = ref.slice_shape(v, dim)
-    unprojected = rho.double().expand(v.shape[dim]).reshape(bound) / ref.slice_norms(v.double(), dim).reshape(bound)
-    magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim)[2]
+    norms = ref.slice_norms(v.double(), dim, p).reshape(bound)
+    unprojected = rho.double().expand(v.shape[dim]).reshape(bound) / norms
+    magnitude = _run("torch", v.double().abs(), rho.double(), grad.double().abs(), dim, p)[2]
+    dv_scale = (unprojected * grad.double()).abs().max()
+    if p != 2:
+        dv_scale += unprojected.abs().max() * magnitude.abs().max()
     assert_close(tri[0], exp[0], dtype, "w", scale=exp[0])
-    assert_close(tri[1], exp[1], dtype, "dL/dv", scale=unprojected * grad.double())
+    assert_close(tri[1], exp[1], dtype, "dL/dv", scale=dv_scale.item())
     assert_close(tri[2], exp[2], dtype, "dL/drho", scale=magnitude)
 
 
@@ -122,6 +128,136 @@ def test_zero_slice_guard_gives_zeros_not_nan(device):
         assert torch.isfinite(w).all() and torch.isfinite(leaf.grad).all()
         assert torch.equal(w[2], torch.zeros(6, device=device))
         torch.testing.assert_close(w[[0, 1, 3]].norm(dim=1), torch.full((3,), 1.5, device=device))
+
+
+# ----------------------------------------------------------------------------- the norm order p
+
+ORDERS = [1.0, math.inf]
+
+
+@pytest.mark.parametrize("p", ORDERS, ids=["p1", "pinf"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_parity_p(p, case, device):
+    """p = 1 and inf, every layout (the grouped view and one slice over several tiles
+    included), fp32 with a per-slice rho, and the other dtypes with one rho."""
+    shape, dim = CASES[case]
+    _compare(*_inputs(shape, dim, torch.float32, device, True, seed=case), dim, torch.float32, p)
+
+
+@pytest.mark.parametrize("p", ORDERS, ids=["p1", "pinf"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [2, 7, 10])
+def test_parity_p_dtypes(p, dtype, case, device):
+    """Low precision makes ties of max |v| likely: both paths send the L-inf gradient to the
+    lowest index."""
+    shape, dim = CASES[case]
+    _compare(*_inputs(shape, dim, dtype, device, False, seed=case), dim, dtype, p)
+
+
+@pytest.mark.parametrize("p", ORDERS, ids=["p1", "pinf"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_gradcheck_float64_p(p, backend, dim, device):
+    """Random float64 inputs: no zeros (the L1 kink) and no ties of max |v|."""
+    g = torch.Generator().manual_seed(dim + 11)
+    v = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    for rho_shape in [(v.shape[dim],), ()]:
+        rho = (torch.rand(rho_shape, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda v, rho: F.bounded_weight(v, rho, dim=dim, p=p, backend=backend), (v, rho),
+            fast_mode=backend == "triton")
+
+
+def _expected_linf_grad(v, rho, grad, dim, first):
+    """dL/dv of w = rho v / max|v| per slice, written out: rho / n (G - <v, G> / n sign(v_k)
+    e_k), k = ``first[i]``, the flat index within slice i (row-major over the other axes)."""
+    rows, g = v.movedim(dim, 0).reshape(v.shape[dim], -1), grad.movedim(dim, 0).reshape(v.shape[dim], -1)
+    n = rows.abs().amax(1, keepdim=True)
+    dn = torch.zeros_like(rows)
+    dn[torch.arange(rows.shape[0]), first] = rows[torch.arange(rows.shape[0]), first].sign()
+    dv = rho / n * (g - (rows * g).sum(1, keepdim=True) / n * dn)
+    return dv.reshape(v.movedim(dim, 0).shape).movedim(0, dim)
+
+
+# (shape, dim, slice, the tied flat indices within the slice (the first one is the lowest)):
+# rows, a middle axis (the slice's elements strided, across A and B), the contiguous last
+# axis, the grouped view (rows of 147), a row over two tiles (3000 > 2048).
+TIES = [
+    ((4, 6), 0, 1, [2, 4, 5]), ((3, 4, 5), 1, 2, [4, 10, 14]), ((5, 4), -1, 3, [0, 4]),
+    ((16, 3, 7, 7), 0, 9, [17, 100, 146]), ((2, 3000), 0, 1, [100, 2500]),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", range(len(TIES)))
+def test_linf_gradient_goes_to_the_lowest_tied_index(case, backend, device):
+    """Ties of max |v| (opposite signs too): the whole gradient of the norm goes to the
+    lowest index, on the reference and on the Triton path; every other slice's to its one
+    max element."""
+    shape, dim, tied, at = TIES[case]
+    g = torch.Generator().manual_seed(case)
+    v = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1  # |v| < 1
+    rows = v.movedim(dim, 0)  # a view: writes go to v
+    flat = rows[tied].reshape(-1).clone()
+    flat[at] = torch.tensor([(-1.0) ** j * 1.5 for j in range(len(at))], dtype=torch.float64)
+    rows[tied] = flat.reshape(rows[tied].shape)
+    v, grad = v.to(device), torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    first = v.movedim(dim, 0).reshape(v.shape[dim], -1).abs().argmax(1)
+    assert first[tied].item() == at[0]
+    leaf = _leaf(v)
+    rho = torch.tensor(1.3, dtype=torch.float64, device=device)
+    F.bounded_weight(leaf, rho, dim=dim, p=math.inf, backend=backend).backward(grad)
+    expected = _expected_linf_grad(v, rho, grad, dim, first)
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-12)
+    norm_leaf = _leaf(v)
+    ref.slice_norms(norm_leaf, dim, math.inf)[tied].backward()
+    hot = torch.zeros(flat.numel(), dtype=torch.float64)
+    hot[at[0]] = 1.0
+    assert torch.equal(norm_leaf.grad.movedim(dim, 0)[tied].reshape(-1).cpu(), hot)
+    for dtype in (torch.float32, torch.bfloat16):  # the tie survives the cast: same rule in the kernel
+        _compare(v.to(dtype), rho.to(dtype), grad.to(dtype), dim, dtype, math.inf)
+
+
+@pytest.mark.parametrize("p", ORDERS, ids=["p1", "pinf"])
+def test_opcheck_p(p, device):
+    v, rho, grad = _inputs((6, 4, 3), 1, torch.float32, device, True, seed=3)
+    torch.library.opcheck(bwn_ops.bounded_weight, (_leaf(v), _leaf(rho), 1, 1e-12, p))
+    norm = bwn_ops.bounded_weight(v, rho, 1, 1e-12, p)[1]
+    torch.library.opcheck(bwn_ops.bounded_weight_backward, (grad, v, rho, norm, 1, 1e-12, p))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_modules_take_p(p, backend, device):
+    """Every slice's p-norm is rho (by default the mean initial p-norm), for the modules
+    and the registration, and after a step."""
+    torch.manual_seed(0)
+    linear = tritonorm.BoundedWNLinear(6, 5, p=p, backend=backend, device=device)
+    conv = tritonorm.BoundedWNConv2d(3, 4, 3, rho=0.7, p=p, backend=backend, device=device)
+    layer = nn.Linear(6, 5, device=device)
+    rho0 = ref.slice_norms(layer.weight.detach(), 0, p).mean()
+    tritonorm.bounded_weight_norm(layer, p=p, backend=backend)
+    assert layer.parametrizations.weight[0].p == float(p)
+    torch.testing.assert_close(layer.parametrizations.weight[0].rho, rho0.float())
+    opt = torch.optim.SGD([*linear.parameters(), *conv.parameters()], lr=0.5)
+    for _ in range(2):
+        for module, rho in ((linear, linear.parametrizations.weight[0].rho), (conv, 0.7)):
+            norms = ref.slice_norms(module.weight.detach(), 0, p)
+            torch.testing.assert_close(norms, torch.full_like(norms, float(rho)))
+        (linear(torch.randn(3, 6, device=device)).sum() + conv(torch.randn(2, 3, 5, 5, device=device)).sum()).backward()
+        opt.step()
+    assert ("p=inf" in repr(conv)) == (p == math.inf) and ("p=1.0" in repr(linear)) == (p == 1)
+
+
+@pytest.mark.parametrize("p", [3, 0, -1, math.nan, "inf", True, None])
+def test_invalid_p_is_refused(p):
+    message = r"p must be 2, 1 or float\('inf'\) \(the norm order of every slice\), got "
+    with pytest.raises(ValueError, match=message):
+        tritonorm.bounded_weight_norm(nn.Linear(3, 4), p=p)
+    with pytest.raises(ValueError, match=message):
+        tritonorm.BoundedWNLinear(3, 4, p=p)
+    with pytest.raises(ValueError, match=message):
+        F.bounded_weight(torch.randn(3, 4), 1.0, p=p)
 
 
 # ----------------------------------------------------------------------------- what the Triton path runs

@@ -150,3 +150,15 @@ def check_slice_dim(dim, t: Tensor, name: str = "weight") -> int:
             f"dim must be an int in [{-t.dim()}, {t.dim() - 1}] for {name} of shape {tuple(t.shape)}, got {dim!r}"
         )
     return dim % t.dim()
+
+
+# The norm orders bounded weight norm takes.
+NORM_ORDERS = (2.0, 1.0, math.inf)
+
+
+def check_norm_order(p) -> float:
+    """``p`` as a float if it is 2, 1 or inf (a real number, not a bool), else a ValueError
+    naming p and the accepted values."""
+    if isinstance(p, NUMBER_TYPES) and not isinstance(p, bool) and float(p) in NORM_ORDERS:
+        return float(p)
+    raise ValueError(f"p must be 2, 1 or float('inf') (the norm order of every slice), got {p!r:.80}")

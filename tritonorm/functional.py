@@ -22,6 +22,7 @@ from ._checks import (
     check_eps,
     check_int,
     check_momentum,
+    check_norm_order,
     check_number,
     check_process_group,
     check_slice_dim,
@@ -704,9 +705,10 @@ equinorm_linear.__doc__ = _EQUINORM_DOC.format(
 
 
 def bounded_weight(
-    v: Tensor, rho: Tensor | float, *, dim: int = 0, eps: float = _bwn_ref.EPS, backend: str = "auto"
+    v: Tensor, rho: Tensor | float, *, dim: int = 0, eps: float = _bwn_ref.EPS, p: float = 2.0,
+    backend: str = "auto"
 ) -> Tensor:
-    """w_i = rho_i * v_i / max(||v_i||_2, eps), per slice i of ``v`` along ``dim``: the
+    """w_i = rho_i * v_i / max(||v_i||_p, eps), per slice i of ``v`` along ``dim``: the
     bounded weight norm of "Norm matters" (Hoffer et al. 2018; ``tritonorm.bounded_weight_norm`` registers it
     as a parametrization).
 
@@ -714,11 +716,16 @@ def bounded_weight(
     finite number > 0 or a () tensor (the paper: one per layer), or a (S,) tensor of
     per-slice scales, S = v.shape[dim] (the authors' learnable gain; a negative scale flips
     its slice).  A number rho is checked; a tensor rho is used as given, its values never
-    read on the host (on CUDA each read would sync the device).  Returns w in v's dtype,
-    norms accumulated in fp32 (fp64 for fp64).  Differentiable in v and rho:
+    read on the host (on CUDA each read would sync the device).  ``p`` is the norm order:
+    2 (default), 1 (sum of |v_ij|) or float("inf") (max |v_ij|).  Returns w in v's dtype,
+    norms accumulated in fp32 (fp64 for fp64).  Differentiable in v and rho, with n_i =
+    ||v_i||_p and G = dL/dw:
 
-        dL/dv_i = rho_i / ||v_i|| * (G_i - u_i <u_i, G_i>),  u_i = v_i / ||v_i||,  G = dL/dw
-        dL/drho_i = <u_i, G_i>
+        dL/dv_i = rho_i / n_i * (G_i - <v_i, G_i> / n_i * dn_i/dv_i)
+        dL/drho_i = <v_i, G_i> / n_i
+
+    dn_i/dv_i is v_i / n_i for p = 2, sign(v_i) for p = 1, and for p = inf sign(v_ik) at the
+    max element k alone (ties: the lowest index within the slice, in row-major order).
 
     ``eps`` floors the norm, as in ``torch.nn.functional.normalize``: an all-zero slice gives
     zeros, not NaN.
@@ -729,6 +736,7 @@ def bounded_weight(
         dim: the axis whose slices are normalized (0: the output channels of Linear and
             Conv).
         eps: floor on the slice norms.
+        p: the norm order, 2, 1 or float("inf").
         backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
 
     Shape:
@@ -756,11 +764,12 @@ def bounded_weight(
     if rho.device != v.device:
         raise ValueError(f"rho is on {rho.device} but v is on {v.device}")
     check_eps(eps)
+    p = check_norm_order(p)
     chosen = resolve_backend(backend, v)
     check_transforms(chosen, v)
     if chosen == "torch":
-        return _bwn_ref.bounded_weight(v, rho=rho, dim=dim, eps=eps)
-    return _bwn_ops.bounded_weight(v, rho=rho, dim=dim, eps=torch.sym_float(eps))[0]
+        return _bwn_ref.bounded_weight(v, rho=rho, dim=dim, eps=eps, p=p)
+    return _bwn_ops.bounded_weight(v, rho=rho, dim=dim, eps=torch.sym_float(eps), p=p)[0]
 
 
 for _name in (*__all__, "_equinorm"):

@@ -8,11 +8,18 @@ BLOCK_S]); for the last dim (B = 1) the view folds A into the row axis with the 
 contiguous, so a tile row reads BLOCK_C neighbouring slices.  Each program owns BLOCK_C
 slices and walks all of their tiles twice, so each direction is one launch:
 
-    _forward_kernel    pass 1: n_i = ||v_i||                               (stored)
+    _forward_kernel    pass 1: n_i = ||v_i||_p                             (stored)
                        pass 2: w = rho_i / max(n_i, eps) * v
-    _backward_kernel   pass 1: t_i = <v_i, G_i>
-                       pass 2: dL/dv = rho_i / max(n_i, eps) * (G - v t_i / n_i^2)
+    _backward_kernel   pass 1: t_i = <v_i, G_i>  (p = inf: also k_i, the lowest index of
+                               a max |v_ij|, the one whose |v| equals the stored n_i)
+                       pass 2: dL/dv = rho_i / max(n_i, eps) * (G - t_i / n_i * dn_i/dv_i)
                                dL/drho_i = t_i / max(n_i, eps)             (stored, (S,))
+
+with dn_i/dv_i = v_i / n_i (p = 2), sign(v_i) (p = 1) or sign(v_ik) at k = k_i alone (p =
+inf); the norm order is the constexpr P (2, 1, or 0 for inf).  Each pass-1 accumulator is a
+tile of partials (squares, |v|, running max |v|, the max of -r over the hits, r the
+reduction index, which runs over a slice's elements in their order) reduced per slice at
+the end, over each row's segments in a grouped view (``row_sums``, ``_row_max``).
 
 The second pass re-reads what its program read in the first, mostly from L2.  A program
 needs its slices whole, so the parallelism is the number of slice blocks: the planner
@@ -52,6 +59,24 @@ WAVES = 2
 MIN_BLOCK_C_CONTIGUOUS = 16
 # Fewest bytes in a tile: a warp's 32 threads with one 16-byte vector each.
 MIN_TILE_BYTES = 32 * 16
+# Beyond every reduction index: the empty value of the L-inf backward's lowest-index search.
+FAR: tl.constexpr = tl.constexpr(2**62)
+
+
+@triton.jit
+def _row_max(acc, S, GROUP: tl.constexpr, LOWEST: tl.constexpr):
+    """Per-slice maxima, [BLOCK_C * GROUP], of a tile-shaped accumulator [BLOCK_C, BLOCK_S]
+    (in a grouped view, over each row's GROUP segments; LOWEST fills the other lanes)."""
+    if GROUP == 1:
+        out = tl.max(acc, 1)
+    else:
+        segment = (tl.arange(0, acc.shape[1]) // (S // GROUP))[None, :]
+        part = tl.arange(0, GROUP)[None, :]
+        rows = tl.full([acc.shape[0], GROUP], LOWEST, acc.dtype)
+        for g in tl.static_range(GROUP):
+            rows = tl.where(part == g, tl.max(tl.where(segment == g, acc, LOWEST), 1)[:, None], rows)
+        out = tl.reshape(rows, [acc.shape[0] * GROUP])
+    return out
 
 
 @triton.jit
@@ -59,16 +84,27 @@ def _forward_kernel(
     v_ptr, rho_ptr, w_ptr, norm_ptr,
     N, C, S, stride_n, stride_c, stride_s, rho_stride, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    P: tl.constexpr,
 ):
     c, c_mask = channel_block(BLOCK_C, C)
     i, i_mask = channel_block(BLOCK_C * GROUP, C * GROUP)  # the program's slices
     tiles = N * tl.cdiv(S, BLOCK_S)
-    squares = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK_S], ACC)  # squares (p = 2), |v| (p = 1), running max |v| (inf)
     for t in range(tiles):
         offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
-        squares += v * v
-    norm = tl.sqrt(row_sums(squares, S, GROUP))
+        if P == 2:
+            acc += v * v
+        elif P == 1:
+            acc += tl.abs(v)
+        else:
+            acc = tl.maximum(acc, tl.abs(v))
+    if P == 2:
+        norm = tl.sqrt(row_sums(acc, S, GROUP))
+    elif P == 1:
+        norm = row_sums(acc, S, GROUP)
+    else:
+        norm = _row_max(acc, S, GROUP, 0.0)
     tl.store(norm_ptr + i, norm, mask=i_mask)
     rho = tl.load(rho_ptr + i * rho_stride, mask=i_mask, other=0.0).to(ACC)
     scale = spread(rho / tl.maximum(norm, eps), S, GROUP, BLOCK_S)
@@ -83,29 +119,47 @@ def _backward_kernel(
     grad_ptr, v_ptr, rho_ptr, norm_ptr, dv_ptr, drho_ptr,
     N, C, S, stride_n, stride_c, stride_s, rho_stride, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ALIGN: tl.constexpr, GROUP: tl.constexpr,
+    P: tl.constexpr,
 ):
     c, c_mask = channel_block(BLOCK_C, C)
     i, i_mask = channel_block(BLOCK_C * GROUP, C * GROUP)
     tiles = N * tl.cdiv(S, BLOCK_S)
+    norm = tl.load(norm_ptr + i, mask=i_mask, other=1.0).to(ACC)
     products = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    # p = inf: the lowest reduction index r of each slice's max |v| (== its stored norm),
+    # as the max of -r (r runs over a slice's elements in order, in a grouped view too).
+    first = tl.full([BLOCK_C, BLOCK_S], -FAR, tl.int64)
+    if P == 0:
+        peak = spread(norm, S, GROUP, BLOCK_S)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
+        offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         products += v * g
+        if P == 0:
+            first = tl.maximum(first, tl.where(mask & (tl.abs(v) == peak), -r, -FAR))
     dot = row_sums(products, S, GROUP)
-    norm = tl.load(norm_ptr + i, mask=i_mask, other=1.0).to(ACC)
     rho = tl.load(rho_ptr + i * rho_stride, mask=i_mask, other=0.0).to(ACC)
     floored = tl.maximum(norm, eps)
     tl.store(drho_ptr + i, (dot / floored).to(drho_ptr.dtype.element_ty), mask=i_mask)
-    # Below eps the norm is the constant eps: no projection (reference docstring).
-    projection = spread(tl.where(norm >= eps, dot / (floored * floored), 0.0), S, GROUP, BLOCK_S)
+    # dL/dv = rho / n * (G - t dn/dv), t = dot / n; below eps the norm is the constant eps:
+    # no projection (reference docstring).  p = 2: dn/dv = v / n, folded into t / n.
+    divisor = floored * floored if P == 2 else floored
+    projection = spread(tl.where(norm >= eps, dot / divisor, 0.0), S, GROUP, BLOCK_S)
     scale = spread(rho / floored, S, GROUP, BLOCK_S)
+    if P == 0:
+        k = -spread(_row_max(first, S, GROUP, -FAR), S, GROUP, BLOCK_S)
     for t in range(tiles):
-        offs, mask, _ = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
+        offs, mask, r = tile(t, c, c_mask, S, stride_n, stride_c, stride_s, BLOCK_C, BLOCK_S, ALIGN)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(dv_ptr + offs, (scale * (g - v * projection)).to(dv_ptr.dtype.element_ty), mask=mask)
+        if P == 2:
+            dn = v
+        else:
+            dn = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
+            if P == 0:
+                dn = tl.where(r == k, dn, 0.0)
+        tl.store(dv_ptr + offs, (scale * (g - dn * projection)).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 def slice_view(v: torch.Tensor, dim: int) -> ChannelView:
@@ -156,26 +210,34 @@ def drho_dtype(rho: torch.Tensor) -> torch.dtype:
     return rho.dtype if rho.dim() else accumulator_dtype(rho.dtype)
 
 
-def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, n): the bounded weight (contiguous, v's dtype) and the slice norms n (S,), in
-    the accumulator dtype.  ``rho`` is () or (S,)."""
+def norm_order(p: float) -> int:
+    """The kernels' constexpr P of the norm order p: 2, 1, or 0 for inf."""
+    return {2.0: 2, 1.0: 1, math.inf: 0}[p]
+
+
+def forward(v: torch.Tensor, rho: torch.Tensor, dim: int, eps: float,
+            p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, n): the bounded weight (contiguous, v's dtype) and the slice norms n = ||v_i||_p
+    (S,), in the accumulator dtype.  ``rho`` is () or (S,); p is 2, 1 or inf."""
     view = slice_view(v, dim)
     w = torch.empty_like(view.tensor)
     norm = torch.empty(view.c, device=v.device, dtype=accumulator_dtype(v.dtype))
     grid, args, meta = _launch(view)
-    _forward_kernel[grid](view.tensor, rho, w, norm, *args, _rho_stride(rho), eps, **meta)
+    _forward_kernel[grid](view.tensor, rho, w, norm, *args, _rho_stride(rho), eps, P=norm_order(p), **meta)
     return w.view(v.shape), norm
 
 
 def backward(grad: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, norm: torch.Tensor, dim: int,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+             eps: float, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dv, t) for dL/dw = ``grad``: t (S,) the per-slice dL/drho_i, in rho's dtype for a
     per-slice rho, else in the accumulator dtype (summed by the caller when one rho serves
-    every slice)."""
+    every slice).  ``norm`` is the forward's (for p = inf the max |v| of each slice exactly:
+    the backward finds its element by equality)."""
     view = slice_view(v, dim)
     grad = grad.contiguous().view(view.tensor.shape)
     dv = torch.empty_like(view.tensor)
     drho = torch.empty_like(norm, dtype=drho_dtype(rho))
     grid, args, meta = _launch(view)
-    _backward_kernel[grid](grad, view.tensor, rho, norm.contiguous(), dv, drho, *args, _rho_stride(rho), eps, **meta)
+    _backward_kernel[grid](grad, view.tensor, rho, norm.contiguous(), dv, drho, *args, _rho_stride(rho), eps,
+                           P=norm_order(p), **meta)
     return dv.view(v.shape), drho

@@ -4,10 +4,11 @@
 The module keeps v (``module.parametrizations.weight.original``) as its parameter and
 computes its weight from it at every access:
 
-    w_i = rho * v_i / ||v_i||_2                              (fixed scale, the paper)
-    w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_2          (learnable_gain=True, the authors' code)
+    w_i = rho * v_i / ||v_i||_p                              (fixed scale, the paper)
+    w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_p          (learnable_gain=True, the authors' code)
 
-per slice i along ``dim`` (output channels for ``dim=0``).  rho is one fixed number per
+per slice i along ``dim`` (output channels for ``dim=0``), for the norm order p = 2
+(default), 1 or inf.  rho is one fixed number per
 layer, by default the mean of the initial slice norms (a buffer, saved in the state_dict);
 with the learnable gain, g starts at the initial slice norms and its overall norm is held at
 its initial value rho_g (a buffer), so the weight's total norm never moves.
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .. import functional as F
-from .._checks import check_bool, check_eps, check_number, check_slice_dim
+from .._checks import check_bool, check_eps, check_norm_order, check_number, check_slice_dim
 from .._dispatch import check_backend
 from ..reference.bounded_weight_norm import EPS, slice_norms
 
@@ -33,14 +34,14 @@ class BoundedWeightNorm(nn.Module):
     """The parametrization v -> w that ``bounded_weight_norm`` registers ("Norm matters",
     Hoffer et al. 2018): per slice i of v along ``dim``,
 
-        w_i = rho * v_i / ||v_i||_2                         (fixed rho)
-        w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_2     (learnable_gain)
+        w_i = rho * v_i / ||v_i||_p                         (fixed rho)
+        w_i = g_i * (rho_g / ||g||_2) * v_i / ||v_i||_p     (learnable_gain)
 
     Build it through ``bounded_weight_norm``, which checks the arguments; it is found at
     ``module.parametrizations.<name>[0]``.
 
     Args:
-        weight: the weight it will parametrize, whose slice norms give the default rho
+        weight: the weight it will parametrize, whose slice p-norms give the default rho
             (their mean) and the gain's initial values.
         rho: the fixed norm of every slice, or None for the mean initial slice norm.
         learnable_gain: use the gain g (a parameter, ``gain``) whose norm is held at its
@@ -48,6 +49,7 @@ class BoundedWeightNorm(nn.Module):
         dim: the axis whose slices are normalized.
         eps: floor on the slice norms.
         backend: "auto", "triton" or "torch".
+        p: the norm order of the slices, 2, 1 or inf (a float).
 
     Shape:
         input v and output w: the parametrized tensor's shape, any rank >= 1.
@@ -60,10 +62,10 @@ class BoundedWeightNorm(nn.Module):
     """
 
     def __init__(self, weight: Tensor, *, rho: float | None, learnable_gain: bool, dim: int, eps: float,
-                 backend: str):
+                 backend: str, p: float = 2.0):
         super().__init__()
-        self.dim, self.eps, self.backend, self.learnable_gain = dim, eps, backend, learnable_gain
-        norms = slice_norms(weight.detach(), dim)
+        self.dim, self.eps, self.backend, self.learnable_gain, self.p = dim, eps, backend, learnable_gain, p
+        norms = slice_norms(weight.detach(), dim, p)
         init = norms if rho is None else torch.full_like(norms, rho)
         if learnable_gain:
             self.gain = nn.Parameter(init.to(weight.dtype))
@@ -78,7 +80,7 @@ class BoundedWeightNorm(nn.Module):
         return self.gain * (self.gain_norm / torch.linalg.vector_norm(self.gain).clamp_min(self.eps))
 
     def forward(self, v: Tensor) -> Tensor:
-        return F.bounded_weight(v, self.scale(), dim=self.dim, eps=self.eps, backend=self.backend)
+        return F.bounded_weight(v, self.scale(), dim=self.dim, eps=self.eps, p=self.p, backend=self.backend)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         """Assigning ``module.weight = w`` sets v = w: w's directions, the bound's norms."""
@@ -86,7 +88,8 @@ class BoundedWeightNorm(nn.Module):
 
     def extra_repr(self) -> str:
         bound = "learnable_gain=True" if self.learnable_gain else f"rho={self.rho.item():.4g}"
-        return f"{bound}, dim={self.dim}, eps={self.eps}, backend={self.backend!r}"
+        order = "" if self.p == 2 else f", p={self.p}"
+        return f"{bound}, dim={self.dim}{order}, eps={self.eps}, backend={self.backend!r}"
 
 
 def _ours(module: nn.Module, name: str) -> list[nn.Module]:
@@ -102,6 +105,7 @@ def bounded_weight_norm(
     *,
     rho: float | None = None,
     learnable_gain: bool = False,
+    p: float = 2.0,
     eps: float = EPS,
     backend: str = "auto",
 ) -> nn.Module:
@@ -109,7 +113,7 @@ def bounded_weight_norm(
     the module.
 
     Per slice i along ``dim`` (the output channels of Linear and Conv for ``dim=0``; those of
-    ConvTranspose are ``dim=1``):  w_i = rho * v_i / ||v_i||_2.
+    ConvTranspose are ``dim=1``):  w_i = rho * v_i / ||v_i||_p.
 
     Args:
         module: any module with a floating-point parameter ``name`` of one dim or more.
@@ -119,6 +123,9 @@ def bounded_weight_norm(
             a parameter g (``module.parametrizations.<name>[0].gain``) that starts at the
             initial slice norms (at ``rho`` if given) and whose norm is held at its initial
             value rho_g.
+        p: the norm order of every slice: 2 (default), 1 (sum of |v_ij|) or float("inf")
+            (max |v_ij|; its gradient goes to the max element alone, ties to the lowest
+            index); rho and the gain's initial values are p-norms too.
         dim: the axis whose slices are normalized.
         eps: floor on the slice norms (as ``torch.nn.functional.normalize``).
         backend: "auto", "triton" or "torch"; see ``tritonorm._dispatch``.
@@ -135,6 +142,7 @@ def bounded_weight_norm(
         >>> conv.parametrizations.weight.original     # v, the parameter the optimizer updates
         >>> up = tritonorm.bounded_weight_norm(nn.ConvTranspose2d(16, 8, 2), "weight", 1)
         >>> gained = tritonorm.bounded_weight_norm(nn.Linear(20, 40), rho=2.0, learnable_gain=True)
+        >>> l1 = tritonorm.bounded_weight_norm(nn.Linear(20, 40), p=1)   # rows of L1 norm rho
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -151,6 +159,7 @@ def bounded_weight_norm(
     dim = check_slice_dim(dim, weight, name)
     check_number("rho", rho, low=0, low_open=True, none=True)
     check_bool("learnable_gain", learnable_gain)
+    p = check_norm_order(p)
     check_eps(eps)
     check_backend(backend)
     if weight.is_meta:
@@ -159,7 +168,7 @@ def bounded_weight_norm(
             "(rho and the gain come from them, and every slice must have a direction): materialize the module "
             "first (to_empty() and its initialization)"
         )
-    norms = slice_norms(weight.detach(), dim)
+    norms = slice_norms(weight.detach(), dim, p)
     bad = (~torch.isfinite(norms) | (norms <= eps)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -168,7 +177,7 @@ def bounded_weight_norm(
             "in every slice"
         )
     parametrization = BoundedWeightNorm(weight, rho=rho, learnable_gain=learnable_gain, dim=dim, eps=eps,
-                                        backend=backend)
+                                        backend=backend, p=p)
     parametrize.register_parametrization(module, name, parametrization)
     return module
 
@@ -206,7 +215,7 @@ def remove_bounded_weight_norm(module: nn.Module, name: str = "weight") -> nn.Mo
 
 class BoundedWNLinear(nn.Linear):
     """``nn.Linear`` with ``bounded_weight_norm`` on its weight, one slice per output
-    feature ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_2.
+    feature ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_p.
 
     Args:
         in_features, out_features, bias, device, dtype: as nn.Linear.
@@ -214,6 +223,7 @@ class BoundedWNLinear(nn.Linear):
             norms.
         learnable_gain: the authors' held-norm gain instead of one fixed rho (see
             ``bounded_weight_norm``).
+        p: the norm order, 2 (default), 1 or float("inf") (see ``bounded_weight_norm``).
         backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
 
     Shape:
@@ -228,14 +238,14 @@ class BoundedWNLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rho: float | None = None,
-                 learnable_gain: bool = False, backend: str = "auto", device=None, dtype=None):
+                 learnable_gain: bool = False, p: float = 2.0, backend: str = "auto", device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, backend=backend)
+        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, p=p, backend=backend)
 
 
 class BoundedWNConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ``bounded_weight_norm`` on its weight, one slice per output
-    channel ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_2.
+    channel ("Norm matters", Hoffer et al. 2018): w_i = rho * v_i / ||v_i||_p.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -244,6 +254,7 @@ class BoundedWNConv2d(nn.Conv2d):
             of the initial norms.
         learnable_gain: the authors' held-norm gain instead of one fixed rho (see
             ``bounded_weight_norm``).
+        p: the norm order, 2 (default), 1 or float("inf") (see ``bounded_weight_norm``).
         backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
 
     Shape:
@@ -258,7 +269,7 @@ class BoundedWNConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, rho: float | None = None,
-                 learnable_gain: bool = False, backend: str = "auto", device=None, dtype=None):
+                 learnable_gain: bool = False, p: float = 2.0, backend: str = "auto", device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
-        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, backend=backend)
+        bounded_weight_norm(self, rho=rho, learnable_gain=learnable_gain, p=p, backend=backend)
