@@ -425,6 +425,46 @@ def test_bounded_wn_default_rho_and_gain():
     torch.testing.assert_close(gained[0].weight, model[0].weight)
 
 
+def test_bounded_wn_mean_only_swaps_batchnorms():
+    """Each BatchNorm becomes the MeanOnlyBatchNorm of its dimension with its beta, running
+    mean, momentum and flags; a shared one stays shared."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5),
+                          nn.BatchNorm1d(5))
+    shared = nn.BatchNorm1d(5)
+    model.append(shared).append(shared)
+    model[1].bias.data.normal_()
+    model[1].running_mean.normal_()
+    model[5].momentum = None
+    converted = tritonorm.convert(model, "bounded_wn", mean_only=True)
+    assert type(converted[1]) is tritonorm.MeanOnlyBatchNorm2d and type(converted[5]) is tritonorm.MeanOnlyBatchNorm1d
+    assert type(model[1]) is nn.BatchNorm2d  # the original is left alone
+    torch.testing.assert_close(converted[1].bias, model[1].bias)
+    torch.testing.assert_close(converted[1].running_mean, model[1].running_mean)
+    assert converted[5].momentum is None
+    kept = tritonorm.convert(model, "bounded_wn")
+    assert type(kept[1]) is nn.BatchNorm2d
+    assert converted[6] is converted[7] and type(converted[6]) is tritonorm.MeanOnlyBatchNorm1d
+    converted(torch.randn(2, 3, 4, 4)).sum().backward()
+
+
+def test_bounded_wn_mean_only_errors():
+    with pytest.raises(ValueError, match="found no nn.BatchNorm1d/2d/3d"):
+        tritonorm.convert(nn.Sequential(nn.Linear(2, 2)), "bounded_wn", mean_only=True)
+    with pytest.raises(ValueError, match="no synchronized mean-only layer"):
+        tritonorm.convert(nn.Sequential(nn.Linear(2, 2), nn.SyncBatchNorm(2)), "bounded_wn", mean_only=True)
+    with pytest.raises(TypeError, match="mean_only must be a bool"):
+        tritonorm.convert(nn.Sequential(nn.Linear(2, 2)), "bounded_wn", mean_only=1)
+
+    class Doubled(nn.BatchNorm1d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ValueError, match=r"model.1 \(Doubled\): a BatchNorm subclass that .*convert it by hand"):
+        tritonorm.convert(nn.Sequential(nn.Linear(2, 2), Doubled(2)), "bounded_wn", mean_only=True)
+
+
+
 # --- errors -------------------------------------------------------------------------
 
 

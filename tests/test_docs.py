@@ -159,7 +159,7 @@ def test_all_lists_every_submodule_name():
 
     import tritonorm.nn
 
-    layers = [name for module in ("lp_batchnorm", "equinorm", "bounded_weight_norm")
+    layers = [name for module in ("lp_batchnorm", "mean_only_batchnorm", "equinorm", "bounded_weight_norm")
               for name in importlib.import_module(f"tritonorm.nn.{module}").__all__]
     assert sorted(tritonorm.nn.__all__) == sorted(layers)
     assert set(layers) <= set(tritonorm.__all__) and len(set(tritonorm.__all__)) == len(tritonorm.__all__)

@@ -249,6 +249,7 @@ def test_recalibrates_a_batchnorm_checkpoint():
 def test_norm_classes():
     lp = [getattr(tritonorm, f"{n}BatchNorm{d}d") for n, d in itertools.product(("L1", "Linf", "Topk"), (1, 2, 3))]
     lp += [tritonorm.SyncL1BatchNorm, tritonorm.SyncLinfBatchNorm, tritonorm.SyncTopkBatchNorm]
+    lp += [tritonorm.MeanOnlyBatchNorm1d, tritonorm.MeanOnlyBatchNorm2d, tritonorm.MeanOnlyBatchNorm3d]
     assert isinstance(tritonorm.NORM_CLASSES, tuple) and set(tritonorm.NORM_CLASSES) == set(lp)
     assert "NORM_CLASSES" in tritonorm.__all__ and "recalibrate" in tritonorm.__all__
     # Weight-decay code in torchvision's style: every parameter of a norm layer undecayed;

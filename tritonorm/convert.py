@@ -35,6 +35,7 @@ from .nn.lp_batchnorm import (
     _LpBatchNorm,
     running_dev_from_var,
 )
+from .nn.mean_only_batchnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from .reference.activation import ACTIVATIONS, NEGATIVE_SLOPE, activation_of
 from .sync_batchnorm import copy_model
 
@@ -135,8 +136,13 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
 
     norm "bounded_wn": ``bounded_weight_norm`` on the weight of every nn.Linear and
         nn.Conv1d/2d/3d (slices along dim 0, the output channels) and nn.ConvTranspose1d/
-        2d/3d (dim 1: the output channels when groups=1); BatchNorms are kept.  Options:
-        ``rho``, ``learnable_gain``, ``backend``.
+        2d/3d (dim 1: the output channels when groups=1); BatchNorms are kept, or with
+        ``mean_only=True`` each nn.BatchNorm1d/2d/3d becomes the MeanOnlyBatchNorm of the
+        same dimension (the pairing of "Norm matters": momentum, track_running_stats,
+        beta and running_mean carried over; gamma and running_var dropped, the weight
+        norm's gain sets the scale; nn.SyncBatchNorm and BatchNorm subclasses that change
+        the function are a ValueError).  Options: ``rho``, ``learnable_gain``,
+        ``mean_only``, ``backend``.
 
     Errors: TypeError for a model that is not an nn.Module or an option the norm does not
     take; ValueError for an unknown norm, a bad backend, or a model with nothing to convert.
@@ -149,7 +155,7 @@ def convert(model: nn.Module, norm: str, **options) -> nn.Module:
             matters").
         **options: the norm's options, above: ``backend`` for every norm; ``fuse`` ("l1",
             "linf", "topk"); ``k`` ("topk"); ``single_pass``, ``stats_fraction``
-            ("equinorm"); ``rho``, ``learnable_gain`` ("bounded_wn").
+            ("equinorm"); ``rho``, ``learnable_gain``, ``mean_only`` ("bounded_wn").
 
     Example::
 
@@ -538,9 +544,11 @@ def _fuse(graph_module: fx.GraphModule, bn_node: fx.Node, layer: nn.Module) -> N
 
 
 def _bounded_wn(model: nn.Module, *, rho: float | None = None, learnable_gain: bool = False,
-                backend: str = "auto") -> nn.Module:
-    """``bounded_weight_norm`` on every Linear / Conv / ConvTranspose weight, in place;
-    an error names the layer."""
+                mean_only: bool = False, backend: str = "auto") -> nn.Module:
+    """``bounded_weight_norm`` on every Linear / Conv / ConvTranspose weight, in place, and
+    with ``mean_only`` every BatchNorm swapped for its MeanOnlyBatchNorm; an error names the
+    layer."""
+    check_bool("mean_only", mean_only)
     found = False
     for name, module in list(model.named_modules()):
         dim = next((d for cls, d in _WEIGHT_DIMS.items() if isinstance(module, cls)), None)
@@ -555,7 +563,53 @@ def _bounded_wn(model: nn.Module, *, rho: float | None = None, learnable_gain: b
         raise ValueError(
             "model: found no nn.Linear, nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d to convert to 'bounded_wn'"
         )
+    if mean_only:
+        model = _swap_mean_only(model, backend)
     return model
+
+
+_MEAN_ONLY_CLASSES = (MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d)
+
+
+def _swap_mean_only(model: nn.Module, backend: str) -> nn.Module:
+    """Every nn.BatchNorm1d/2d/3d replaced, in place, by the MeanOnlyBatchNorm of its
+    dimension (one shared layer for a shared BatchNorm)."""
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        where = f"model.{name or '<root>'} ({type(module).__name__})"
+        if isinstance(module, nn.SyncBatchNorm):
+            raise ValueError(f"{where}: mean_only=True has no synchronized mean-only layer; convert it by hand")
+        if not isinstance(module, BATCHNORMS):
+            continue
+        if id(module) not in replaced:
+            changes = _changes_function(module)
+            if changes is not None:
+                raise ValueError(f"{where}: a BatchNorm subclass that {changes}: a MeanOnlyBatchNorm in its place "
+                                 "would not compute what it does; convert it by hand")
+            replaced[id(module)] = _mean_only_layer(module, backend)
+        if not name:
+            return replaced[id(module)]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replaced[id(module)])
+    if not replaced:
+        raise ValueError(f"model: mean_only=True found no {_BN_NAMES} to convert to MeanOnlyBatchNorm")
+    return model
+
+
+@torch.no_grad()
+def _mean_only_layer(bn: nn.Module, backend: str) -> nn.Module:
+    tensors = [t for t in (bn.bias, bn.running_mean) if t is not None]
+    factory = {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
+    dim = next(d for d, cls in enumerate(BATCHNORMS) if isinstance(bn, cls))
+    layer = _MEAN_ONLY_CLASSES[dim](bn.num_features, bn.momentum, bn.affine, bn.track_running_stats,
+                                    backend=backend, **factory)
+    if bn.affine:
+        layer.bias.copy_(bn.bias)
+    if layer.track_running_stats and bn.running_mean is not None:
+        layer.running_mean.copy_(bn.running_mean)
+        layer.num_batches_tracked.copy_(bn.num_batches_tracked)
+    layer.train(bn.training)
+    return layer
 
 
 _CONVERTERS = {"l1": _l1, "linf": _linf, "topk": _topk, "equinorm": _equinorm_model, "bounded_wn": _bounded_wn}

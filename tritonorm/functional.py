@@ -36,6 +36,7 @@ from .reference import accumulator_dtype, update_running
 from .reference import bounded_weight_norm as _bwn_ref
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
+from .reference import mean_only_batchnorm as _mo_ref
 from .reference.activation import NEGATIVE_SLOPE
 
 if TRITON_AVAILABLE:
@@ -43,11 +44,12 @@ if TRITON_AVAILABLE:
     from .ops import bounded_weight_norm as _bwn_ops
     from .ops import equinorm as _equi_ops
     from .ops import lp_batchnorm as _lp_ops
+    from .ops import mean_only_batchnorm as _mo_ops
     from .ops import running_stats as _running_ops
 
 __all__ = [
     "bounded_weight", "equinorm_conv1d", "equinorm_conv2d", "equinorm_conv3d", "equinorm_linear", "equinorm_weight",
-    "l1_batch_norm", "linf_batch_norm", "topk_batch_norm",
+    "l1_batch_norm", "linf_batch_norm", "topk_batch_norm", "mean_only_batch_norm",
 ]
 
 # The dtypes every op takes (fp32 accumulation for the first three).
@@ -308,6 +310,87 @@ topk_batch_norm.__doc__ = _LP_DOC.format(
     k_arg="\n        k: how many of the largest |x - mu| define sigma (training needs k values or more per\n"
           "            channel).", k_example=", k=3",
 )
+
+
+# ----------------------------------------------------------------------------- mean-only batch norm
+
+
+def _mean_only_batch_norm(
+    input, *, running_mean, bias, training, momentum, num_batches_tracked, backend, count_batch: bool = False,
+) -> Tensor:
+    """Check every argument, then run the op on the chosen backend; ``count_batch`` as in
+    ``_lp_batch_norm``."""
+    _check_input(input)
+    c = input.shape[1]
+    for name, t in (("bias", bias), ("running_mean", running_mean)):
+        check_vector(name, t, c, input, "input", f"for input with {c} channels")
+    check_bool("training", training)
+    if not training and running_mean is None:
+        raise ValueError("running_mean is required when training=False")
+    check_momentum(momentum)
+    update = training and running_mean is not None
+    if update:
+        _check_update(("running_mean",), (running_mean,), momentum, num_batches_tracked)
+    if training and input.numel() == 0:
+        raise ValueError(f"Expected at least 1 value per channel when training, got input size {tuple(input.shape)}")
+    chosen = resolve_backend(backend, input)
+    check_transforms(chosen, input, (running_mean,) if update else ())
+    triton = chosen == "triton" and input.numel() > 0
+    if count_batch and not (triton and update):  # else the running-mean op counts it
+        num_batches_tracked.add_(1)
+    if not triton:
+        return _mo_ref.mean_only_batch_norm(
+            input, bias=bias, running_mean=running_mean, batch_stats=training, momentum=momentum,
+            num_batches_tracked=num_batches_tracked,
+        )
+    y, mean = _mo_ops.mean_only_batch_norm(input, bias, running_mean, training)
+    if update:
+        _running_ops.update_running_mean(
+            running_mean=running_mean, mean=mean,
+            num_batches_tracked=num_batches_tracked if momentum is None or count_batch else None,
+            momentum=None if momentum is None else torch.sym_float(momentum), count=count_batch,
+        )
+    return y
+
+
+def mean_only_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Mean-only batch norm ("Weight Normalization", Salimans & Kingma 2016; the partner of
+    (bounded) weight norm in "Norm matters", Hoffer et al. 2018): y = x - mu + beta, mu the
+    channel's batch mean (training) or ``running_mean``; no division, no scale.
+
+    Args:
+        input: (N, C, *), float16, bfloat16, float32 or float64.
+        running_mean: None, or (C,): used when ``training`` is False (required then) and
+            updated in place when it is True.
+        bias: None, or beta (C,).
+        training: use (and track) the batch mean.
+        momentum: running = (1 - momentum) * running + momentum * batch; None for the
+            cumulative average (needs ``num_batches_tracked``).
+        num_batches_tracked: () long tensor, needed with momentum=None.
+        backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
+
+    Shape:
+        input and output: (N, C, *), the same.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 4, 4)
+        >>> mean, beta = torch.zeros(16), torch.zeros(16)
+        >>> y = tritonorm.functional.mean_only_batch_norm(x, mean, beta, training=True)
+    """
+    return _mean_only_batch_norm(
+        input, running_mean=running_mean, bias=bias, training=training, momentum=momentum,
+        num_batches_tracked=num_batches_tracked, backend=backend,
+    )
 
 
 # ----------------------------------------------------------------------------- EquiNorm

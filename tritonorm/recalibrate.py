@@ -35,6 +35,7 @@ from .nn.lp_batchnorm import (
     TopkBatchNorm3d,
     _LpBatchNorm,
 )
+from .nn.mean_only_batchnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d, _MeanOnlyBatchNorm
 
 __all__ = ["NORM_CLASSES", "recalibrate"]
 
@@ -43,10 +44,12 @@ NORM_CLASSES: tuple[type[nn.Module], ...] = (
     LinfBatchNorm1d, LinfBatchNorm2d, LinfBatchNorm3d,
     TopkBatchNorm1d, TopkBatchNorm2d, TopkBatchNorm3d,
     SyncL1BatchNorm, SyncLinfBatchNorm, SyncTopkBatchNorm,
+    MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d,
 )
 """The tritonorm layers that are norm layers in the sense of weight-decay and freeze code:
-the L1 / L-inf / Top-k batch norms and their synchronized forms, whose parameters (gamma, beta) and buffers play the
-roles of nn.BatchNorm's.  Add them where such code lists torch's norm classes, e.g.
+the L1 / L-inf / Top-k batch norms and their synchronized forms, and the mean-only batch norms, whose parameters
+(gamma, beta; beta only for mean-only) and buffers play the roles of nn.BatchNorm's.  Add them where such code
+lists torch's norm classes, e.g.
 ``torchvision.ops._utils.split_normalization_params(model, norm_classes=[...,
 *tritonorm.NORM_CLASSES])`` to exempt them from weight decay, or ``isinstance(m,
 (nn.modules.batchnorm._BatchNorm, *tritonorm.NORM_CLASSES))`` in freeze code.
@@ -60,7 +63,7 @@ by ``fold_equinorm``."""
 
 
 def _has_running_stats(module: nn.Module) -> bool:
-    if isinstance(module, (_LpBatchNorm, _BatchNorm)):
+    if isinstance(module, (_LpBatchNorm, _MeanOnlyBatchNorm, _BatchNorm)):
         return module.track_running_stats
     return isinstance(module, _EquiNorm)
 
@@ -72,13 +75,13 @@ def recalibrate(model: nn.Module, data: Iterable, num_batches: int | None = None
         running = (1 / B) * sum over the batches b = 1..B of stat_b
 
     for the batch statistics stat_b each layer computes in training (mean and sigma for
-    the L1 / L-inf / Top-k batch norms, the input mean for EquiNorm, mean and unbiased
+    the L1 / L-inf / Top-k batch norms, the mean for the mean-only ones, the input mean for EquiNorm, mean and unbiased
     variance for torch's), ``num_batches_tracked`` = B; what
     ``torch.optim.swa_utils.update_bn`` does for nn.BatchNorm, for these layers too: after
     weight averaging (SWA, EMA), pruning, or loading weights whose statistics do not fit
     (``running_dev`` loaded from an nn.BatchNorm checkpoint is the BatchNorm's estimate).
 
-    The layers: the L1 / L-inf / Top-k batch norms with ``track_running_stats=True``, the
+    The layers: the L1 / L-inf / Top-k and mean-only batch norms with ``track_running_stats=True``, the
     EquiNorm layers (their running input mean), and, as in update_bn, torch's batch norms
     with ``track_running_stats=True`` (nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, the lazy
     ones: the subclasses of ``nn.modules.batchnorm._BatchNorm``).  Each has its statistics
