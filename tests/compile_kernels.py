@@ -77,6 +77,7 @@ from tritonorm.kernels import (
     enorm,
     equinorm,
     lp_batchnorm,
+    mean_only_batchnorm,
     running_stats,
     sync_lp_batchnorm,
 )
@@ -234,6 +235,14 @@ def _sync_lp_batch_norm(x: torch.Tensor, *, norm: str, k: int, world: int = 2, a
     sync_lp_batchnorm.grad_input(dy, None, x, mean, affine, coefs, norm, sel_i, sel_sign, None, act, 0.01, False)
 
 
+def _mean_only_batch_norm(x: torch.Tensor):
+    """Mean-only batch norm: training and eval forward, their backwards."""
+    bias, running_mean = torch.empty(x.shape[1], dtype=x.dtype), torch.empty(x.shape[1], dtype=x.dtype)
+    for batch_stats in (True, False):
+        mean_only_batchnorm.mean_only_batch_norm_forward(x, bias, running_mean, batch_stats)
+        mean_only_batchnorm.mean_only_batch_norm_backward(torch.empty_like(x), batch_stats, True)
+
+
 def _equinorm_input(x: torch.Tensor):
     """The input sums of a training forward, and the running mean's update."""
     mean = equinorm.input_sums(x)
@@ -301,6 +310,7 @@ def resnet50_workloads():
                         yield _on(f"{norm} + residual + relu", _lp_batch_norm, **x, norm=norm, k=k,
                                   activation="relu", residual=True, modes=((True, True),))
                         yield _on(f"{norm} synchronized", _sync_lp_batch_norm, **x, norm=norm, k=k)
+                    yield _on("mean-only", _mean_only_batch_norm, **x)
                     yield _on("equinorm input", _equinorm_input, **x)
     for shape in resnet50_weights():
         for dtype in (torch.float32, torch.bfloat16):

@@ -172,3 +172,21 @@ def test_errors(device):
         tritonorm.MeanOnlyBatchNorm2d(3, momentum=2.0)
     with pytest.raises(TypeError, match="affine"):
         tritonorm.MeanOnlyBatchNorm2d(3, affine="yes")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_makes_it_an_nn_batchnorm(affine):
+    """fold: the eval output of x - running_mean + beta from a plain nn.BatchNorm2d."""
+    layer = tritonorm.MeanOnlyBatchNorm2d(3, affine=affine)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), layer, nn.ReLU())
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        if affine:
+            layer.bias.normal_()
+    model.eval()
+    x = torch.randn(2, 2, 5, 5)
+    folded = tritonorm.fold(model)
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"model.1 \(MeanOnlyBatchNorm2d\): track_running_stats=False"):
+        tritonorm.fold(nn.Sequential(nn.Conv2d(2, 3, 3), tritonorm.MeanOnlyBatchNorm2d(3, track_running_stats=False)))

@@ -16,6 +16,8 @@ compute:
   (running_dev + eps)^2 and the same running_mean, weight and bias: the same map.  A fused
   residual add and activation become an add and the ``torch.nn.functional`` activation.
 - an EquiNorm layer becomes the nn.Conv*d / nn.Linear of its ``fold()``;
+- a MeanOnlyBatchNorm (x - running_mean + beta in eval) becomes the nn.BatchNorm of its
+  dimension with running_var 1, eps 0 and weight 1;
 - a bounded-weight-norm weight (and every parametrization stacked with it) is baked into a
   plain parameter, and BoundedWNLinear / BoundedWNConv2d become nn.Linear / nn.Conv2d.
 """
@@ -33,6 +35,7 @@ from .convert import _trace
 from .nn.bounded_weight_norm import BoundedWeightNorm, BoundedWNConv2d, BoundedWNLinear
 from .nn.equinorm import _EquiNorm
 from .nn.lp_batchnorm import _LpBatchNorm
+from .nn.mean_only_batchnorm import _MeanOnlyBatchNorm
 from .reference.activation import functional_form
 from .sync_batchnorm import copy_model
 
@@ -85,6 +88,7 @@ def fold(model: nn.Module, example_inputs: tuple | None = None) -> nn.Module:
     folded = copy_model(model).eval()
     shapes = _input_shapes(folded, example_inputs) if example_inputs is not None else {}
     folded = _replace_modules(folded, _bake_bounded_weight)
+    folded = _replace_modules(folded, _mean_only_batchnorm)
     folded = _replace_modules(folded, lambda name, module: _fold_equinorm(name, module, shapes))
     if isinstance(folded, _LpBatchNorm):  # traced as a call of its forward, not as a module call
         folded = nn.Sequential(folded)
@@ -131,6 +135,27 @@ def _replace_modules(model: nn.Module, make) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model
+
+
+@torch.no_grad()
+def _mean_only_batchnorm(name: str, module: nn.Module) -> nn.Module | None:
+    """A MeanOnlyBatchNorm computes x - running_mean + beta in eval: the nn.BatchNorm of its
+    dimension with running_var 1, eps 0 and weight 1 computes the same; None for any other
+    module."""
+    if not isinstance(module, _MeanOnlyBatchNorm):
+        return None
+    if not module.track_running_stats:
+        raise ValueError(f"model.{name or '<root>'} ({type(module).__name__}): track_running_stats=False subtracts "
+                         "each batch's mean in eval too, so no fixed layer computes it")
+    factory = {"device": module.running_mean.device, "dtype": module.running_mean.dtype}
+    bn = _BATCHNORMS[module._ndims](module.num_features, eps=0.0, affine=module.affine, **factory)
+    bn.running_mean.copy_(module.running_mean)
+    bn.running_var.fill_(1)
+    bn.num_batches_tracked.copy_(module.num_batches_tracked)
+    if module.affine:
+        bn.weight.fill_(1)
+        bn.bias.copy_(module.bias)
+    return bn.eval()
 
 
 def _bake_bounded_weight(name: str, module: nn.Module) -> nn.Module | None:
