@@ -250,6 +250,12 @@ def test_lp_batch_norm_options(options, backend):
     _train_and_eval(tritonorm.L1BatchNorm2d(3, backend=backend, **options), _tensor(2, 3, 2, 2, grad=True))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"momentum": None}], ids=["momentum", "cumulative"])
+def test_mean_only_batch_norm(options, backend):
+    _train_and_eval(tritonorm.MeanOnlyBatchNorm2d(3, backend=backend, **options), _tensor(2, 3, 2, 2, grad=True))
+
+
 EQUINORM = {
     "conv1d": (lambda **kw: tritonorm.EquiNormConv1d(3, 4, 3, padding=1, **kw), (2, 3, 5)),
     "conv2d": (lambda **kw: tritonorm.EquiNormConv2d(3, 4, 3, padding=1, padding_mode="circular", **kw), (2, 3, 4, 4)),

@@ -28,6 +28,7 @@ def _make(name: str, backend: str) -> tuple[nn.Module, tuple[int, ...]]:
         "equinorm_linear": (lambda: tritonorm.EquiNormLinear(5, 4, backend=backend), (5,)),
         "equinorm_fraction": (lambda: tritonorm.EquiNormLinear(5, 4, stats_fraction=0.5, backend=backend), (5,)),
         "bounded_wn": (lambda: tritonorm.BoundedWNConv2d(3, 4, 3, learnable_gain=True, backend=backend), (3, 4, 4)),
+        "mean_only": (lambda: tritonorm.MeanOnlyBatchNorm2d(4, backend=backend), (4, 3, 3)),
         "lp_fused": (lambda: _Residual(tritonorm.TopkBatchNorm2d(4, k=3, activation="silu", backend=backend)),
                      (4, 3, 3)),
     }
@@ -35,7 +36,7 @@ def _make(name: str, backend: str) -> tuple[nn.Module, tuple[int, ...]]:
     return factory(), sample
 
 
-LAYERS = ("l1", "linf", "topk", "equinorm_conv", "equinorm_linear", "bounded_wn")
+LAYERS = ("l1", "linf", "topk", "equinorm_conv", "equinorm_linear", "bounded_wn", "mean_only")
 
 
 class _Residual(nn.Module):
