@@ -242,3 +242,122 @@ def test_resnet_enorm_finds_every_block():
     net = compare_cli.resnet("enorm", 1, "torch")
     enorm = tritonorm.ENorm.from_model(net, residual=True)
     assert len(enorm.branches) == 3 and enorm.pairs == 3 and enorm.layers == []
+
+
+@pytest.fixture
+def trainers(monkeypatch):
+    """The Trainers the runs build, in order, each with the output of its model's last forward."""
+    built, init = [], compare_cli.Trainer.__init__
+
+    def recording_init(self, *args):
+        init(self, *args)
+        self.seen = {}
+
+        def hook(module, inputs, output):
+            self.seen.update(output_dtype=output.dtype, autocast=torch.is_autocast_enabled(DEVICE),
+                             autocast_dtype=torch.get_autocast_dtype(DEVICE))
+
+        self.net.register_forward_hook(hook)
+        built.append(self)
+
+    monkeypatch.setattr(compare_cli.Trainer, "__init__", recording_init)
+    return built
+
+
+TINY = ["--mlp", "1", "--width", "8", "--batch-size", "16", "--epochs", "1", "--seeds", "1", "--limit-batches", "2"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_puts_the_model_and_activations_in_it(tmp_path, capsys, trainers, dtype):
+    status, out, err = compare([*TINY, "--norms", "l1,equinorm", "--dtype", dtype], tmp_path, capsys)
+    assert status == 0, err
+    assert f"; {dtype}, inputs in [0, 1];" in out
+    for trainer in trainers:
+        assert {p.dtype for p in trainer.net.parameters()} == {getattr(torch, dtype)}
+        assert trainer.seen["output_dtype"] == getattr(torch, dtype) and not trainer.seen["autocast"]
+        assert trainer.scaler is None
+    l1 = [m for m in trainers[0].net.modules() if isinstance(m, tritonorm.L1BatchNorm1d)]
+    assert l1 and all(m.running_mean.dtype == getattr(torch, dtype) for m in l1)
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["settings"]["dtype"] == dtype
+    assert doc["precision"] == {"dtype": dtype, "amp": None, "grad_scaler": False, "compile": False,
+                                "inputs": "[0, 1]"}
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_autocasts_and_scales_fp16(tmp_path, capsys, trainers, monkeypatch, amp):
+    steps, scaler_step = [], torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step",
+                        lambda self, *a, **k: steps.append(1) or scaler_step(self, *a, **k))
+    status, out, err = compare([*TINY, "--norms", "topk", "--amp", amp], tmp_path, capsys)
+    assert status == 0, err
+    (trainer,) = trainers
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert {p.dtype for p in trainer.net.parameters()} == {torch.float32}
+    assert trainer.seen["autocast"] and trainer.seen["autocast_dtype"] == low
+    assert trainer.seen["output_dtype"] == low  # the output layer is a Linear: autocast runs it in low precision
+    assert (trainer.scaler is not None) == (amp == "fp16") and len(steps) == (2 if amp == "fp16" else 0)
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["precision"]["amp"] == amp and doc["precision"]["grad_scaler"] == (amp == "fp16")
+    assert f"; float32, autocast {amp}" in out and ("with a gradient scaler" in out) == (amp == "fp16")
+
+
+def test_compile_trains_and_evaluates_through_torch_compile(tmp_path, capsys, trainers, monkeypatch):
+    calls = []
+
+    def fake_compile(model, **options):
+        def compiled(x):
+            calls.append(model.training)
+            return model(x)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    status, out, err = compare([*TINY, "--norms", "enorm", "--compile"], tmp_path, capsys)
+    assert status == 0, err
+    assert calls == [True, True, False]  # two training batches, one evaluation chunk
+    assert trainers[0].enorm is not None and ", compiled," in out
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["precision"]["compile"] is True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_amp_with_a_low_precision_dtype_is_refused(tmp_path, capsys, monkeypatch, dtype):
+    monkeypatch.setattr(compare_cli, "load", lambda args: pytest.fail("loaded the data"))
+    status, _, err = compare(["--amp", "fp16", "--dtype", dtype], tmp_path, capsys)
+    assert_clear_error(status, err, "--amp fp16 needs --dtype float32", f"got --dtype {dtype}")
+
+
+def test_unknown_dtype_and_amp(tmp_path, capsys):
+    for flag, value in (("--dtype", "float64"), ("--amp", "fp8")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", flag, value, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_standardize_uses_the_training_set_per_channel(cifar):
+    root, _ = cifar
+    data = compare_cli.standardize(load_cifar10(root))
+    x = data.x_train.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(x.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(1), torch.ones(3), atol=1e-5, rtol=0)
+    raw = load_cifar10(root)
+    mean, std = raw.x_train.mean((0, 2, 3), keepdim=True), raw.x_train.std((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(data.x_test, (raw.x_test - mean) / std)  # the test split with the training statistics
+
+
+@pytest.mark.parametrize("norms, warned", [("none,equinorm", True), ("none", False)])
+def test_standardize_runs_and_warns_for_equinorm(tmp_path, capsys, trainers, monkeypatch, norms, warned):
+    seen = []
+    monkeypatch.setattr(compare_cli, "standardize", lambda data: seen.append(data) or data._replace(
+        x_train=data.x_train - 0.5, x_test=data.x_test - 0.5))
+    status, out, err = compare([*TINY, "--norms", norms, "--standardize"], tmp_path, capsys)
+    assert status == 0, err
+    assert len(seen) == 1 and "inputs standardized" in out
+    assert ("EquiNorm assumes positive inputs" in err) == warned
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["precision"]["inputs"] == \
+        "standardized per channel"
+
+
+def test_mlp_and_resnet_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--mlp", "2", "--resnet", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

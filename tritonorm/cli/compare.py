@@ -20,8 +20,20 @@ follows it.
 Training: SGD with the learning rate decayed linearly to 0 over the run (as in the study);
 the CNN with momentum 0.9 and weight decay 5e-4, the MLP without momentum and with weight
 decay 1e-3 (the study's).  The last incomplete batch of each epoch is dropped.  Inputs are
-images in [0, 1] (EquiNorm assumes positive inputs).  A run whose training loss stops being
-finite is stopped and counted as diverged; its later epochs keep its last test accuracy.
+images in [0, 1] (EquiNorm assumes positive inputs); ``--standardize`` subtracts the training
+set's per-channel mean and divides by its per-channel std instead, as the ENorm study does
+(with a warning when EquiNorm is among the norms: its first layer then sees inputs of both
+signs).  A run whose training loss stops being finite is stopped and counted as diverged; its
+later epochs keep its last test accuracy.
+
+Precision: ``--dtype float16|bfloat16`` puts the whole model (parameters, activations,
+gradients, optimizer state) and the inputs in that dtype (tritonorm's layers still accumulate
+their statistics in fp32; the cross-entropy is taken on the logits cast to fp32);
+``--amp bf16|fp16`` keeps float32 parameters and runs the forward under ``torch.autocast``,
+with a ``torch.amp.GradScaler`` for fp16 (a step whose gradients overflow is skipped, as the
+scaler does; only a non-finite training loss counts as divergence); ``--compile`` trains and
+evaluates through ``torch.compile`` of the model (ENorm and bounded weight norm still act on
+the model's own parameters).
 
 Reports, per normalization, over the seeds: the final training loss (median; a diverged run
 counts as +inf), the final test accuracy (median and interquartile range, as the EquiNorm
@@ -65,6 +77,8 @@ CNN_STRIDES = (1, 2, 2)
 CLASSES = 10
 EVAL_CHUNK = 1000
 EXTRA_HINT = "pip install 'tritonorm[compare]'"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -183,12 +197,13 @@ class Run:
     diverged: bool = False
 
 
-def evaluate(net: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Accuracy of ``net`` in eval mode on (x, y), in chunks; leaves it in training mode."""
+def evaluate(net: nn.Module, x: Tensor, y: Tensor, forward: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Accuracy of ``net`` in eval mode on (x, y), in chunks, through ``forward`` (default:
+    ``net``); leaves it in training mode."""
     net.eval()
     with torch.no_grad():
         chunks = zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True)
-        correct = sum(int((net(xs).argmax(1) == ys).sum()) for xs, ys in chunks)
+        correct = sum(int(((forward or net)(xs).argmax(1) == ys).sum()) for xs, ys in chunks)
     net.train()
     return correct / len(y)
 
@@ -211,10 +226,15 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One model, its SGD optimizer with the linear learning-rate decay, and its ENorm."""
+    """One model (in ``--dtype``, compiled for ``--compile``), its SGD optimizer with the linear
+    learning-rate decay, its ENorm, and the autocast and gradient scaler of ``--amp``."""
 
     def __init__(self, norm: str, args: argparse.Namespace, sample: Tensor, steps: int):
-        self.net = build(norm, args, sample).to(args.device)
+        self.net = build(norm, args, sample).to(args.device, DTYPES[args.dtype])
+        self.model: Callable[[Tensor], Tensor] = torch.compile(self.net) if args.compile else self.net
+        self.device_type = torch.device(args.device).type
+        self.amp_dtype = AMP_DTYPES[args.amp] if args.amp else None
+        self.scaler = torch.amp.GradScaler(self.device_type) if args.amp == "fp16" else None
         recipe = RECIPES["mlp" if args.mlp else "cnn"]
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=args.lr, momentum=recipe.momentum,
                                          weight_decay=recipe.weight_decay)
@@ -223,14 +243,33 @@ class Trainer:
                       if norm in ("enorm", "enorm_bn") else None)
         self.lr, self.steps, self.step_count = args.lr, steps, 0
 
+    def autocast(self) -> torch.autocast:
+        """The autocast context of ``--amp`` (disabled without it)."""
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's logits on ``x`` (cast to the model's dtype), under ``--amp``'s autocast."""
+        with self.autocast():
+            return self.model(x.to(self.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters (``--dtype``)."""
+        return next(self.net.parameters()).dtype
+
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One SGD step (then the ENorm cycle) on the batch; returns the detached loss."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * (1 - self.step_count / self.steps)
-        loss = nn.functional.cross_entropy(self.net(x), y)
+        loss = nn.functional.cross_entropy(self.forward(x).float(), y)
         self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.enorm is not None:
             self.enorm.step()
         self.step_count += 1
@@ -254,7 +293,7 @@ def train(norm: str, seed: int, args: argparse.Namespace, data: Dataset, progres
         sync(args.device)
         run.epoch_seconds.append(time.perf_counter() - start)
         run.train_loss.append(loss)
-        run.test_accuracy.append(evaluate(trainer.net, data.x_test, data.y_test))
+        run.test_accuracy.append(evaluate(trainer.net, data.x_test, data.y_test, trainer.forward))
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3g}", acc=f"{run.test_accuracy[-1]:.3f}")
         if not math.isfinite(loss):
@@ -363,8 +402,24 @@ def model_name(args: argparse.Namespace) -> str:
     return f"CNN, 3x3 convolutions of {'-'.join(map(str, CNN_CHANNELS))} channels"
 
 
+def precision(args: argparse.Namespace) -> dict:
+    """The numeric settings of the run: dtype, autocast, gradient scaler, compile, inputs."""
+    return {"dtype": args.dtype, "amp": args.amp, "grad_scaler": args.amp == "fp16", "compile": args.compile,
+            "inputs": "standardized per channel" if args.standardize else "[0, 1]"}
+
+
+def precision_name(args: argparse.Namespace) -> str:
+    """The numeric settings in a few words, for the header and the plot."""
+    words = [args.dtype + (f", autocast {args.amp}" + (" with a gradient scaler" if args.amp == "fp16" else "")
+                           if args.amp else "")]
+    if args.compile:
+        words.append("compiled")
+    words.append("inputs standardized" if args.standardize else "inputs in [0, 1]")
+    return ", ".join(words)
+
+
 def report(args: argparse.Namespace, data: Dataset, backend: str, rows: list[dict]) -> dict:
-    """The JSON document: settings, versions, device, dataset, model and rows."""
+    """The JSON document: settings, versions, device, dataset, model, precision and rows."""
     settings = {k: v for k, v in vars(args).items() if k != "run"}
     settings.update(out=str(args.out), device=str(args.device), cifar10=args.cifar10 and str(args.cifar10))
     return {
@@ -375,6 +430,8 @@ def report(args: argparse.Namespace, data: Dataset, backend: str, rows: list[dic
         "backend": backend,
         "dataset": data.describe(),
         "model": model_name(args),
+        "precision": precision(args),
+        "precision_name": precision_name(args),
         "rows": rows,
     }
 
@@ -396,7 +453,7 @@ def write_outputs(out: Path, doc: dict) -> list[Path]:
     paths = [out / f"compare.{ext}" for ext in ("json", "csv", "png")]
     paths[0].write_text(json.dumps(finite_or_null(doc), indent=1, allow_nan=False) + "\n")
     write_csv(paths[1], doc["rows"])
-    plot(paths[2], doc["rows"], f"{doc['dataset']}\n{doc['model']}")
+    plot(paths[2], doc["rows"], f"{doc['dataset']}\n{doc['model']}; {doc['precision_name']}")
     return paths
 
 
@@ -412,9 +469,20 @@ def missing_extras(args: argparse.Namespace) -> list[str]:
     return missing
 
 
+def standardize(data: Dataset) -> Dataset:
+    """``data`` with both splits' images less the training images' per-channel mean, divided by
+    their per-channel std (the ENorm study's inputs)."""
+    dims = (0, *range(2, data.x_train.dim()))
+    mean = data.x_train.mean(dims, keepdim=True)
+    std = data.x_train.std(dims, keepdim=True)
+    return data._replace(x_train=(data.x_train - mean) / std, x_test=(data.x_test - mean) / std)
+
+
 def load(args: argparse.Namespace) -> Dataset:
-    """The dataset of ``args`` on ``args.device``."""
+    """The dataset of ``args`` on ``args.device``, standardized for ``--standardize``."""
     data = load_cifar10(args.cifar10) if args.cifar10 else load_digits()
+    if args.standardize:
+        data = standardize(data)
     return Dataset(data.name, *(t.to(args.device) for t in data[1:]))
 
 
@@ -449,10 +517,25 @@ def check_out(out: Path) -> None:
         raise SetupError(f"--out {out}: cannot write in {existing}")
 
 
+STANDARDIZE_WARNING = ("warning: --standardize gives EquiNorm's first layer inputs of both signs; EquiNorm "
+                       "assumes positive inputs (its mass-conserving normalization), so its row is outside the "
+                       "paper's setting")
+
+
+def check_precision(args: argparse.Namespace) -> None:
+    """Raise SetupError for --amp with a --dtype other than float32 (autocast casts float32
+    parameters; a model already in low precision has nothing for it to do, and a gradient
+    scaler refuses half-precision gradients)."""
+    if args.amp and args.dtype != "float32":
+        raise SetupError(f"--amp {args.amp} needs --dtype float32 (autocast runs a float32 model in low "
+                         f"precision), got --dtype {args.dtype}")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     """The dataset on the device and the backend that runs tritonorm's layers; raises
-    SetupError or DataError when the output directory, the extras, the data, the batch size
-    or the backend fail."""
+    SetupError or DataError when the precision settings, the output directory, the extras,
+    the data, the batch size or the backend fail."""
+    check_precision(args)
     check_out(args.out)
     missing = missing_extras(args)
     if missing:
@@ -473,9 +556,11 @@ def run(args: argparse.Namespace) -> int:
     except (SetupError, DataError) as err:
         print(f"tritonorm compare: error: {err}", file=sys.stderr)
         return 2
+    if args.standardize and "equinorm" in args.norms:
+        print(f"tritonorm compare: {STANDARDIZE_WARNING}", file=sys.stderr)
     print(f"{data.describe()}; {model_name(args)}; {args.epochs} epochs x {args.seeds} seeds, batch "
-          f"{args.batch_size}, lr {args.lr}; device {args.device} ({device_name(args.device)}), backend {backend}",
-          flush=True)
+          f"{args.batch_size}, lr {args.lr}; {precision_name(args)}; device {args.device} "
+          f"({device_name(args.device)}), backend {backend}", flush=True)
     rows = compare(args, data)
     print(format_table(rows))
     paths = write_outputs(args.out, report(args, data, backend, rows))
@@ -531,12 +616,13 @@ def add_parser(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--norms", type=norm_list, default=list(NORMS), metavar="A,B,...",
                         help=f"the normalizations to train, comma-separated (default: all: {','.join(NORMS)})")
-    parser.add_argument("--mlp", type=positive_int, metavar="DEPTH",
-                        help="train the study's deep MLP with DEPTH intermediate layers instead of the CNN")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--mlp", type=positive_int, metavar="DEPTH",
+                       help="train the study's deep MLP with DEPTH intermediate layers instead of the CNN")
+    model.add_argument("--resnet", action="store_true",
+                       help="train a small residual CNN (a basic block per width) instead of the CNN; ENorm "
+                            "balances the pairs inside each block")
     _option(parser, "--width", positive_int, 500, "the MLP's hidden width")
-    parser.add_argument("--resnet", action="store_true",
-                        help="train a small residual CNN (a basic block per width) instead of the CNN; ENorm "
-                             "balances the pairs inside each block")
     parser.add_argument("--cifar10", type=Path, metavar="DIR",
                         help="train on CIFAR-10 from the python batches in DIR (default: scikit-learn's digits)")
     _option(parser, "--epochs", positive_int, 30, "training epochs")
@@ -546,6 +632,16 @@ def add_parser(subparsers) -> None:
     _option(parser, "--device", device, "cuda" if torch.cuda.is_available() else "cpu", "torch device")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="tritonorm's backend (default: auto)")
     _option(parser, "--out", Path, Path("tritonorm-compare"), "directory for compare.json, .csv and .png")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="the dtype of the whole model, its activations and the inputs; tritonorm's layers "
+                        "accumulate statistics in fp32 (default: float32)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES),
+                        help="autocast the forward to this dtype (float32 parameters; fp16 adds a gradient scaler); "
+                        "needs --dtype float32")
+    parser.add_argument("--compile", action="store_true", help="train and evaluate through torch.compile(model)")
+    parser.add_argument("--standardize", action="store_true",
+                        help="standardize the inputs by the training set's per-channel mean and std, as the ENorm "
+                        "study does (default: values in [0, 1]; EquiNorm assumes positive inputs and is warned)")
     parser.add_argument("--limit-batches", type=positive_int, metavar="N",
                         help="at most N training batches per epoch (for quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is "

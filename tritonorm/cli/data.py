@@ -1,7 +1,8 @@
 """Datasets of ``tritonorm compare``: scikit-learn's bundled digits and CIFAR-10.
 
 Both give float32 images of shape (N, C, H, W) with values in [0, 1] (no per-channel
-standardization: EquiNorm assumes positive inputs) and int64 labels 0..9.  A directory that
+standardization here: EquiNorm assumes positive inputs; ``compare --standardize`` applies it)
+and int64 labels 0..9.  A directory that
 cannot be read as CIFAR-10 raises ``DataError`` with a one-line message naming the path.
 """
 
