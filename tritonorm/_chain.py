@@ -82,8 +82,9 @@ def _flatten_keeps_batch(node: fx.Node) -> bool:
     return len(shape) == 2 and shape[1] == -1
 
 
-def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Module]:
-    """The Linear / Conv modules of ``model``'s single path, checked (module docstring)."""
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module], fx.Node]:
+    """``model``'s fx graph (layers and norms kept as leaves), its modules by name and its
+    one input node; TypeError / ValueError for what ENorm.from_model cannot read."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -99,8 +100,14 @@ def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Mo
         raise ValueError(
             f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}"
         )
+    return graph, modules, inputs[0]
 
-    path, node = [], inputs[0]
+
+def find_chain(model: nn.Module, *, allow_batchnorm: bool = False) -> list[nn.Module]:
+    """The Linear / Conv modules of ``model``'s single path, checked (module docstring)."""
+    graph, modules, start = _trace(model)
+
+    path, node = [], start
     while node.op != "output":
         users = [u for u in node.users if not _is_metadata(u)]
         if len(users) != 1:
@@ -194,21 +201,7 @@ def find_chains(model: nn.Module, *, allow_batchnorm: bool = False) -> tuple[lis
     kept.  Pairs sharing a layer join into chains; ``layers`` is the chain whose last layer
     reaches the model's output along a single path (empty if none), ``branches`` the others
     (whose last layer's output meets a skip connection, a merge or a fork), in graph order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    try:
-        graph = Tracer((*LAYER_TYPES, *BATCH_NORMS_ANY, _EquiNorm)).trace(model)
-    except Exception as err:  # fx raises many types; the message says what to do instead
-        raise ValueError(
-            f"model: torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            "pass the chain's layers to ENorm(layers) instead"
-        ) from err
-    modules = dict(model.named_modules())
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
-        raise ValueError(
-            f"model: ENorm.from_model needs a model with one input, {type(model).__name__} has {len(inputs)}"
-        )
+    graph, modules, _ = _trace(model)
     weights = [n for n in graph.nodes if n.op == "call_module" and isinstance(modules[n.target], LAYER_TYPES)]
     following: dict[fx.Node, fx.Node] = {}
     to_output = set()  # the layers whose output reaches the model's output along a single path

@@ -101,6 +101,22 @@ def check_activation(activation, negative_slope) -> None:
     check_number("negative_slope", negative_slope)
 
 
+def check_layer_input(input, layer: str, ndims: tuple[int, ...], num_features: int) -> None:
+    """A batch-norm layer's own checks of a tensor input: ``ndims`` dimensions and
+    ``num_features`` channels in dim 1 (anything but a tensor is left to the functional's
+    TypeError)."""
+    if not isinstance(input, Tensor):
+        return
+    if input.dim() not in ndims:
+        expected = " or ".join(f"{d}-d" for d in ndims)
+        raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
+    if input.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape "
+            f"{tuple(input.shape)}"
+        )
+
+
 def check_momentum(momentum):
     """A running-average momentum: a number in [0, 1], or None for a cumulative average."""
     return check_number("momentum", momentum, low=0, high=1, high_open=False, none=True)

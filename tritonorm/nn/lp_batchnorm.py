@@ -26,7 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_activation, check_bool, check_eps, check_int, check_momentum, check_process_group
+from .._checks import (
+    check_activation,
+    check_bool,
+    check_eps,
+    check_int,
+    check_layer_input,
+    check_momentum,
+    check_process_group,
+)
 from .._dispatch import check_backend
 from ..sync_batchnorm import active_group
 
@@ -208,15 +216,7 @@ def _lp_batch_norm_layer(
     nn.SyncBatchNorm's synchronization (in training, over a group of more than one
     process).  A ``torch.fx.wrap`` leaf, so that torch.fx records the layer's call, not
     its checks."""
-    if isinstance(input, Tensor):  # anything else: F._lp_batch_norm's TypeError
-        if input.dim() not in ndims:
-            expected = " or ".join(f"{d}-d" for d in ndims)
-            raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
-        if input.shape[1] != num_features:
-            raise ValueError(
-                f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape "
-                f"{tuple(input.shape)}"
-            )
+    check_layer_input(input, layer, ndims, num_features)
     tracked = not training or track_running_stats
     return F._lp_batch_norm(
         input, running_mean=running_mean if tracked else None, running_dev=running_dev if tracked else None,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_bool, check_int, check_momentum
+from .._checks import check_bool, check_int, check_layer_input, check_momentum
 from .._dispatch import check_backend
 
 __all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d"]
@@ -93,15 +93,7 @@ def _mean_only_layer(
 ) -> Tensor:
     """The layer's input checks, then nn.BatchNorm's use of the buffers; a ``torch.fx.wrap``
     leaf, as the Lp layers' forward."""
-    if isinstance(input, Tensor):  # anything else: the functional's TypeError
-        if input.dim() not in ndims:
-            expected = " or ".join(f"{d}-d" for d in ndims)
-            raise ValueError(f"{layer} expects {expected} input, got {input.dim()}-d input")
-        if input.shape[1] != num_features:
-            raise ValueError(
-                f"{layer}({num_features}) expects {num_features} channels (dim 1), got input of shape "
-                f"{tuple(input.shape)}"
-            )
+    check_layer_input(input, layer, ndims, num_features)
     tracked = not training or track_running_stats
     return F._mean_only_batch_norm(
         input, running_mean=running_mean if tracked else None, bias=bias, training=training or not track_running_stats,
