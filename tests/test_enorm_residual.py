@@ -52,6 +52,19 @@ class Bottleneck(nn.Module):
         return (out + identity).relu()
 
 
+class DenseLayer(nn.Module):
+    """DenseNet's merge: conv1x1 -> ReLU -> conv3x3, its output concatenated to the input."""
+
+    downsample = None
+
+    def __init__(self, c_in=4, growth=3):
+        super().__init__()
+        self.conv1, self.conv2 = conv(c_in, 2 * growth, 1), conv(2 * growth, growth)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv2(F.relu(self.conv1(x)))], 1)
+
+
 class ResNet(nn.Module):
     """A stem, two basic blocks (the second downsampling) and a two-layer head."""
 
@@ -71,6 +84,7 @@ BLOCKS = {
     "basic-downsample": lambda bn=False: BasicBlock(4, 6, stride=2, bn=bn, downsample=True),
     "bottleneck": lambda bn=False: Bottleneck(bn=bn),
     "bottleneck-downsample": lambda bn=False: Bottleneck(bn=bn, stride=2, downsample=True),
+    "dense": DenseLayer,
 }
 
 
