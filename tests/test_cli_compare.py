@@ -311,10 +311,13 @@ def test_compile_trains_and_evaluates_through_torch_compile(tmp_path, capsys, tr
             return model(x)
         return compiled
 
+    resets = []
     monkeypatch.setattr(torch, "compile", fake_compile)
-    status, out, err = compare([*TINY, "--norms", "enorm", "--compile"], tmp_path, capsys)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(calls)))
+    status, out, err = compare([*TINY, "--norms", "enorm,none", "--seeds", "2", "--compile"], tmp_path, capsys)
     assert status == 0, err
-    assert calls == [True, True, False]  # two training batches, one evaluation chunk
+    assert calls == [True, True, False] * 4  # per run: two training batches, one evaluation chunk
+    assert resets == [0, 3, 6, 9]  # Dynamo starts afresh for each model (else its recompile limit is hit)
     assert trainers[0].enorm is not None and ", compiled," in out
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["precision"]["compile"] is True
 

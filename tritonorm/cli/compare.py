@@ -231,6 +231,10 @@ class Trainer:
 
     def __init__(self, norm: str, args: argparse.Namespace, sample: Tensor, steps: int):
         self.net = build(norm, args, sample).to(args.device, DTYPES[args.dtype])
+        if args.compile:
+            # each model is a new nn.Sequential with the same forward: without a reset, Dynamo's
+            # recompile limit for that code is reached after a few runs and the rest run eager
+            torch._dynamo.reset()
         self.model: Callable[[Tensor], Tensor] = torch.compile(self.net) if args.compile else self.net
         self.device_type = torch.device(args.device).type
         self.amp_dtype = AMP_DTYPES[args.amp] if args.amp else None
