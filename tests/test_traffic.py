@@ -431,11 +431,14 @@ def test_cli_traffic_estimate(capsys, tmp_path):
     assert lines[0].split() == ["norm", "shape", "layout", "dtype", "pass", "path", "launches", "MB", "passes", "floor",
                                 "cuDNN", "bytes", "torch", "ops", "outside", "the", "kernels", "est.", "us", "cuDNN",
                                 "est.", "us", "/", "cuDNN"]
-    rows = [line.split() for line in lines[2:2 + 24]]  # 3 norms x 2 layouts x 2 dtypes x 2 passes
+    rows = [line.split() for line in lines[2:2 + 32]]  # 4 norms x 2 layouts x 2 dtypes x 2 passes
     assert {(r[0], r[2], r[3], r[4]) for r in rows} == {
-        (norm, layout, dtype, direction) for norm in ("l1", "linf", "topk") for layout in ("nchw", "nhwc")
+        (norm, layout, dtype, direction) for norm in ("l1", "linf", "topk", "mean_only") for layout in ("nchw", "nhwc")
         for dtype in ("fp32", "bf16") for direction in DIRECTIONS}
-    assert all(r[1] == "2x4x4x4" and r[5] == "on-chip" and r[11] == traffic.COUNTED for r in rows)
+    # the mean-only layer has the split path only: 3 launches each way, and the running mean's update forward
+    assert all(r[1] == "2x4x4x4" and r[5] == ("split" if r[0] == "mean_only" else "on-chip")
+               and r[11] == traffic.COUNTED for r in rows)
+    assert all(r[6] == ("4" if r[4] == "forward" else "3") for r in rows if r[0] == "mean_only")
     assert "On-chip layers: forward+backward >= 1.4 x faster than cuDNN: 12 of 12 cases" in out
     assert "a MODEL, not a measurement" in out and "Targets (estimated):" in out
     page = next(tmp_path.glob("traffic-*.md")).read_text()
