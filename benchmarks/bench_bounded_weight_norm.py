@@ -5,8 +5,9 @@ contender runs and which bytes a pass must move).
 parametrized weight: tritonorm's Triton path (fixed rho, learnable gain, and its two custom
 ops called directly), its PyTorch reference eager and compiled,
 ``torch.nn.utils.parametrizations.weight_norm``, and the plain formula
-``rho * v / v.norm(...)`` eager and compiled, on the same v and dL/dw (pytest-benchmark
-groups them by weight and pass).
+``rho * v / v.norm(...)`` eager and compiled, and at the norm orders p = 1 and inf the
+Triton path, the reference eager and the formula eager (``bwn_cases.ORDER_CONTENDERS``), on
+the same v and dL/dw (pytest-benchmark groups them by weight and pass).
 
 On CUDA the weights are ResNet-50's layer4 3x3 conv (512x512x3x3) and a 4096x4096 linear,
 fp32, and the timed function synchronizes; on CPU a small conv and linear weight keep the

@@ -1,11 +1,13 @@
-"""pytest-benchmark suite of the L1 / L-inf / Top-k batch norms (``lp_cases`` says what a
-case runs and which bytes it must move).
+"""pytest-benchmark suite of the L1 / L-inf / Top-k and mean-only batch norms (``lp_cases``
+says what a case runs and which bytes it must move).
 
 Each case times one training-mode pass (forward, or forward+backward) of one norm and
 implementation, whole call with host overhead, next to ``nn.BatchNorm2d`` on the same
 input (pytest-benchmark groups them by pass, shape, layout and dtype).  The implementations
 are the Triton path, the PyTorch reference eager and compiled, and the plain autograd
-contender (``lp_cases.PlainLpBatchNorm2d``), the yardstick of the reference's CPU speed.
+contender (``lp_cases.PlainLpBatchNorm2d``; for the mean-only layer
+``lp_cases.PlainMeanOnlyBatchNorm2d``: x - x.mean((0, 2, 3), keepdim=True) + bias), the
+yardstick of the reference's CPU speed.
 On CUDA the input is a ResNet-like (64, 64, 56, 56) in fp32 and bf16 and the timed
 function synchronizes.  On CPU a small (8, 16, 16, 16) fp32 input keeps the suite a quick
 smoke test, the Triton cases are skipped and ``torch.compile`` (about 10 s per compile on

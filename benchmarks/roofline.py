@@ -1,6 +1,6 @@
 """Bandwidth roofline of the L1 / L-inf / Top-k batch norms (alone, with a fused ReLU and
-residual add, and in a ResNet-50-shaped training step), EquiNorm, ENorm and bounded weight
-norm on a GPU.
+residual add, and in a ResNet-50-shaped training step), the mean-only batch norm, EquiNorm,
+ENorm and bounded weight norm (p = 2, 1 and inf) on a GPU.
 
     python benchmarks/roofline.py [--quick] [--only SECTION ...] [--out DIR] [--peak-gbps GBPS] [--cpu-smoke]
 

@@ -2,7 +2,9 @@
 ``stack_cases``): that each contender computes what it is said to (the fused Triton layer,
 its PyTorch path and the unfused layer agree, values and gradients), that the byte counts
 are those of the kernels (the traffic counter, both paths), and that the stack is
-ResNet-50's, with the norms and the fusion its docstring gives, on both paths.
+ResNet-50's, with the norms and the fusion its docstring gives, on both paths.  The same
+for the mean-only batch norm's contenders (``lp_cases``) and bounded weight norm's at the
+norm orders p = 1 and inf (``bwn_cases``).
 
 Everything at tiny sizes: the Triton cases run in Triton's interpreter on CPU."""
 
@@ -12,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from tritonorm.bench import fused_cases, stack_cases, traffic
+from tritonorm.bench import bwn_cases, fused_cases, lp_cases, stack_cases, traffic
 from tritonorm.bench.fused_cases import RESIDUAL_RELU, UNFUSED
-from tritonorm.bench.lp_cases import EAGER, NORMS, TRITON, make_inputs
+from tritonorm.bench.lp_cases import EAGER, MEAN_ONLY, NORMS, PLAIN, TRITON, make_inputs
 from tritonorm.kernels import channel_reduce, channel_resident
 
 interpreted = pytest.mark.skipif(not channel_reduce.INTERPRETED, reason="counts in Triton's interpreter")
@@ -85,6 +87,59 @@ def test_fused_algorithm_bytes_are_the_kernels(monkeypatch, norm, path):
         assert fused_cases.paths(norm, x) == f"{path}/{path}"
         assert activation_passes(step.forward, x_bytes) == pytest.approx(forward, abs=0.05)
         assert activation_passes(step.backward, x_bytes) == pytest.approx(both - forward, abs=0.05)
+
+
+# ----------------------------------------------------------------------------- mean-only batch norm, bwn orders
+
+
+def test_mean_only_contenders_agree(device):
+    """The Triton layer, the plain autograd contender and the compiled reference against the
+    reference eager: y, dx, dbias and the running mean; the baseline beside them."""
+    x, dy = make_inputs(SHAPE, torch.float32, device)
+    results = {}
+    for impl in (EAGER, TRITON, PLAIN, lp_cases.COMPILED):
+        layer = lp_cases.build_layer(MEAN_ONLY, impl, SHAPE[1], device)
+        outputs = lp_cases.step(layer, x, dy, "forward+backward")()
+        lp_cases.check_outputs(outputs, x)
+        results[impl] = (*outputs, layer.running_mean)
+    for impl, got in results.items():
+        for a, b in zip(got, results[EAGER], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=impl)
+    assert (MEAN_ONLY, EAGER) in lp_cases.variants() and lp_cases.variants()[-1] == lp_cases.BASELINE
+
+
+@interpreted
+def test_mean_only_algorithm_bytes_are_the_kernels():
+    x, dy = make_inputs((4, 8, 12, 12), torch.float32, "cpu")
+    x_bytes = x.numel() * x.element_size()
+    layer = lp_cases.build_layer(MEAN_ONLY, TRITON, x.shape[1], "cpu")
+    step = traffic.count_step(functools.partial(layer, x), (x, *layer.parameters()), dy)
+    forward = lp_cases.algorithm_bytes(MEAN_ONLY, "forward", x) / x_bytes
+    both = lp_cases.algorithm_bytes(MEAN_ONLY, "forward+backward", x) / x_bytes
+    assert (forward, both) == (3, 6)
+    assert activation_passes(step.forward, x_bytes) == pytest.approx(forward, abs=0.05)
+    assert activation_passes(step.backward, x_bytes) == pytest.approx(both - forward, abs=0.05)
+
+
+@pytest.mark.parametrize("suffix", list(bwn_cases.ORDERS))
+def test_bwn_order_contenders_agree(suffix, device):
+    """At p = 1 and inf, the Triton parametrization and the plain formula against the
+    reference eager: w and dL/dv, on a small conv and linear weight."""
+    names = [name for name in bwn_cases.ORDER_CONTENDERS if name.endswith(suffix)]
+    assert {bwn_cases.split_order(name) for name in names} == {
+        (base, bwn_cases.ORDERS[suffix]) for base in (bwn_cases.TRITON_FIXED, bwn_cases.TORCH_EAGER,
+                                                     bwn_cases.FORMULA_EAGER)}
+    for case in bwn_cases.SMALL_WEIGHTS:
+        grad = bwn_cases.make_grad(case, torch.float32, device)
+        results = {}
+        for name in names:
+            outputs = bwn_cases.step(bwn_cases.build(name, case, torch.float32, device), grad, "forward+backward")()
+            bwn_cases.check_outputs(outputs, case)
+            results[name] = outputs
+        reference = results[bwn_cases.with_order(bwn_cases.TORCH_EAGER, bwn_cases.ORDERS[suffix])]
+        for name, got in results.items():
+            for a, b in zip(got, reference, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- the stack

@@ -175,7 +175,7 @@ def test_bench_cpu_every_section_one_table(capsys, eager_only):
     assert header == HEADERS
     check_rows(rows)
     assert {r[0] for r in rows} == {
-        "l1-bn", "linf-bn", "topk-bn", "bn", "equinorm", "equinorm norm-only", "conv", "conv+bn",
+        "l1-bn", "linf-bn", "topk-bn", "mean_only-bn", "bn", "equinorm", "equinorm norm-only", "conv", "conv+bn",
         "equinorm input_sums", "equinorm weight_transform", "enorm", "bounded-wn", *FUSED_OPS, *STACK_OPS,
     }
     assert {r[3] for r in rows} == {"fp32"}

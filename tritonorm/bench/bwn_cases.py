@@ -30,7 +30,11 @@ The contenders (``CONTENDERS``), each an ``nn.Module`` whose ``forward()`` retur
   ``torch._weight_norm``, fused kernels on CUDA);
 * ``formula-eager`` and ``formula-compile``: the plain-PyTorch formula
   ``rho * v / v.norm(p=2, dim=(1, ...), keepdim=True)`` (rho the same 0-d buffer), eager and
-  ``torch.compile``-d.
+  ``torch.compile``-d;
+* the norm orders p = 1 and inf (``ORDERS``): ``bwn-triton``, ``bwn-torch-eager`` and
+  ``formula-eager`` with the suffix ``-p1`` or ``-pinf`` (``ORDER_CONTENDERS``), the same with
+  ``bounded_weight_norm(p=...)`` and ``v.norm(p=...)`` (rho the mean of the initial slice
+  p-norms); the p = 2 contenders above are the rest.
 
 Bytes: the floor (``compulsory_bytes``) and the passes the Triton kernels make
 (``algorithm_bytes``), as docs/benchmarks.md describes them ("Bounded weight norm");
@@ -57,9 +61,12 @@ TRITON_FIXED, TRITON_GAIN, TRITON_OPS = "bwn-triton", "bwn-triton-gain", "bwn-tr
 TORCH_EAGER, TORCH_COMPILED = "bwn-torch-eager", "bwn-torch-compile"
 WEIGHT_NORM = "weight_norm"
 FORMULA_EAGER, FORMULA_COMPILED = "formula-eager", "formula-compile"
+# The norm orders other than 2, by contender-name suffix, and their contenders.
+ORDERS = {"p1": 1.0, "pinf": math.inf}
+ORDER_CONTENDERS = tuple(f"{name}-{suffix}" for suffix in ORDERS for name in (TRITON_FIXED, TORCH_EAGER, FORMULA_EAGER))
 CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS, TORCH_EAGER, TORCH_COMPILED, WEIGHT_NORM, FORMULA_EAGER,
-              FORMULA_COMPILED)
-TRITON_CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS)
+              FORMULA_COMPILED, *ORDER_CONTENDERS)
+TRITON_CONTENDERS = (TRITON_FIXED, TRITON_GAIN, TRITON_OPS, *(f"{TRITON_FIXED}-{suffix}" for suffix in ORDERS))
 COMPILED_CONTENDERS = (TORCH_COMPILED, FORMULA_COMPILED)
 # The parametrizations the targets are about (forward+backward; ``SPEEDUP_TARGET``, ``FLOOR_TARGET``).
 PARAMETRIZATIONS = (TRITON_FIXED, TRITON_GAIN)
@@ -129,6 +136,17 @@ def is_triton(name: str) -> bool:
     return name in TRITON_CONTENDERS
 
 
+def split_order(name: str) -> tuple[str, float]:
+    """(the p = 2 contender, p) of contender ``name``: "formula-eager-pinf" -> ("formula-eager", inf)."""
+    base, _, suffix = name.rpartition("-")
+    return (base, ORDERS[suffix]) if suffix in ORDERS else (name, 2.0)
+
+
+def with_order(name: str, p: float) -> str:
+    """The contender ``name`` (of p = 2) at norm order ``p``: ("formula-eager", 1.0) -> "formula-eager-p1"."""
+    return name if p == 2 else f"{name}-{next(suffix for suffix, order in ORDERS.items() if order == p)}"
+
+
 def _fan_in_normal(case: WeightCase, seed: int) -> torch.Tensor:
     """N(0, 1 / fan_in): the scale of a Kaiming-initialised weight, every slice nonzero."""
     g = torch.Generator().manual_seed(seed)
@@ -161,17 +179,18 @@ class WeightOf(nn.Module):
 
 
 class Formula(nn.Module):
-    """``rho * v / v.norm(p=2, dim=(1, ...), keepdim=True)``: v a parameter, rho a 0-d buffer (the
-    mean of the initial slice norms, as bounded_weight_norm's default)."""
+    """``rho * v / v.norm(p=p, dim=(1, ...), keepdim=True)``: v a parameter, rho a 0-d buffer (the
+    mean of the initial slice p-norms, as bounded_weight_norm's default)."""
 
-    def __init__(self, v: torch.Tensor):
+    def __init__(self, v: torch.Tensor, p: float = 2.0):
         super().__init__()
         self.v = nn.Parameter(v)
-        self.register_buffer("rho", slice_norms(v.detach()).mean().to(v.dtype))
+        self.p = p
+        self.register_buffer("rho", slice_norms(v.detach(), p=p).mean().to(v.dtype))
         self.dims = tuple(range(1, v.dim()))
 
     def forward(self) -> torch.Tensor:
-        return self.rho * self.v / self.v.norm(p=2, dim=self.dims, keepdim=True)
+        return self.rho * self.v / self.v.norm(p=self.p, dim=self.dims, keepdim=True)
 
 
 class Ops(nn.Module):
@@ -200,16 +219,17 @@ def build(name: str, case: WeightCase, dtype: torch.dtype, device, seed: int = 0
     (after ``torch._dynamo.reset()``, as ``lp_cases.build_layer`` explains), compiled on its
     first call."""
     v = _fan_in_normal(case, seed).to(device, dtype)
+    base, p = split_order(name)
     if name == TRITON_OPS:
         return Ops(v)
-    if name in (FORMULA_EAGER, FORMULA_COMPILED):
-        module = Formula(v)
+    if base in (FORMULA_EAGER, FORMULA_COMPILED):
+        module = Formula(v, p)
     else:
         holder = Weight(v)
         if name == WEIGHT_NORM:
             torch.nn.utils.parametrizations.weight_norm(holder, dim=0)
         else:
-            tritonorm.bounded_weight_norm(holder, learnable_gain=name == TRITON_GAIN, backend=_BACKENDS[name])
+            tritonorm.bounded_weight_norm(holder, learnable_gain=name == TRITON_GAIN, backend=_BACKENDS[base], p=p)
         module = WeightOf(holder)
     if name in COMPILED_CONTENDERS:
         torch._dynamo.reset()
@@ -310,7 +330,9 @@ def derive(rows: list[dict], peak_gbps: float) -> list[dict]:
         config = (r["weight"], r["dtype"], r["pass"])
         add_bandwidth(r, r["bytes"], peak_gbps)
         r["vs_weight_norm"] = ratio(r, index.get((*config, WEIGHT_NORM)))
-        r["vs_formula_compiled"] = ratio(r, index.get((*config, FORMULA_COMPILED)))
+        # against the compiled formula of the same norm order (p = 2 only: the others have none)
+        compiled = with_order(FORMULA_COMPILED, split_order(r["contender"])[1])
+        r["vs_formula_compiled"] = ratio(r, index.get((*config, compiled)))
     targets = []
     for (weight, dtype, pass_, name), r in index.items():
         weight_norm = index.get((weight, dtype, pass_, WEIGHT_NORM))
@@ -389,8 +411,10 @@ def section(rows: list[dict], targets: list[dict], summary: dict | None) -> list
         "directly (no parametrization, no autograd); bwn-torch-eager / -compile, the PyTorch reference "
         "(backend=\"torch\"), eager and torch.compile; weight_norm, torch.nn.utils.parametrizations.weight_norm "
         "(dim=0, parameters g and v); formula-eager / -compile, rho * v / v.norm(p=2, dim=(1, ...), keepdim=True), "
-        "eager and torch.compile. floor MB: the compulsory bytes (forward: read v, write w; backward: read dL/dw "
-        "and v, write dL/dv; 2 and 3 weight passes, 5 for forward+backward). GB/s: those bytes / time; "
+        "eager and torch.compile; -p1 / -pinf: bwn-triton, bwn-torch-eager and formula-eager with the norm order p = 1 "
+        "or inf (bounded_weight_norm(p=...), v.norm(p=...)). floor MB: the compulsory bytes (forward: read v, "
+        "write w; backward: read dL/dw and v, write dL/dv; 2 and 3 weight passes, 5 for forward+backward). GB/s: "
+        "those bytes / time; "
         "floor / time: the time they take at peak bandwidth over the time. alg.: the same for the bytes the Triton "
         "kernels move (forward reads v twice and writes w, backward reads dL/dw and v twice and writes dL/dv: 3 and "
         "5 passes). / weight_norm, / compiled formula: time over weight_norm's and over the compiled formula's.",

@@ -1,4 +1,4 @@
-"""What the L1 / L-inf / Top-k batch-norm benchmarks run, shared by ``bench_lp_batchnorm.py``
+"""What the L1 / L-inf / Top-k and mean-only batch-norm benchmarks run, shared by ``bench_lp_batchnorm.py``
 (pytest-benchmark) and ``roofline.py`` (GPU bandwidth table).
 
 A case is one layer in training mode on an (N, C, H, W) input, timed as the whole call a
@@ -13,13 +13,16 @@ training step makes, host overhead included:
 Implementations of each norm: the Triton kernels, the plain-PyTorch reference eager,
 ``torch.compile`` of the reference, and ``PlainLpBatchNorm2d``: the straightforward autograd
 module a user would write (channel-major rows, ``mean`` / ``amax`` / ``topk`` of |x - mu|,
-autograd does the backward), the yardstick of the reference's CPU speed.  The baseline is
+autograd does the backward), the yardstick of the reference's CPU speed.  The mean-only
+batch norm (``MEAN_ONLY``: ``tritonorm.MeanOnlyBatchNorm2d``, y = x - mu + beta) runs as
+a fourth norm of ``BATCH_NORMS``, its plain contender ``PlainMeanOnlyBatchNorm2d``
+(``x - x.mean((0, 2, 3), keepdim=True) + bias``, the running mean lerped).  The baseline is
 ``nn.BatchNorm2d`` (cuDNN on CUDA).  Parameters stay fp32 whatever the input dtype, as under
 autocast.
 
 Bytes: the compulsory ones (any batch norm) and the passes the Triton kernels make, as
-docs/benchmarks.md describes them ("L1, L-inf and Top-k BatchNorm"); ``_COMPULSORY`` and
-``_ALGORITHM`` hold the pass counts.
+docs/benchmarks.md describes them ("L1, L-inf and Top-k BatchNorm, mean-only BatchNorm");
+``_COMPULSORY`` and ``_ALGORITHM`` hold the pass counts.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from tritonorm.reference.lp_batchnorm import C_L1, c_linf
 from .timing import add_bandwidth, by_pass, fmt, guarded, markdown_table, ratio, time_passes
 
 NORMS = ("l1", "linf", "topk")
+MEAN_ONLY = "mean_only"
+# The batch norms benchmarked (and counted by ``traffic_cases``): the Lp norms and the mean-only one.
+BATCH_NORMS = (*NORMS, MEAN_ONLY)
 TOPK_K = 10
 TRITON, EAGER, COMPILED = "tritonorm-triton", "reference-eager", "reference-compile"
 IMPLEMENTATIONS = (TRITON, EAGER, COMPILED)
@@ -44,7 +50,8 @@ PLAIN = "plain-autograd"
 # The baseline, as a (norm, implementation) pair like the others.
 BASELINE = ("bn", "nn.BatchNorm2d")
 
-_LAYERS = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d}
+_LAYERS = {"l1": tritonorm.L1BatchNorm2d, "linf": tritonorm.LinfBatchNorm2d, "topk": tritonorm.TopkBatchNorm2d,
+           MEAN_ONLY: tritonorm.MeanOnlyBatchNorm2d}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Tensor passes over an (N, C, H, W) tensor per direction: compulsory, and per norm what
@@ -54,13 +61,14 @@ _ALGORITHM = {
     "l1": {"forward": 4, "backward": 5},
     "linf": {"forward": 3, "backward": 4},
     "topk": {"forward": 3, "backward": 4},
+    MEAN_ONLY: {"forward": 3, "backward": 3},
 }
 
 
-def variants(implementations=IMPLEMENTATIONS):
-    """The (norm, implementation) pairs to run: every norm with each of ``implementations``,
-    then the baseline once."""
-    return [(norm, impl) for norm in NORMS for impl in implementations] + [BASELINE]
+def variants(implementations=IMPLEMENTATIONS, norms=BATCH_NORMS):
+    """The (norm, implementation) pairs to run: every norm of ``norms`` with each of
+    ``implementations``, then the baseline once."""
+    return [(norm, impl) for norm in norms for impl in implementations] + [BASELINE]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -113,9 +121,28 @@ class PlainLpBatchNorm2d(nn.Module):
         return ((x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)).to(x.dtype)
 
 
+class PlainMeanOnlyBatchNorm2d(nn.Module):
+    """The plain autograd mean-only batch norm (a contender, not the library):
+    y = x - x.mean((0, 2, 3), keepdim=True) + beta, the mean in the accumulator dtype, the
+    running mean lerped with torch's momentum convention; autograd does the backward."""
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, device=None):
+        super().__init__()
+        self.momentum = momentum
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device))
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean((0, 2, 3), keepdim=True, dtype=accumulator_dtype(x.dtype))
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.flatten().to(self.running_mean.dtype), self.momentum)
+        return (x - mean + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+
+
 def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
     """A fresh layer in training mode; for COMPILED a ``torch.compile`` of the reference
-    layer, compiled on its first call; for PLAIN a ``PlainLpBatchNorm2d``.
+    layer, compiled on its first call; for PLAIN a ``PlainLpBatchNorm2d`` (a
+    ``PlainMeanOnlyBatchNorm2d`` for ``MEAN_ONLY``).
 
     Every COMPILED layer starts from ``torch._dynamo.reset()``: all three norm classes
     share one ``forward``, and Dynamo's per-code-object recompile limit would otherwise
@@ -123,6 +150,8 @@ def build_layer(norm: str, impl: str, channels: int, device) -> nn.Module:
     if (norm, impl) == BASELINE:
         return nn.BatchNorm2d(channels, device=device).train()
     if impl == PLAIN:
+        if norm == MEAN_ONLY:
+            return PlainMeanOnlyBatchNorm2d(channels, device=device).train()
         return PlainLpBatchNorm2d(channels, norm, device=device).train()
     extra = {"k": TOPK_K} if norm == "topk" else {}
     backend = "triton" if impl == TRITON else "torch"
@@ -278,9 +307,10 @@ def section(rows: list[dict], topk_over_l1: list[dict]) -> list[str]:
         [[t["shape"], t["dtype"], t["pass"], t["impl"], f"{t['ratio']:.2f}"] for t in topk_over_l1],
     )
     return [
-        "## L1 / L-inf / Top-k batch norm",
+        "## L1 / L-inf / Top-k and mean-only batch norm",
         "",
-        f"Top-k k={TOPK_K}. "
+        f"Top-k k={TOPK_K}; mean_only: MeanOnlyBatchNorm2d, y = x - mu + beta (plain-autograd: "
+        "x - x.mean((0, 2, 3), keepdim=True) + bias). "
         "GB/s: compulsory bytes (forward: read x, write y; backward: read x, dy, write dx) / time. "
         "floor / time: the time the compulsory bytes take at peak bandwidth, over the time. "
         "alg.: the same for the bytes of the passes the Triton kernels make. "

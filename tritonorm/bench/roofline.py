@@ -1,10 +1,10 @@
 """The bandwidth roofline: what ``tritonorm bench`` and ``benchmarks/roofline.py`` run, over
 the sections of ``SECTIONS``, each measured, derived and rendered beside its cases:
 
-* "lp": the L1 / L-inf / Top-k batch norms (``lp_cases``);
+* "lp": the L1 / L-inf / Top-k and mean-only batch norms (``lp_cases``);
 * "equinorm": EquiNormConv2d and its kernels (``equinorm_cases``);
 * "enorm": the ENorm cycle (``enorm_cases``);
-* "bwn": bounded weight norm (``bwn_cases``);
+* "bwn": bounded weight norm, p = 2, 1 and inf (``bwn_cases``);
 * "fused": the batch norms with a fused ReLU and residual add (``fused_cases``);
 * "stack": a training step of a ResNet-50-shaped stack (``stack_cases``).
 

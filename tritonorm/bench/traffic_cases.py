@@ -1,9 +1,10 @@
 """What ``tritonorm bench --traffic`` counts, and the H100 time model of ``--estimate``.
 
-Cases: the L1, L-inf and Top-k (k = 10) batch norms (``lp_cases``: Triton path, training
-mode, fp32 affine parameters) on the activations that follow ResNet-50's convolutions,
-64x112x112, 256x56x56, 512x28x28, 1024x14x14 and 2048x7x7, at batch 32 and 256, NCHW and
-channels_last, fp32 and bf16.  Each case is one training step counted by
+Cases: the L1, L-inf and Top-k (k = 10) batch norms and the mean-only one
+(``lp_cases.BATCH_NORMS``: Triton path, training mode, fp32 affine parameters) on the
+activations that follow ResNet-50's convolutions, 64x112x112, 256x56x56, 512x28x28,
+1024x14x14 and 2048x7x7, at batch 32 and 256, NCHW and channels_last, fp32 and bf16.
+Each case is one training step counted by
 ``traffic.count_step`` (the layer's forward, then ``torch.autograd.grad`` of its output with
 respect to x, weight and bias), its launches planned for ``sms`` SMs, with
 ``traffic.Sampling()``: a row says whether its bytes were counted, predicted or averaged
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from . import traffic
-from .lp_cases import NORMS, TOPK_K, TRITON, build_layer, dtype_name, shape_name  # noqa: F401 (TOPK_K: the k counted)
+from .lp_cases import BATCH_NORMS, MEAN_ONLY, TOPK_K, TRITON, build_layer, dtype_name, shape_name  # noqa: F401 (TOPK_K: the k counted)
 
 RESNET50_ACTIVATIONS = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
 BATCHES = (32, 256)
@@ -102,7 +103,7 @@ def outside_summary(ops: tuple[traffic.TorchOp, ...], activation_numel: int) -> 
     return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items()) or "-"
 
 
-def count_input(case: Input, norms=NORMS, *, sms: int = traffic.H100_SMS,
+def count_input(case: Input, norms=BATCH_NORMS, *, sms: int = traffic.H100_SMS,
                 sampling: traffic.Sampling | None = SAMPLING) -> list[tuple[dict, traffic.Traffic]]:
     """(row, traffic) of each pass of each norm on one activation."""
     x, dy = case.tensors()
@@ -167,6 +168,8 @@ def targets(rows: list[dict]) -> list[dict]:
                                  1 / ON_CHIP_SPEEDUP, ratios))
     ratios = []
     for (shape, layout, dtype, pass_, norm), r in index.items():
+        if norm == MEAN_ONLY:
+            continue  # no fused epilogue
         x_bytes = activation_bytes(r)
         # what a fused ReLU adds to the norm's own traffic (tests/test_traffic.py, fused
         # budgets): nothing, but for one more read of x in L-inf / Top-k's split backward

@@ -10,8 +10,8 @@ fraction of the bandwidth floor, and the time over the closest torch baseline's 
 torch.compile of the reference's (the legend under the table names the baselines).
 ``--out DIR`` also writes the roofline's markdown page and JSON record there.
 
-``--traffic`` times nothing: it runs the L1 / L-inf / Top-k batch norms at ResNet-50's
-activations (``--shape``: others) through Triton's interpreter and counts, per training-step
+``--traffic`` times nothing: it runs the L1 / L-inf / Top-k and mean-only batch norms at
+ResNet-50's activations (``--shape``: others) through Triton's interpreter and counts, per training-step
 pass, the bytes the kernels move, the launches and the torch ops around them, with the
 launches planned for ``--sms`` SMs (132: an H100 or H200); ``tritonorm.bench.traffic_cases``
 says what and how.  ``--estimate`` turns the counts into H100 times with a model, beside
