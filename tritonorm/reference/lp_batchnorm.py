@@ -79,13 +79,15 @@ def channel_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:2], math.prod(x.shape[2:])).to(accumulator_dtype(x.dtype))
 
 
-def centred(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def centred(view: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, a = x - mu) of an (N, C, S) view, mu of shape (1, C, 1) taken about x_0, the x
-    at r = 0: a = (x - x_0) - mean(x - x_0), in the memory of x - x_0."""
+    at r = 0: a = (x - x_0) - mean(x - x_0), in the memory of x - x_0.  With ``offset``
+    (broadcast to (1, C, 1)) the second is a + offset, as (x - x_0) - (mean(x - x_0) -
+    offset): the same pass."""
     shift = view[:1, :, :1].detach()
     shifted = view - shift
     mean = shifted.mean((0, 2), keepdim=True)
-    return shift + mean, shifted.sub_(mean)
+    return shift + mean, shifted.sub_(mean if offset is None else mean - offset)
 
 
 def max_abs(a: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,12 @@ def mean_only_batch_norm(
     the batch's and ``running_mean`` (if given) is updated in place, else mu is
     ``running_mean``."""
     view = channel_view(x)
+    beta = None if bias is None else bias.to(view.dtype).view(1, -1, 1)
     if batch_stats:
-        mean, y = centred(view)
+        mean, y = centred(view, beta)  # one pass for x - mu + beta
         if running_mean is not None:
             update_running(running_mean, mean.view(-1), momentum=momentum, num_batches_tracked=num_batches_tracked)
     else:
-        y = view - running_mean.to(view.dtype).view(1, -1, 1)
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, 1)
+        mean = running_mean.to(view.dtype).view(1, -1, 1)
+        y = view - (mean if beta is None else mean - beta)
     return y.view(x.shape).to(x.dtype)
