@@ -242,7 +242,7 @@ def test_modules_take_p(p, backend, device):
     opt = torch.optim.SGD([*linear.parameters(), *conv.parameters()], lr=0.5)
     for _ in range(2):
         for module, rho in ((linear, linear.parametrizations.weight[0].rho), (conv, 0.7)):
-            norms = ref.slice_norms(module.weight.detach(), 0, p)
+            norms = tritonorm.slice_norms(module.weight, p=p)
             torch.testing.assert_close(norms, torch.full_like(norms, float(rho)))
         (linear(torch.randn(3, 6, device=device)).sum() + conv(torch.randn(2, 3, 5, 5, device=device)).sum()).backward()
         opt.step()
@@ -564,6 +564,11 @@ def test_slice_norms_match_the_layer():
     torch.testing.assert_close(tritonorm.slice_norms(conv.weight, dim=1),
                                conv.weight.detach().transpose(0, 1).flatten(1).norm(dim=1))
     assert not tritonorm.slice_norms(conv.weight).requires_grad
+    rows = conv.weight.detach().flatten(1)
+    torch.testing.assert_close(tritonorm.slice_norms(conv.weight, p=1), rows.abs().sum(1))
+    torch.testing.assert_close(tritonorm.slice_norms(conv.weight, p=math.inf), rows.abs().amax(1))
+    with pytest.raises(ValueError, match=r"p must be 2, 1 or float\('inf'\)"):
+        tritonorm.slice_norms(conv.weight, p=3)
 
 
 @pytest.mark.parametrize("args, error, message", [

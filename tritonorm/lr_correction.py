@@ -15,19 +15,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_number, check_slice_dim
+from ._checks import check_norm_order, check_number, check_slice_dim
 from .reference.bounded_weight_norm import slice_norms as _slice_norms
 
 __all__ = ["slice_norms", "corrected_lr"]
 
 
-def slice_norms(weight: Tensor, dim: int = 0) -> Tensor:
-    """||w_i||_2 per slice along ``dim`` (per output channel for ``dim=0``), detached, in
-    fp32 (fp64 for fp64): what to record from a run with weight decay, for ``corrected_lr``.
+def slice_norms(weight: Tensor, dim: int = 0, *, p: float = 2.0) -> Tensor:
+    """||w_i||_p per slice along ``dim`` (per output channel for ``dim=0``), detached, in
+    fp32 (fp64 for fp64): with p = 2, what to record from a run with weight decay, for
+    ``corrected_lr``; with the p of a ``bounded_weight_norm(p=...)``, the norms it holds at rho.
 
     Args:
         weight: a floating-point tensor with one dim or more.
         dim: the axis whose slices are measured.
+        p: the norm order, 2 (default), 1 or float("inf").
 
     Shape:
         output: (weight.shape[dim],).
@@ -40,7 +42,7 @@ def slice_norms(weight: Tensor, dim: int = 0) -> Tensor:
     """
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() == 0:
         raise TypeError(f"weight must be a floating-point tensor with one dim or more, got {weight!r:.80}")
-    return _slice_norms(weight.detach(), check_slice_dim(dim, weight))
+    return _slice_norms(weight.detach(), check_slice_dim(dim, weight), check_norm_order(p))
 
 
 def corrected_lr(lr: float, norms: Tensor, wd_norms: Tensor, *, per_channel: bool = True) -> Tensor:
