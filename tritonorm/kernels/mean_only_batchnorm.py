@@ -8,8 +8,8 @@ Forward, training:
     _normalize_kernel             read x, write y   y = (x - mu) * 1 + beta
 
 eval: the running mean (as the accumulator dtype), the coefficients by torch ops, and the
-normalize pass.  Then, with
-running statistics, ``running_stats.update_running`` (a separate op).
+normalize pass.  Then, with running statistics, ``running_stats.update_running`` (a
+separate op).
 
 Backward:
 
@@ -17,7 +17,7 @@ Backward:
     _grad_finalize_kernel                           dbeta = sum(dy), mean(dy), coefficients (1, 0)
     _normalize_kernel             read dy, write dx dx = (dy - mean(dy)) * 1 + 0
 
-with the running mean (eval) dx = dy: nothing is launched for it but dbeta's reduction.
+with the running mean (eval) dx = dy, a copy: nothing else is launched but dbeta's reduction.
 The finalize kernels store the normalize pass's (2, C) coefficients, so a training step
 makes no torch op on them (tests/test_traffic.py, test_mean_only_batch_norm_budgets).
 """
