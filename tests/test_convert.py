@@ -680,6 +680,52 @@ def test_fuse_leaves_the_rest_unfused():
     assert_same_step(fused.train(), plain.train(), x)
 
 
+class OddResiduals(nn.Module):
+    """Adds fx fuses without seeing shapes: a (C, 1, 1) bias, a float64 buffer (both
+    broadcast), and an add that broadcasts the BatchNorm's output up."""
+
+    def __init__(self):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(3))
+        self.shift = nn.Parameter(torch.randn(3, 1, 1))
+        self.register_buffer("wide", torch.randn(5, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        b = self.bns
+        return (torch.relu(b[0](x) + self.shift), nn.functional.silu(b[1](x) + self.wide),
+                torch.relu(b[2](x) + x.unsqueeze(0).expand(2, -1, -1, -1, -1)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fuse_broadcasting_and_promoting_adds(backend):
+    """The layer adds a residual it cannot fuse after the norm, as the graph did: the same
+    outputs (shapes and dtypes included), gradients and running statistics."""
+    model = randomized(OddResiduals())
+    fused = tritonorm.convert(model, "topk", k=4, fuse=True, backend=backend)
+    plain = tritonorm.convert(model, "topk", k=4, backend=backend)
+    assert sum("residual" in n.kwargs for n in fused.graph.nodes) == 3
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    for training in (True, False):
+        fused.train(training), plain.train(training)
+        outputs = [m(x) for m in (fused, plain)]
+        for a, b in zip(*outputs, strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+            torch.testing.assert_close(a, b)
+    assert [o.dtype for o in outputs[0]] == [torch.float32, torch.float64, torch.float32]
+
+    def step(model):
+        xx = x.clone().requires_grad_()
+        loss = sum(o.double().square().sum() for o in model.train()(xx))
+        loss.backward()
+        return xx.grad
+
+    torch.testing.assert_close(step(fused), step(plain))
+    for (name, p), p0 in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p0.grad, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, b), b0 in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b, b0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_fuse_shared_activation_module_and_root():
     """One nn.ReLU called after two BatchNorms: both calls fused; a BatchNorm root has
     nothing to fuse."""

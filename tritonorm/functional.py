@@ -37,7 +37,7 @@ from .reference import bounded_weight_norm as _bwn_ref
 from .reference import equinorm as _equi_ref
 from .reference import lp_batchnorm as _lp_ref
 from .reference import mean_only_batchnorm as _mo_ref
-from .reference.activation import NEGATIVE_SLOPE
+from .reference.activation import NEGATIVE_SLOPE, activate
 
 if TRITON_AVAILABLE:
     from .kernels.lp_batchnorm import MAX_K as _TRITON_MAX_K
@@ -80,18 +80,18 @@ def _check_update(names: tuple[str, ...], buffers: tuple[Tensor, ...], momentum,
 # ----------------------------------------------------------------------------- Lp batch norm
 
 
-def _check_residual(residual, input: Tensor) -> None:
-    """None, or a tensor with input's shape, dtype and device (any memory layout)."""
+def _fusable_residual(residual, input: Tensor) -> bool:
+    """Whether ``residual`` (None, or a tensor) is added inside the norm's epilogue: None,
+    or a tensor with input's shape, dtype and device (any memory layout).  Any other
+    tensor is added after the norm as torch adds it (``_lp_batch_norm``); a residual on
+    another device that torch could not add either is refused here, by name."""
     if residual is None:
-        return
+        return True
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if residual.shape != input.shape:
-        raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"residual must have input's dtype {input.dtype}, got {residual.dtype}")
-    if residual.device != input.device:
+    if residual.device != input.device and residual.dim() > 0:
         raise ValueError(f"residual is on {residual.device} but input is on {input.device}")
+    return residual.shape == input.shape and residual.dtype == input.dtype
 
 
 def _lp_batch_norm(
@@ -104,8 +104,14 @@ def _lp_batch_norm(
     ``sync_group``: a process group to take the batch statistics over
     (``tritonorm.sync_batchnorm``; the size checks are then the whole batch's)."""
     _check_input(input)
-    _check_residual(residual, input)
     check_activation(activation, negative_slope)
+    if not _fusable_residual(residual, input):  # e.g. a (C, 1, 1) bias, or a float64 tensor
+        y = _lp_batch_norm(
+            input, running_mean=running_mean, running_dev=running_dev, weight=weight, bias=bias, training=training,
+            momentum=momentum, eps=eps, norm=norm, k=k, normalized=normalized,
+            num_batches_tracked=num_batches_tracked, backend=backend, count_batch=count_batch, sync_group=sync_group,
+        )
+        return activate(y + residual, activation, negative_slope)
     c = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_dev", running_dev)):
         check_vector(name, t, c, input, "input", f"for input with {c} channels")
@@ -191,7 +197,9 @@ _LP_DOC = """{title}
     device, any memory layout) added and ``activation`` (None, or one of
     ``tritonorm.ACTIVATIONS``: "relu", "leaky_relu" with ``negative_slope``, "silu",
     "gelu", "gelu_tanh", "hardswish") applied in the accumulator dtype, rounded once to
-    input's dtype.  Gradients reach residual too.
+    input's dtype.  Gradients reach residual too.  A residual of another shape or dtype
+    (a (C, 1, 1) bias, a float64 tensor) is not fused: out = act(y + residual) as torch
+    computes it, broadcasting and type promotion included, one more op.
 
     Args:
         input: (N, C, *), float16, bfloat16, float32 or float64.
@@ -204,13 +212,15 @@ _LP_DOC = """{title}
         normalized: keep the constant that makes sigma the standard deviation of Gaussian
             data.
         num_batches_tracked: () long tensor, needed with momentum=None.
-        residual: None, or a tensor added before the activation.
+        residual: None, or a tensor added before the activation (fused when it has
+            input's shape and dtype).
         activation: None, or one of ``tritonorm.ACTIVATIONS``.
         negative_slope: the slope of "leaky_relu" for z < 0.
         backend: "auto" (Triton on CUDA tensors, PyTorch elsewhere), "triton" or "torch".
 
     Shape:
-        input, residual and output: (N, C, *), all three the same.
+        input, residual and output: (N, C, *), all three the same (a residual that
+            broadcasts gives the output torch's sum would have).
 
     Example::
 

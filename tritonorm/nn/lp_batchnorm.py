@@ -278,8 +278,9 @@ _DOC = """{title} batch norm over {shape} input, nn.BatchNorm{nd}'s drop-in: it 
         device, dtype: of the parameters and buffers.
 
     Forward: ``layer(input, residual=None)``; ``residual``, if given, is added to the
-    normalized value before the activation (input's shape, dtype and device, any memory
-    layout) and receives a gradient.
+    normalized value before the activation and receives a gradient: in the same pass when
+    it has input's shape, dtype and device (any memory layout), else after it, as torch
+    adds it (broadcasting and type promotion included).
 
     Shape:
         input, residual and output: {shape}, all three the same.
