@@ -578,7 +578,7 @@ def test_fuse_resnet_blocks(norm, block, channels_last):
         assert {n: m.activation for n, m in layers.items()} == expected
         assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
         calls = [n for n in fused.graph.nodes if n.op == "call_module" and n.target == last]
-        assert len(calls) == 1 and set(calls[0].kwargs) == {"residual"}
+        assert len(calls) == 1 and set(calls[0].kwargs) == {"residual"} and calls[0].name == last  # name kept
         assert not [n for n in fused.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
         if training:
             assert_same_step(fused, plain, x)

@@ -339,11 +339,11 @@ def _fuse_activations(graph_module: fx.GraphModule, targets: set[str]) -> None:
             act_node.replace_all_uses_with(bn_node)
             graph.erase_node(act_node)
             continue
-        with graph.inserting_before(add_node):  # after the residual's node, which may follow bn_node's
-            fused = graph.call_module(bn_node.target, bn_node.args, {"residual": residual})
-        act_node.replace_all_uses_with(fused)
-        for node in (act_node, add_node, bn_node):
-            graph.erase_node(node)
+        act_node.replace_all_uses_with(bn_node)
+        graph.erase_node(act_node)
+        add_node.prepend(bn_node)  # moved after the residual's node, which may follow it (its name kept)
+        bn_node.kwargs = {"residual": residual}
+        graph.erase_node(add_node)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
