@@ -7,6 +7,21 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _native_cpu_convolution():
+    """torch's native CPU convolution in the tests, not oneDNN's.  oneDNN 3.12 (torch
+    2.13's CPU build) corrupts the heap computing the weight gradient of a small
+    channels_last 1x1 stride-2 convolution with one intra-op thread on an AVX2 CPU
+    (4 -> 6 channels, 6x6, on an AMD EPYC: "corrupted double-linked list", then an abort;
+    with two threads, or without oneDNN, it does not), which is how a pytest-xdist worker
+    runs; the tests are about tritonorm, whatever computes the convolutions around it.
+    The benchmarks keep oneDNN (they time torch as users run it)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = DEVICE != "cpu"
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
 @pytest.fixture
 def device():
     return DEVICE
