@@ -1,18 +1,20 @@
 """Every ```python block of README.md and docs/*.md runs as written, and docs/api.md names
 every public name.
 
-Each block runs in its own subprocess (a fresh interpreter, as a reader would paste it), with
-the repository root on PYTHONPATH and an empty temporary directory as the working directory,
-under a timeout.  The test id is the block's file and its index among that file's python
-blocks (``docs/enorm.md#2`` is the third); a failure shows the block's first line number,
-its stderr and the end of its stdout.  Blocks fenced as ```text, ```bash or anything else
-are not run: use them for listings, signatures and shell commands.
+Each block runs in its own process, as a script (``__name__ == "__main__"``), with the
+repository root on sys.path, an empty temporary directory as the working directory and
+TRITONORM_BACKEND unset, under a timeout.  The process is forked from a multiprocessing
+forkserver that has imported torch and tritonorm and run nothing else (``_PRELOAD``): a
+fresh interpreter as a reader would start one, less the 2-3 s of importing torch that was
+most of a block's time (96 blocks: 284 worker-seconds as subprocesses, on 2 cores).  The
+test id is the block's file and its index among that file's python blocks
+(``docs/enorm.md#2`` is the third); a failure shows the block's first line number, its
+exit status, its stderr and the end of its stdout.  Blocks fenced as ```text, ```bash or
+anything else are not run: use them for listings, signatures and shell commands.
 
 The blocks run in the background, ``WORKERS`` at a time, from the moment the first block
-test starts (``_runs``); each test then waits for its own block.  Most of a block's time is
-the interpreter importing torch (2-3 s), so the 25 blocks take about 1.5 minutes on 2 CPU
-cores (89 s for this file): the block tests are marked ``slow`` (``pytest -m "not slow"``
-leaves them out).
+test starts (``_runs``); each test then waits for its own block.  The block tests are
+marked ``slow`` (``pytest -m "not slow"`` leaves them out).
 
 Under pytest-xdist every worker collects every test but runs only those the scheduler
 hands it, which it does not know ahead, so ``_runs`` would start every block in each
@@ -26,9 +28,10 @@ ahead as above.  (pytest 9.2 with pytest-xdist 3.8 ignores the groups: pytest-xd
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import os
 import re
-import subprocess
+import runpy
 import sys
 import tempfile
 import textwrap
@@ -87,23 +90,59 @@ def python_blocks(path: Path) -> list[Block]:
 BLOCKS = [block for path in DOC_FILES for block in python_blocks(path)]
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+# What the forkserver imports before it forks a block's process.
+_PRELOAD = ["torch", "tritonorm"]
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
+_CONTEXT = _forkserver()
+
+
+def _exec_script(script: str) -> None:
+    """In the block's process: run ``script`` as __main__ from its directory, with fds 1
+    and 2 (so every print, C library and child process output) in files beside it."""
+    directory = os.path.dirname(script)
+    os.chdir(directory)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        with open(os.path.join(directory, name), "wb") as f:
+            os.dup2(f.fileno(), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own streams)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     # The docs describe the default backend choice; a forced backend is not what they show.
-    env.pop("TRITONORM_BACKEND", None)
-    return env
+    os.environ.pop("TRITONORM_BACKEND", None)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    sys.path.insert(0, directory)
+    sys.argv = [script]
+    runpy.run_path(script, run_name="__main__")
 
 
-def _run(block: Block) -> subprocess.CompletedProcess | str:
+def _run(block: Block) -> Result:
     with tempfile.TemporaryDirectory(prefix="tritonorm-docs-") as tmp:
         script = Path(tmp) / f"block_{block.index}.py"
         script.write_text(block.code, encoding="utf-8")
-        try:
-            return subprocess.run([sys.executable, str(script)], cwd=tmp, env=_environment(),
-                                  capture_output=True, text=True, timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired as err:
-            return f"timed out after {TIMEOUT_S} s\n--- stderr ---\n{err.stderr or ''}"
+        process = _CONTEXT.Process(target=_exec_script, args=(str(script),))
+        process.start()
+        process.join(TIMEOUT_S)
+        timed_out = process.is_alive()
+        if timed_out:
+            process.kill()
+            process.join()
+        stdout, stderr = ((Path(tmp) / name).read_text(errors="replace") if (Path(tmp) / name).exists() else ""
+                          for name in ("stdout", "stderr"))
+        if timed_out:
+            stderr = f"timed out after {TIMEOUT_S} s\n{stderr}"
+        return Result(process.exitcode if not timed_out else -1, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +181,23 @@ def test_python_block_runs(block: Block, _runs):
     future = _runs.get(block.id)
     result = future.result() if future is not None else _run(block)
     where = f"{block.path.relative_to(ROOT).as_posix()}, python block {block.index} (line {block.line})"
-    if isinstance(result, str):
-        pytest.fail(f"{where} {result}", pytrace=False)
     if result.returncode != 0:
         stdout = result.stdout[-2000:]
         pytest.fail(f"{where} exited with status {result.returncode}\n--- stderr ---\n{result.stderr}"
                     f"\n--- stdout (end) ---\n{stdout}", pytrace=False)
+
+
+@pytest.mark.parametrize("code, status, stderr", [
+    ("import sys\nprint('out')\nsys.exit(3)\n", 3, ""),
+    ("import torch\nraise ValueError(f'bad {torch.ones(2).sum().item()}')\n", 1, "ValueError: bad 2.0"),
+    ("import os\nos.system('echo from-a-child >&2')\nassert __name__ == '__main__'\n", 0, "from-a-child"),
+])
+def test_block_runner_reports_status_and_output(code, status, stderr):
+    """The runner gives a block's exit status and what it wrote (a child process's output
+    too), so a failing block fails its test."""
+    result = _run(Block(ROOT / "README.md", 99, 1, code))
+    assert result.returncode == status and stderr in result.stderr, result
+    assert result.stdout == ("out\n" if status == 3 else "")
 
 
 # ---- docs/api.md -------------------------------------------------------------------------
