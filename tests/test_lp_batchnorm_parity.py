@@ -21,9 +21,13 @@ SHAPES = [
 ]
 
 
+# fp32 and bf16 at every shape; fp16 (bf16's sibling in every kernel) at the 4-d ones.
+TRAINING_CASES = [(shape, channels_last, dtype) for shape, channels_last in SHAPES for dtype in DTYPES
+                  if dtype != torch.float16 or len(shape) == 4]
+
+
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,channels_last", SHAPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last,dtype", TRAINING_CASES, ids=str)
 def test_training_parity(norm, dtype, shape, channels_last, device, lp_path):
     x = random_input(shape, dtype, device, channels_last)
     tri, _ = compare(norm, x)
