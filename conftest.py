@@ -9,7 +9,6 @@ which tests ran before it in the same process: the order differs under pytest-xd
 one run to the next, and with ``-k`` or a single file."""
 
 import os
-import threading
 import zlib
 
 import pytest
@@ -19,48 +18,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _patch_language_once_per_launch() -> None:
-    """Triton's interpreter patches triton.language (an inspect.getmembers walk of its
-    modules) before the launch of a kernel and again before every call of a jit helper
-    inside it, for every program, and restores it when the launch ends.  The helpers see
-    the modules the launch has already patched, so within a launch the launch's own patch
-    is enough: the same rule as the traffic counter's (``tritonorm.bench.traffic``), here
-    for every interpreted launch of the test session.  An L1 forward at 4x8x7x7 runs in
-    0.063 s instead of 0.17 s (triton 3.9), and nothing else changes: the helpers' calls
-    return nothing from it, and the launch restores what it patched.  Left alone if the
-    interpreter is not shaped as expected (another triton version)."""
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    if not (callable(getattr(interpreter, "_patch_lang", None)) and hasattr(interpreter, "GridExecutor")):
-        return
-    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
-    state = threading.local()
-
-    def launch_patching_once(self, *args, **kwargs):
-        state.patched = set()  # the triton.language modules patched for this launch
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            state.patched = None
-
-    def patch_lang_once(fn):
-        languages = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
-        patched = getattr(state, "patched", None)
-        if patched is not None and patched and languages <= patched:
-            return None  # a helper's call: the launch's own call patched these (its scope restores them)
-        if patched is not None:
-            patched |= languages
-        return patch_lang(fn)
-
-    interpreter.GridExecutor.__call__ = launch_patching_once
-    interpreter._patch_lang = patch_lang_once
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_language_once_per_launch()
+    # Triton's interpreter patches triton.language once per launch, not at every jit-helper
+    # call of every program: the traffic counter's rule, for every interpreted launch of the
+    # session (an L1 forward at 4x8x7x7 in 0.063 s instead of 0.17 s, triton 3.9).
+    from tritonorm.bench.traffic import language_patched_once_per_launch
+
+    for _patcher in language_patched_once_per_launch():
+        _patcher.start()
 
 # A pytest-xdist worker shares the cores with the other workers: its share of them for
 # torch's intra-op threads, not all of them each (2 workers x 2 threads on 2 cores spin

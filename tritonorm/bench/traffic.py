@@ -658,6 +658,44 @@ class _OutsideOps(TorchDispatchMode):
 # ----------------------------------------------------------------------------- counting
 
 
+def language_patched_once_per_launch() -> list:
+    """The patches (``unittest.mock`` patchers, to start or enter) that make Triton's
+    interpreter patch triton.language once per launch.  The interpreter patches it (an
+    inspect.getmembers walk of its modules) before a launch and again before every call
+    of a jit helper inside it, for every program, and restores it when the launch ends;
+    the helpers see the modules the launch has already patched, so within a launch its
+    own patch is enough (a third of the interpreter's time otherwise, more with many
+    helpers).  Nothing else changes: a helper's call returns nothing from it, and the
+    launch restores what it patched.  The counter applies them while it counts; the test
+    session, for all of its interpreted launches (the root conftest)."""
+    import threading
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    state = threading.local()
+
+    def launch_patching_once(self, *args, **kwargs):
+        state.patched = set()  # the triton.language modules patched for this launch
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            state.patched = None
+
+    def patch_lang_once(fn):
+        languages = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        patched = getattr(state, "patched", None)
+        if patched and languages <= patched:
+            return None  # a helper's call: the launch's own call patched these (its scope restores them)
+        if patched is not None:
+            patched |= languages
+        return patch_lang(fn)
+
+    return [mock.patch.object(interpreter.GridExecutor, "__call__", launch_patching_once),
+            mock.patch.object(interpreter, "_patch_lang", patch_lang_once)]
+
+
 class _Session:
     """One ``count``: the launches made so far and the op recorder."""
 
@@ -666,7 +704,6 @@ class _Session:
         self.launches: list[Launch] = []
         self.outside = _OutsideOps(zero_allocations=sampling is not None)
         self.current: _LaunchCounter | None = None
-        self.patched_languages: set[int] = set()  # the triton.language modules patched for this launch
 
     def launch(self, kernel, args, kwargs, grid):
         from triton.runtime.interpreter import GridExecutor
@@ -680,7 +717,7 @@ class _Session:
                 GridExecutor(counter.wrap(kernel.rewrite()), kernel.arg_names, grid, kernel.pre_run_hooks)(
                     *args, **kwargs)
         finally:
-            self.current, self.outside.paused, self.patched_languages = None, False, set()
+            self.current, self.outside.paused = None, False
         self.launches.append(counter.record())
 
     def access(self, ptrs, mask, kinds: tuple[int, ...]):
@@ -694,26 +731,11 @@ class _Session:
 
     def patches(self, sms: int):
         """The patches of the interpreter and of the planners that counting needs."""
-        import triton.language as tl
-        from triton.runtime import interpreter
         from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
 
         session = self
         load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
         rmw, cas = InterpreterBuilder.create_atomic_rmw, InterpreterBuilder.create_atomic_cas
-        patch_lang = interpreter._patch_lang
-
-        def patch_lang_once(fn):
-            """The interpreter patches triton.language before each call of a jit function and
-            restores it when the launch ends: within a launch, once per module is enough (a
-            third of the interpreter's time otherwise).  Nothing else changes."""
-            languages = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
-            if session.current is None or not languages <= session.patched_languages:
-                scope = patch_lang(fn)
-                if session.current is not None:
-                    session.patched_languages |= languages
-                return scope
-            return None  # only a launch restores its scope, and the launch's own call patched
 
         def run(kernel, *args, grid, warmup, **kwargs):
             if not warmup:
@@ -741,7 +763,7 @@ class _Session:
         return [
             *(mock.patch.object(module, "_num_programs_per_wave", lambda device: sms) for module in holders),
             mock.patch.object(InterpretedFunction, "run", run),
-            mock.patch.object(interpreter, "_patch_lang", patch_lang_once),
+            *language_patched_once_per_launch(),
             mock.patch.object(InterpreterBuilder, "create_masked_load", masked_load),
             mock.patch.object(InterpreterBuilder, "create_masked_store", masked_store),
             mock.patch.object(InterpreterBuilder, "create_atomic_rmw", atomic_rmw),
